@@ -1,0 +1,88 @@
+"""SASRec multi-head self-attention with AWRSR refinement, as an nn.Module over the public op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..api import DOT_MECHANISMS, refined_attention
+from ..backends import BACKENDS, preload
+
+REFINE_SCALES = ("d_h", "d", "n")
+
+
+def refine_scale_value(name: str, d_model: int, n_heads: int, max_len: int) -> float:
+    """c of SPEC §3: 1/sqrt(d_h) by default, 1/sqrt(d) or 1/sqrt(n) as options."""
+    if name not in REFINE_SCALES:
+        raise ValueError(f"refine_scale: expected one of {list(REFINE_SCALES)}, got {name!r}")
+    return 1.0 / math.sqrt({"d_h": d_model // n_heads, "d": d_model, "n": max_len}[name])
+
+
+def refine_weight_names(mechanism: str) -> tuple[str, ...]:
+    return {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk")}.get(mechanism, ("w_rq", "w_rk", "w_rv"))
+
+
+class RefinedMultiheadAttention(nn.Module):
+    """Causal multi-head attention (heads split along channels) whose weights AWRSR refines.
+
+    forward(queries, keys, key_padding_mask) takes (B, n, d) with n == max_len (the refinement
+    matrices are indexed by absolute, left-padded position) and returns (B, n, d).
+    out_proj=False gives the original SASRec layer (no output projection), True the pmixer/torch one.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, max_len: int, mechanism: str = "none", *,
+                 per_head_refine: bool = False, dropout: float = 0.0, refine_input: str = "probs",
+                 refine_scale: str = "d_h", bias: bool = True, out_proj: bool = True, backend: str = "auto"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
+        if mechanism not in DOT_MECHANISMS:
+            raise ValueError(f"mechanism: expected one of {list(DOT_MECHANISMS)}, got {mechanism!r}")
+        self.d_model, self.n_heads, self.max_len = d_model, n_heads, max_len
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
+        self.mechanism, self.dropout, self.refine_input, self.backend = mechanism, dropout, refine_input, backend
+        preload("dot_refined")  # so that torch.compile traces the dispatch without importing
+        self.refine_scale = refine_scale_value(refine_scale, d_model, n_heads, max_len)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias) if out_proj else nn.Identity()
+        shape = (n_heads, max_len, max_len) if per_head_refine else (max_len, max_len)
+        for name in refine_weight_names(mechanism):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if isinstance(lin, nn.Linear):
+                nn.init.xavier_normal_(lin.weight)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        for name in refine_weight_names(self.mechanism):
+            nn.init.xavier_normal_(getattr(self, name))  # SASRec initialises everything xavier_normal
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, _ = x.shape
+        return x.view(batch, n, self.n_heads, self.d_model // self.n_heads).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        keys = queries if keys is None else keys
+        if queries.dim() != 3 or queries.shape[1] != self.max_len:
+            raise ValueError(f"queries: expected (B, max_len={self.max_len}, d={self.d_model}), got {tuple(queries.shape)}")
+        q = self.split_heads(self.q_proj(queries))
+        k = self.split_heads(self.k_proj(keys))
+        v = self.split_heads(self.v_proj(keys))
+        out = refined_attention(
+            q, k, v, mechanism=self.mechanism, w_rq=getattr(self, "w_rq", None), w_rk=getattr(self, "w_rk", None),
+            w_rv=getattr(self, "w_rv", None), key_padding_mask=key_padding_mask, refine_scale=self.refine_scale,
+            refine_input=self.refine_input, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        batch, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.d_model))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
+                f"mechanism={self.mechanism!r}, backend={self.backend!r}")

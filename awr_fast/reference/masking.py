@@ -1,0 +1,49 @@
+"""Masks and the padding-safe softmax shared by every reference op (SPEC §1).
+
+Visible(i, j) = (j <= i) and key j is not padding and query i is not padding. A query row that is
+padding, or that sees no key at all, gets an all-zero probability row (never NaN), forward and
+backward, in every dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visible_mask(n: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Bool mask broadcastable to (B, H, n, n): True where query i may attend to key j."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    if key_padding_mask is None:
+        return causal[None, None]
+    keep = ~key_padding_mask  # (B, n) True = real item
+    return causal[None, None] & keep[:, None, :, None] & keep[:, None, None, :]
+
+
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim restricted to `visible`; rows without a visible entry are zeros.
+
+    Written with where() rather than a -inf fill so that neither the forward nor the backward pass
+    can produce NaN on an empty row.
+    """
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    filled = torch.where(visible, scores, neg_inf)
+    row_max = filled.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    exp = torch.where(visible, torch.exp(torch.where(visible, scores - row_max, torch.zeros_like(scores))),
+                      torch.zeros_like(scores))
+    denom = exp.sum(dim=-1, keepdim=True)
+    return exp / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def zero_padded_queries(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero rows of a (B, H, n, ...) tensor whose query position is padding."""
+    if key_padding_mask is None:
+        return x
+    return x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
+def lengths_from_padding(key_padding_mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
+    """Number of non-padding positions per sequence (int32, (B,))."""
+    if key_padding_mask is None:
+        return torch.full((batch,), n, dtype=torch.int32, device=device)
+    return (~key_padding_mask).sum(dim=-1).to(torch.int32)

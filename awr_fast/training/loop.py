@@ -1,0 +1,214 @@
+"""The epoch loop: optimiser, AMP, one training epoch, early stopping.
+
+One epoch (:func:`train_epoch`) walks the batches of the epoch's sampler (a function of
+``(seed, epoch)``) and runs ``model.loss(seq, pos, generator=<the epoch's negative generator>)`` under ``torch.autocast`` when AMP is on (fp16 adds a GradScaler).
+The global gradient norm (after unscaling, before optional clipping) is averaged over the epoch's
+steps and logged. :func:`seed_epoch` reseeds the global torch RNG (dropout, anything a model
+draws itself) from ``(seed, epoch, rank)`` at the start of every epoch, so that an epoch is
+reproducible on its own: this is what makes ``--resume`` exact without replaying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distributed import DistInfo, all_reduce_mean
+from .sampler import epoch_generator, epoch_seed, shard_batch
+
+__all__ = ["EarlyStopping", "LossModule", "autocast", "make_optimizer", "make_scaler",
+           "resolve_device", "seed_epoch", "train_epoch"]
+
+
+def resolve_device(device: str = "auto", dist: Optional[DistInfo] = None) -> torch.device:
+    """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    local = dist.local_rank if dist is not None else 0
+    if device in ("auto", None, ""):
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local}")
+    return dev
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seed the global torch (CPU and CUDA) RNG for ``epoch``; ranks get different dropout masks."""
+    torch.manual_seed(epoch_seed(seed, epoch) * 131 + int(rank))
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a null context for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
+    """A GradScaler for fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, l2: float, betas=(0.9, 0.98)) -> torch.optim.Optimizer:
+    """Adam (``l2`` as coupled L2 via weight_decay) or AdamW (``l2`` as decoupled decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return cls(params, lr=lr, betas=tuple(betas), weight_decay=l2)
+
+
+class LossModule(nn.Module):
+    """``forward(seq, pos, generator) = model.loss(seq, pos, generator=generator)``: what
+    DistributedDataParallel wraps, since DDP only synchronises through ``forward``.
+
+    The model draws its own negatives (``neg=None``); when its ``loss`` takes a ``generator``
+    keyword (the awr_fast models do) the epoch's negative generator is passed, otherwise it
+    draws from the global RNG, which :func:`seed_epoch` seeds per epoch. Either way the
+    negatives depend only on ``(seed, epoch)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        try:
+            params = inspect.signature(model.loss).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            params = {}
+        self.takes_generator = "generator" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def forward(self, seq, pos, generator: Optional[torch.Generator] = None):
+        if self.takes_generator:
+            return self.model.loss(seq, pos, None, generator=generator)
+        return self.model.loss(seq, pos, None)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` evaluations in a row without a strictly better metric (0: never)."""
+
+    patience: int = 20
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    bad_evals: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an evaluation; True when it is the new best (NaN never is)."""
+        if value == value and value > self.best_metric:
+            self.best_metric, self.best_epoch, self.bad_evals = float(value), int(epoch), 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_evals = int(state["bad_evals"])
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def progress_enabled(quiet: bool, dist: Optional[DistInfo] = None) -> bool:
+    """Progress bars only on an interactive terminal, on rank 0, and without --quiet."""
+    return not quiet and (dist is None or dist.is_main) and sys.stderr.isatty()
+
+
+def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.Tensor, train_pos: torch.Tensor,
+                batches: Sequence[np.ndarray], optimizer: torch.optim.Optimizer,
+                scaler: Optional[torch.amp.GradScaler], neg_generator: Optional[torch.Generator] = None,
+                seed: int, epoch: int, device: torch.device, amp: str = "none", clip_grad: float = 0.0,
+                dist: Optional[DistInfo] = None, show_progress: bool = False) -> Dict[str, Any]:
+    """One pass over ``batches`` (global batches of training-row indices).
+
+    Args:
+        step_module: what is called for the loss: :class:`LossModule` (possibly DDP-wrapped).
+        model: the bare model (its parameters are what the gradient norm is taken over).
+        train_input, train_pos: ``(R, n)`` int64 tensors (CPU or ``device``).
+        neg_generator: the generator the model draws negatives from (see :class:`LossModule`);
+            it is reset to the epoch's seed first (``epoch_generator(seed, epoch, 1)``), so its
+            state is a function of ``(seed, epoch)`` and this epoch's draws. None: a fresh one.
+
+    Returns:
+        ``{"loss": mean loss, "grad_norm": mean global gradient norm, "steps": steps taken,
+        "skipped_steps": fp16 overflow steps, "seconds": wall time}``.
+    """
+    dist = dist or DistInfo()
+    t0 = time.perf_counter()
+    step_module.train()
+    neg_gen = epoch_generator(seed, epoch, stream=1)
+    if neg_generator is not None:  # the caller's generator (saved in checkpoints), reseeded for this epoch
+        neg_generator.set_state(neg_gen.get_state())
+        neg_gen = neg_generator
+    params: List[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    finite_steps = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    bar = _progress(batches, len(batches), f"epoch {epoch}", show_progress)
+    for batch in bar:
+        rows = shard_batch(batch, dist.rank, dist.world_size)
+        idx = torch.from_numpy(np.ascontiguousarray(rows))
+        if train_input.device != idx.device:
+            idx = idx.to(train_input.device)
+        seq = train_input.index_select(0, idx).to(device, non_blocking=True)
+        pos = train_pos.index_select(0, idx).to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = step_module(seq, pos, neg_gen)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        if clip_grad and clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        finite = torch.isfinite(norm)
+        norm_sum += torch.where(finite, norm.double(), torch.zeros((), dtype=torch.float64, device=norm.device))
+        finite_steps += finite.double()
+        loss_sum += loss.detach().double()
+        steps += 1
+        if show_progress and hasattr(bar, "set_postfix") and steps % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
+    if hasattr(bar, "close"):
+        bar.close()
+    stats = torch.stack([loss_sum, norm_sum, finite_steps])
+    stats = all_reduce_mean(stats, dist)
+    loss_mean = float(stats[0]) / max(steps, 1)
+    finite_mean = float(stats[2])
+    return {
+        "loss": loss_mean,
+        "grad_norm": float(stats[1]) / finite_mean if finite_mean > 0 else math.nan,
+        "steps": steps,
+        "skipped_steps": int(round(steps - finite_mean)),
+        "seconds": time.perf_counter() - t0,
+    }

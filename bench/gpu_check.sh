@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# One command for a GPU machine without registry access: install, report, test, sanitize, benchmark.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# Steps (each under `timeout`, each allowed to fail; the script records it and goes on):
+#   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
+#   info           python -m awr_fast.info
+#   tests_gpu      pytest tests -x -k "gpu or cuda"
+#   tests_triton   the Triton test files natively (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
+#   sanitizer      compute-sanitizer --tool memcheck on the CUDA extension's op (when it was built)
+#   bench_attn     bench/attention.py: default GPU shapes, fp32 + bf16, dot family, bounded by --time-budget
+#   bench_train    bench/train.py --quick
+# Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
+# last), OUT_DIR/results/{attention,train}.{csv,jsonl} (copy them into bench/results/ to keep them).
+# Exit status: 0 if every step passed or was skipped, 1 otherwise.
+#
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole script, default 540, so
+# that it stays inside a 10-minute limit; each step's timeout is the smaller of its own and what is left),
+# GPU_CHECK_STEPS (comma list of the steps to run, default all; e.g. install,info,bench_attn),
+# RESULTS_DIR (default OUT_DIR/results), BENCH_ATTN_ARGS (replace the attention benchmark's arguments,
+# default: --family dot --d 64 --dtype fp32,bf16 --backends sdpa,eager,factored,triton,cuda --min-time 0.05).
+
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+    exit 2
+fi
+OUT_DIR=$1
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-540}
+RESULTS_DIR=${RESULTS_DIR:-$OUT_DIR/results}
+LOG=$OUT_DIR/gpu_check.log
+SUMMARY=$OUT_DIR/summary.txt
+export PYTHONUNBUFFERED=1 PY RESULTS_DIR
+unset TRITON_INTERPRET  # the point is to run the kernels natively
+mkdir -p "$RESULTS_DIR"
+: >"$LOG"
+
+START=$(date +%s)
+NAMES=()
+STATUSES=()
+SECONDS_TAKEN=()
+FAILED=0
+
+remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# step NAME MAX_SECONDS COMMAND... : runs COMMAND under timeout (the smaller of MAX_SECONDS and what is
+# left of the budget), appends its output to the log, records pass / FAIL (rc) / TIMEOUT / skipped.
+step() {
+    local name=$1 max=$2
+    shift 2
+    local left limit t0 rc status
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        return 0  # not selected
+    fi
+    left=$(remaining)
+    limit=$(( max < left - 5 ? max : left - 5 ))
+    t0=$(date +%s)
+    if [ "$limit" -lt 15 ]; then
+        status="skipped (no time left)"
+        echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left" | tee -a "$LOG"
+    else
+        echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
+        # bash -c so that a step may be one of the exported shell functions below
+        STEP_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+        if [ "$rc" -eq 0 ]; then
+            status="pass"
+        elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            status="TIMEOUT"; FAILED=1
+        elif [ "$rc" -eq 75 ]; then  # EX_TEMPFAIL: the step decided it had nothing to run
+            status="skipped"
+        else
+            status="FAIL (rc $rc)"; FAILED=1
+        fi
+        echo "=== $name: $status after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+    fi
+    NAMES+=("$name")
+    STATUSES+=("$status")
+    SECONDS_TAKEN+=("$(( $(date +%s) - t0 ))")
+}
+
+# ---------------------------------------------------------------------------------------------- steps
+
+step install 180 "$PY" -m pip install -e . --no-build-isolation --no-deps
+step info 30 "$PY" -m awr_fast.info
+
+step tests_gpu 80 "$PY" -m pytest tests -q -x -k "gpu or cuda" -p no:cacheprovider
+
+triton_tests() {
+    local files
+    files=$(ls tests/test_triton_*.py 2>/dev/null)
+    if [ -z "$files" ]; then
+        echo "no tests/test_triton_*.py"
+        return 75
+    fi
+    # the gpu/cuda cases ran in tests_gpu
+    # shellcheck disable=SC2086
+    "$PY" -m pytest $files -q -x -k "not gpu and not cuda" -p no:cacheprovider
+}
+export -f triton_tests
+step tests_triton 100 triton_tests
+
+sanitizer() {
+    local cs
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+    if [ -z "$cs" ]; then
+        echo "compute-sanitizer not found"
+        return 75
+    fi
+    if ! "$PY" -c "import sys; from awr_fast._ext import cuda_status; ok, why = cuda_status(); print(why); sys.exit(0 if ok else 3)"; then
+        echo "the CUDA extension is not usable here; nothing to sanitize"
+        return 75
+    fi
+    local driver=/tmp/awr_fast_sanitize_driver.py
+    cat >"$driver" <<'EOF'
+# Tiny driver for compute-sanitizer: the CUDA extension's op at odd sizes, every dtype, checked against
+# the float64 reference. The caching allocator is off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that memcheck
+# sees each tensor's real bounds.
+import torch
+from awr_fast._ext import w2_scores_cuda
+from awr_fast.reference.w2_scores import w2_scores as reference
+
+g = torch.Generator().manual_seed(0)
+for batch, items, d in ((1, 1, 1), (3, 37, 5), (17, 1000, 64), (5, 129, 50), (2, 33, 128)):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mu, item_mu = torch.randn(batch, d, generator=g), torch.randn(items, d, generator=g)
+        sig = torch.nn.functional.elu(torch.randn(batch, d, generator=g)) + 1
+        item_sig = torch.nn.functional.elu(torch.randn(items, d, generator=g)) + 1
+        args = [t.to(dtype) for t in (mu, sig, item_mu, item_sig)]
+        out = w2_scores_cuda(*(t.cuda() for t in args))
+        torch.cuda.synchronize()
+        ref = reference(*(t.double() for t in args))
+        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert err < tol, (batch, items, d, dtype, err)
+        print(f"w2_scores_cuda B={batch} V={items} d={d} {dtype}: rel err {err:.2e}")
+print("driver done")
+EOF
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "$driver"
+}
+export -f sanitizer
+step sanitizer 75 sanitizer
+
+bench_attention() {
+    # leave time to print the table and write the results
+    local budget=$(( STEP_LIMIT > 80 ? STEP_LIMIT - 40 : STEP_LIMIT / 2 ))
+    # shellcheck disable=SC2086
+    "$PY" bench/attention.py ${BENCH_ATTN_ARGS:---family dot --d 64 --dtype fp32,bf16 --backends sdpa,eager,factored,triton,cuda --min-time 0.05} \
+        --time-budget "$budget" --results-dir "$RESULTS_DIR"
+}
+export -f bench_attention
+step bench_attn 200 bench_attention
+
+bench_train() {
+    if ! "$PY" -c "import awr_fast.train" 2>/dev/null; then
+        echo "awr_fast.train is not importable; nothing to benchmark"
+        return 75
+    fi
+    "$PY" bench/train.py --quick --results-dir "$RESULTS_DIR"
+}
+export -f bench_train
+step bench_train 75 bench_train
+
+# -------------------------------------------------------------------------------------------- summary
+
+{
+    echo
+    echo "gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s of ${BUDGET}s, repo $REPO)"
+    "$PY" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device', '| torch', torch.__version__)" 2>/dev/null
+    printf '%-14s %-24s %8s\n' step status seconds
+    printf '%-14s %-24s %8s\n' -------------- ------------------------ --------
+    for i in "${!NAMES[@]}"; do
+        printf '%-14s %-24s %8s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}"
+    done
+    echo "log: $LOG; results: $RESULTS_DIR"
+} | tee "$SUMMARY" | tee -a "$LOG"
+exit $FAILED

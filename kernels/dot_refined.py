@@ -1,0 +1,708 @@
+"""Triton: causal dot-product attention with AWRSR refinement, forward and backward (SPEC §1-3, §3b).
+
+Per (batch, head), with A the first-order weights (lower triangular, zero in the left padding):
+    simp   B = c A M A^T              M = W_RQ W_RK^T   (one n x n GEMM per call, shared by all heads)
+    add    B = (c A M^T A^T + A) / 2
+    value  R = softmax(c A M A^T),   B = R (A W_RV)
+    out = dropout(softmax(mask(B))) V
+The factored form (SPEC §3b) turns the refinement into one attention-shaped pass: with T = A M as
+"queries" and the rows of A as "keys", B_ij = c T_i . A_j (+ beta A_ij), so the second softmax and P V
+(or R U for "value") run as a flash-style online-softmax pass that never materialises B.
+
+Kernels (all scratch is float32; every loop starts at the sequence's first non-padding position, so the
+work per head follows its real length L rather than n):
+    _attn_probs_fwd     A = masked softmax(Q K^T * scale), two passes over key blocks
+    _tril_matmul        C (+)= X W for X lower triangular from `start` (T = A M1, U = A W_RV, dA += dT M1^T)
+    _flash_fwd          online softmax of alpha Xq Xk^T + beta*bias over causal key blocks, times Y
+    _value_out_fwd      out = softmax(mask(Bv)) V for "value", two passes
+    _value_out_bwd      dBv and the dropped P3 for "value"
+    _flash_bwd_dkdv     dXk, dY of the flash pass (grid over key blocks)
+    _flash_bwd_dq       dXq (and beta*dB into dA) of the flash pass (grid over query blocks)
+    _attn_probs_bwd     dS = softmax backward of A, dQ = dS K
+The reductions that are plain GEMMs over the whole batch (dK = dS^T Q, dM = sum A^T dT, dW_RV, dV of
+"value") run as torch matmuls on the float32 scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 256
+MAX_D_HEAD = 128
+
+
+# ------------------------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _visible(rows, cols, n, start, b, KPM, HAS_MASK: tl.constexpr):
+    """SPEC §1: key j visible to query i iff j <= i and neither is padding."""
+    vis = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= start) & (rows[:, None] < n) & (cols[None, :] < n)
+    if HAS_MASK:
+        q_pad = tl.load(KPM + b * n + rows, mask=rows < n, other=1)
+        k_pad = tl.load(KPM + b * n + cols, mask=cols < n, other=1)
+        vis = vis & (q_pad[:, None] == 0) & (k_pad[None, :] == 0)
+    return vis
+
+
+@triton.jit
+def _probs_from_lse(s, lse, vis):
+    """Recompute softmax weights from the saved log-sum-exp; masked entries exactly 0 (no inf on the way)."""
+    return tl.where(vis, tl.exp(tl.where(vis, s - lse[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _dropout_keep(SEED, bh, rows, cols, n, dropout_p):
+    """Philox draw per (batch*head, i, j): the same keep mask in every kernel that asks for it."""
+    seed = tl.load(SEED)
+    offsets = bh * n * n + rows[:, None] * n + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _attn_probs_fwd(Q, K, KPM, STARTS, A, scale, n, D, H,
+                    HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    q = tl.load(Q + bh * n * D + rows[:, None] * D + dcols[None, :],
+                mask=(rows[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if not REFINE_SCORES:
+        for j0 in range(lo, hi, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
+                        mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
+                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
+        if REFINE_SCORES:
+            a = tl.where(vis, s, 0.0)
+        else:
+            a = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
+        tl.store(A + bh * n * n + rows[:, None] * n + cols[None, :], a,
+                 mask=(rows[:, None] < n) & (cols[None, :] < n))
+
+
+@triton.jit
+def _tril_matmul(X, W, C, STARTS, n, H, w_head_stride, w_stride_r, w_stride_c,
+                 ACCUMULATE: tl.constexpr, TRIANGULAR: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[i, c] (+)= sum_k X[i, k] W[k, c] for X zero before `start` (rows and cols) and, if TRIANGULAR,
+    above the diagonal: the inner loop then stops at the row block's last row."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    start = tl.load(STARTS + b)
+    m0 = pid_m * BLOCK_M
+    # rows and columns before `start` are never read downstream (they meet zeros of A): skip them,
+    # so the work per head is ~L^3 for a sequence of length L.
+    if (m0 + BLOCK_M > start) & (pid_n * BLOCK_N + BLOCK_N > start):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        k_end = n
+        if TRIANGULAR:
+            k_end = tl.minimum(m0 + BLOCK_M, n)
+        for k0 in range((start // BLOCK_K) * BLOCK_K, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + bh * n * n + rows[:, None] * n + ks[None, :],
+                        mask=(rows[:, None] < n) & (ks[None, :] < n), other=0.0)
+            w = tl.load(W + h * w_head_stride + ks[:, None] * w_stride_r + cols[None, :] * w_stride_c,
+                        mask=(ks[:, None] < n) & (cols[None, :] < n), other=0.0).to(tl.float32)
+            acc += tl.dot(x, w, input_precision=PRECISION)
+        ptrs = C + bh * n * n + rows[:, None] * n + cols[None, :]
+        inside = (rows[:, None] < n) & (cols[None, :] < n)
+        if ACCUMULATE:
+            acc += tl.load(ptrs, mask=inside, other=0.0)
+        tl.store(ptrs, acc, mask=inside)
+
+
+@triton.jit
+def _flash_fwd(XQ, XK, Y, BIAS, KPM, STARTS, SEED, O, LSE, alpha, beta, dropout_p, n, DI, DV, H,
+               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+                 mask=(rows[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+                     mask=(cols[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
+                                mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+        s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        correction = tl.exp(m_i - m_new)
+        l_i = l_i * correction + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+        y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
+                    mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * correction[:, None] + tl.dot(p, y, input_precision=PRECISION)
+        m_i = m_new
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    tl.store(O + bh * n * DV + rows[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty),
+             mask=(rows[:, None] < n) & (dv[None, :] < DV))
+    tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
+
+
+@triton.jit
+def _value_out_fwd(BV, V, KPM, STARTS, SEED, O, LSE, dropout_p, n, D, H,
+                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """out = dropout(softmax(mask(Bv))) V; Bv is the (float32) result of the inner flash pass."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :],
+                    mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+        s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    has_key = l_i > 0
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :],
+                    mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+        vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
+        p = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + bh * n * D + cols[:, None] * D + dcols[None, :],
+                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        acc += tl.dot(p, v, input_precision=PRECISION)
+    tl.store(O + bh * n * D + rows[:, None] * D + dcols[None, :], acc.to(O.dtype.element_ty),
+             mask=(rows[:, None] < n) & (dcols[None, :] < D))
+    tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
+
+
+@triton.jit
+def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, STARTS, SEED, DBV, P3, dropout_p, n, D, H,
+                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """dBv = P3 o (dP3 - rowsum(dO o out)); also writes the dropped P3 for dV = P3^T dO."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    row_ok = rows < n
+    do = tl.load(DO + bh * n * D + rows[:, None] * D + dcols[None, :],
+                 mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        v = tl.load(V + bh * n * D + cols[:, None] * D + dcols[None, :],
+                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        p_dropped = p
+        if DROPOUT:
+            keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        tl.store(DBV + bh * n * n + rows[:, None] * n + cols[None, :], p * (dp - delta[:, None]), mask=inside)
+        tl.store(P3 + bh * n * n + rows[:, None] * n + cols[None, :], p_dropped, mask=inside)
+
+
+@triton.jit
+def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXK, DY,
+                    alpha, beta, dropout_p, n, DI, DV, H,
+                    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    col_ok = cols < n
+    xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+                 mask=col_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
+    y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
+                mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    dxk = tl.zeros([BLOCK_N, DI_PAD], tl.float32)
+    dy = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    for i0 in range((tl.maximum(n0, start) // BLOCK_M) * BLOCK_M, n, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n
+        xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+                     mask=row_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
+        do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
+                     mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
+                                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        p_dropped = p
+        if DROPOUT:
+            keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dy += tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dxk += tl.dot(tl.trans(ds), xq, input_precision=PRECISION)
+    tl.store(DXK + bh * n * DI + cols[:, None] * DI + di[None, :], (dxk * alpha).to(DXK.dtype.element_ty),
+             mask=col_ok[:, None] & (di[None, :] < DI))
+    tl.store(DY + bh * n * DV + cols[:, None] * DV + dv[None, :], dy.to(DY.dtype.element_ty),
+             mask=col_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXQ, DBIAS,
+                  alpha, beta, dropout_p, n, DI, DV, H,
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    row_ok = rows < n
+    xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+                 mask=row_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
+    do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
+                 mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+    dxq = tl.zeros([BLOCK_M, DI_PAD], tl.float32)
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+                     mask=(cols[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
+        y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
+                    mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dxq += tl.dot(ds, xk, input_precision=PRECISION)
+        if HAS_BIAS:
+            tl.store(DBIAS + bh * n * n + rows[:, None] * n + cols[None, :], beta * ds, mask=inside)
+    tl.store(DXQ + bh * n * DI + rows[:, None] * DI + di[None, :], (dxq * alpha).to(DXQ.dtype.element_ty),
+             mask=row_ok[:, None] & (di[None, :] < DI))
+
+
+@triton.jit
+def _attn_probs_bwd(A, DA, K, KPM, STARTS, DQ, scale, n, D, H,
+                    HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """dS = d(A)/d(scores) applied to dA, overwriting dA in place; dQ = dS K * scale."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = tl.load(STARTS + b)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    row_ok = rows < n
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    row_dot = tl.zeros([BLOCK_M], tl.float32)
+    if not REFINE_SCORES:
+        for j0 in range(lo, hi, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            inside = row_ok[:, None] & (cols[None, :] < n)
+            a = tl.load(A + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            da = tl.load(DA + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            row_dot += tl.sum(a * da, 1)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        da = tl.load(DA + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
+        if REFINE_SCORES:
+            ds = tl.where(vis, da, 0.0) * scale
+        else:
+            a = tl.load(A + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            ds = tl.where(vis, a * (da - row_dot[:, None]), 0.0) * scale
+        tl.store(DA + bh * n * n + rows[:, None] * n + cols[None, :], ds, mask=inside)
+        k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
+                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+    # dA holds dT M^T in every column; leave only dS behind (dK = dS^T Q reads whole rows).
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for j0 in range(0, lo, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        tl.store(DA + bh * n * n + rows[:, None] * n + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < n))
+    for j0 in range(lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N, n, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        tl.store(DA + bh * n * n + rows[:, None] * n + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < n))
+    tl.store(DQ + bh * n * D + rows[:, None] * D + dcols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (dcols[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def _pad(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _blocks(n: int, inner: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows for short sequences, 32-row tiles when the inner
+    dimension of the flash pass is the full padded length (refinement with n > 64)."""
+    n_pad = _pad(n)
+    if n_pad <= 64 and inner <= 64:
+        return n_pad, n_pad, 4
+    if inner > 128:
+        return 16, 32, 4
+    return 32, 32, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are checked against eager fp32 (no TF32); half inputs tolerate TF32 like eager bf16.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _sequence_starts(key_padding_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
+    """Index of the first non-padding position per sequence (n if none): every loop starts there."""
+    if key_padding_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    keep = ~key_padding_mask
+    first = keep.to(torch.int32).argmax(dim=1).to(torch.int32)
+    return torch.where(keep.any(dim=1), first, torch.full_like(first, n))
+
+
+class _Launch:
+    """Shapes and flags shared by the launches of one call."""
+
+    def __init__(self, q, key_padding_mask, mechanism, dropout_p):
+        self.batch, self.heads, self.n, self.d = q.shape
+        self.bh = self.batch * self.heads
+        self.device = q.device
+        self.precision = _precision(q.dtype)
+        self.has_mask = key_padding_mask is not None
+        self.kpm = (key_padding_mask.to(torch.int8).contiguous() if self.has_mask
+                    else torch.empty(1, dtype=torch.int8, device=q.device))
+        self.starts = _sequence_starts(key_padding_mask, self.batch, self.n, q.device)
+        self.dropout = dropout_p > 0.0
+        self.refined = mechanism != "none"
+
+    def scratch(self, cols: int | None = None):
+        return torch.zeros(self.batch, self.heads, self.n, self.n if cols is None else cols,
+                           dtype=torch.float32, device=self.device)
+
+    def grid_rows(self, block):
+        return (triton.cdiv(self.n, block), self.bh)
+
+
+def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
+    a = L.scratch()
+    bm, bn, warps = _blocks(L.n, L.d)
+    _attn_probs_fwd[L.grid_rows(bm)](
+        q, k, L.kpm, L.starts, a, scale, L.n, L.d, L.heads,
+        HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores, PRECISION=L.precision,
+        BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+    return a
+
+
+def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangular=True):
+    """x (B, H, n, n), zero in the padding (and above the diagonal if triangular); w (n, n) shared or
+    (H, n, n); returns x @ w (or x @ w^T), or adds it to `out`."""
+    accumulate = out is not None
+    out = L.scratch() if out is None else out
+    head_stride = w.stride(0) if w.dim() == 3 else 0
+    stride_r, stride_c = w.stride(-2), w.stride(-1)
+    if transpose_w:
+        stride_r, stride_c = stride_c, stride_r
+    block = 64 if L.n > 32 else 32
+    grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
+    _tril_matmul[grid](x, w, out, L.starts, L.n, L.heads, head_stride, stride_r, stride_c,
+                       ACCUMULATE=accumulate, TRIANGULAR=triangular, PRECISION=L.precision,
+                       BLOCK_M=block, BLOCK_N=block, BLOCK_K=block if L.n > 32 else 16, num_warps=4)
+    return out
+
+
+def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed, out_dtype):
+    di, dv = xq.shape[-1], y.shape[-1]
+    out = torch.empty(L.batch, L.heads, L.n, dv, dtype=out_dtype, device=L.device)
+    lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
+    bm, bn, warps = _blocks(L.n, di)
+    _flash_fwd[L.grid_rows(bm)](
+        xq, xk, y, bias if bias is not None else xq, L.kpm, L.starts, seed, out, lse,
+        alpha, beta, dropout_p, L.n, di, dv, L.heads,
+        HAS_MASK=L.has_mask, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+        BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv), num_warps=warps)
+    return out, lse
+
+
+def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, dropout_p, seed, grad_dtypes):
+    """Gradients of the flash pass: (dXq, dXk, dY, dBias or None)."""
+    di, dv = xq.shape[-1], y.shape[-1]
+    delta = (grad.float() * out.float()).sum(-1)
+    dxq = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[0], device=L.device)
+    dxk = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[1], device=L.device)
+    dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
+    dbias = L.scratch() if bias is not None else None
+    bm, bn, warps = _blocks(L.n, di)
+    common = dict(HAS_MASK=L.has_mask, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
+                  PRECISION=L.precision, BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv),
+                  num_warps=warps)
+    bias_arg = bias if bias is not None else xq
+    _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
+        xq, xk, y, bias_arg, L.kpm, L.starts, seed, grad, lse, delta, dxk, dy,
+        alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
+    _flash_bwd_dq[L.grid_rows(bm)](
+        xq, xk, y, bias_arg, L.kpm, L.starts, seed, grad, lse, delta, dxq,
+        dbias if dbias is not None else dxq, alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
+    return dxq, dxk, dy, dbias
+
+
+def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and y."""
+    batch, heads, n, _ = x.shape
+    if per_head:
+        return torch.bmm(x.transpose(0, 1).reshape(heads, batch * n, n).transpose(1, 2),
+                         y.transpose(0, 1).reshape(heads, batch * n, n))
+    return x.reshape(-1, n).t() @ y.reshape(-1, n)
+
+
+def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores,
+             dropout_p):
+    L = _Launch(q, key_padding_mask, mechanism, dropout_p)
+
+    def empty():  # custom-op outputs may not alias each other
+        return q.new_empty(0, dtype=torch.float32)
+
+    if mechanism == "none":
+        out, lse = _launch_flash_fwd(L, q, k, v, None, scale, 0.0, dropout_p, seed, q.dtype)
+        return out, lse, empty(), empty(), empty(), empty(), empty()
+    a = _launch_attn_probs(L, q, k, scale, refine_scores)
+    t = _launch_tril_matmul(L, a, m1)
+    if mechanism == "value":
+        u = _launch_tril_matmul(L, a, w_rv)
+        bv, lse = _launch_flash_fwd(L, t, a, u, None, refine_scale, 0.0, 0.0, seed, torch.float32)
+        out = torch.empty_like(q)
+        lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
+        bm, bn, warps = _blocks(L.n, L.d)
+        _value_out_fwd[L.grid_rows(bm)](
+            bv, v, L.kpm, L.starts, seed, out, lse3, dropout_p, L.n, L.d, L.heads,
+            HAS_MASK=L.has_mask, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+            BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+        return out, lse, a, t, u, bv, lse3
+    alpha, beta = (refine_scale, 0.0) if mechanism == "simp" else (0.5 * refine_scale, 0.5)
+    out, lse = _launch_flash_fwd(L, t, a, v, a if beta else None, alpha, beta, dropout_p, seed, q.dtype)
+    return out, lse, a, t, empty(), empty(), empty()
+
+
+def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3,
+              mechanism, scale, refine_scale, refine_scores, dropout_p):
+    L = _Launch(q, key_padding_mask, mechanism, dropout_p)
+    grad = grad.contiguous()
+    if mechanism == "none":
+        dq, dk, dv, _ = _launch_flash_bwd(L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed,
+                                          (q.dtype, k.dtype, v.dtype))
+        return dq, dk, dv, None, None
+    f32 = (torch.float32,) * 3
+    dw_rv = None
+    if mechanism == "value":
+        delta3 = (grad.float() * out.float()).sum(-1)
+        dbv, p3 = L.scratch(), L.scratch()
+        bm, bn, warps = _blocks(L.n, L.d)
+        _value_out_bwd[L.grid_rows(bm)](
+            bv, v, grad, lse3, delta3, L.kpm, L.starts, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
+            HAS_MASK=L.has_mask, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+            BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+        dv = (p3.transpose(-1, -2) @ grad.float()).to(v.dtype)
+        dt, da, du, _ = _launch_flash_bwd(L, dbv, t, a, u, None, bv, lse, refine_scale, 0.0, 0.0, seed, f32)
+        _launch_tril_matmul(L, du, w_rv, out=da, transpose_w=True, triangular=False)  # dU is not triangular
+        dw_rv = _reduce_over_batch(a, du, w_rv.dim() == 3).to(w_rv.dtype)
+    else:
+        alpha, beta = (refine_scale, 0.0) if mechanism == "simp" else (0.5 * refine_scale, 0.5)
+        dt, da, dv_, dbias = _launch_flash_bwd(L, grad, t, a, v, a if beta else None, out, lse, alpha, beta,
+                                               dropout_p, seed, (torch.float32, torch.float32, v.dtype))
+        dv = dv_
+        if dbias is not None:
+            da += dbias
+    _launch_tril_matmul(L, dt, m1, out=da, transpose_w=True)
+    dm1 = _reduce_over_batch(a, dt, m1.dim() == 3).to(m1.dtype)
+    dq = torch.empty_like(q)
+    bm, bn, warps = _blocks(L.n, L.d)
+    _attn_probs_bwd[L.grid_rows(bm)](
+        a, da, k, L.kpm, L.starts, dq, scale, L.n, L.d, L.heads,
+        HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores, PRECISION=L.precision,
+        BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+    dk = (da.transpose(-1, -2) @ q.float()).to(k.dtype)  # da now holds dS (scaled)
+    return dq, dk, dv, dm1, dw_rv
+
+
+# ---------------------------------------------------------------------- custom ops and autograd function
+
+_FWD_OUTPUTS = 7
+
+
+@torch.library.custom_op("awr_fast::dot_refined_fwd", mutates_args=())
+def dot_refined_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m1: Optional[torch.Tensor],
+                    w_rv: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], seed: torch.Tensor,
+                    mechanism: str, scale: float, refine_scale: float, refine_scores: bool, dropout_p: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, A, T, U, Bv, lse3); all but out are saved for the backward."""
+    return _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
+                    refine_scores, dropout_p)
+
+
+@dot_refined_fwd.register_fake
+def _(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
+    batch, heads, n, _ = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    square = q.new_empty(batch, heads, n, n, **f32)
+    rows = q.new_empty(batch, heads, n, **f32)
+
+    def empty():
+        return q.new_empty(0, **f32)
+
+    if mechanism == "none":
+        return torch.empty_like(q), rows, empty(), empty(), empty(), empty(), empty()
+    if mechanism == "value":
+        return torch.empty_like(q), rows, square, square.clone(), square.clone(), square.clone(), rows.clone()
+    return torch.empty_like(q), rows, square, square.clone(), empty(), empty(), empty()
+
+
+@torch.library.custom_op("awr_fast::dot_refined_bwd", mutates_args=())
+def dot_refined_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    m1: Optional[torch.Tensor], w_rv: Optional[torch.Tensor],
+                    key_padding_mask: Optional[torch.Tensor], seed: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, a: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bv: torch.Tensor,
+                    lse3: torch.Tensor, mechanism: str, scale: float, refine_scale: float, refine_scores: bool,
+                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    """Returns (dq, dk, dv, dm1, dw_rv); dm1/dw_rv are empty when the mechanism has no such weight."""
+    dq, dk, dv, dm1, dw_rv = _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv,
+                                       lse3, mechanism, scale, refine_scale, refine_scores, dropout_p)
+    return dq, dk, dv, q.new_empty(0) if dm1 is None else dm1, q.new_empty(0) if dw_rv is None else dw_rv
+
+
+@dot_refined_bwd.register_fake
+def _(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, mechanism, scale,
+      refine_scale, refine_scores, dropout_p):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if m1 is None else torch.empty_like(m1),
+            q.new_empty(0) if w_rv is None else torch.empty_like(w_rv))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p = inputs
+    ctx.save_for_backward(q, k, v, m1, w_rv, key_padding_mask, seed, *output)
+    ctx.options = (mechanism, scale, refine_scale, refine_scores, dropout_p)
+
+
+def _backward_rule(ctx, grad, *unused_grads):
+    q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
+    dq, dk, dv, dm1, dw_rv = dot_refined_bwd(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t,
+                                             u, bv, lse3, *ctx.options)
+    return (dq, dk, dv, dm1 if m1 is not None else None, dw_rv if w_rv is not None else None,
+            None, None, None, None, None, None, None)
+
+
+dot_refined_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------- public entry
+
+
+def dot_refined_not_supported_reasons(inputs: dict) -> list[str]:
+    q = inputs["q"]
+    _, _, n, d_h = q.shape
+    reasons = []
+    if inputs["mechanism"] == "value_literal":
+        reasons.append("mechanism='value_literal' is reference-only (it is not causal)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32; float64 is the reference's)")
+    if n > MAX_N:
+        reasons.append(f"n={n} exceeds the Triton kernels' limit of {MAX_N}")
+    if d_h > MAX_D_HEAD:
+        reasons.append(f"d_h={d_h} exceeds the Triton kernels' limit of {MAX_D_HEAD}")
+    if q.shape[0] * q.shape[1] > 65535:
+        reasons.append(f"batch*heads={q.shape[0] * q.shape[1]} exceeds the launch grid limit of 65535")
+    return reasons
+
+
+def dot_refined(q, k, v, *, mechanism="none", w_rq=None, w_rk=None, w_rv=None, key_padding_mask=None,
+                scale=None, refine_scale=None, refine_input="probs", dropout_p=0.0):
+    """Same contract as awr_fast.reference.dot_refined.dot_refined (inputs validated by the API)."""
+    d_h = q.shape[-1]
+    scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
+    refine_scale = 1.0 / math.sqrt(d_h) if refine_scale is None else float(refine_scale)
+    m1 = None
+    if mechanism != "none":
+        # M = W_RQ W_RK^T once per call (SPEC §3b); "add" swaps the roles, i.e. uses M^T.
+        first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
+        m1 = (first @ second.transpose(-1, -2)).contiguous()
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+    else:
+        seed = torch.zeros(1, device=q.device, dtype=torch.int64)
+    out = dot_refined_fwd(q.contiguous(), k.contiguous(), v.contiguous(), m1,
+                          None if w_rv is None else w_rv.contiguous(), key_padding_mask, seed, mechanism,
+                          scale, refine_scale, refine_input == "scores", float(dropout_p))[0]
+    return out

@@ -1,0 +1,26 @@
+"""Test configuration. Without a GPU, Triton kernels run on the CPU interpreter: TRITON_INTERPRET must be
+set before any @triton.jit kernel is defined, i.e. before awr_fast.kernels is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+try:  # hypothesis profiles: CI keeps the sweeps short and deterministic
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", max_examples=40, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover
+    pass
+
+
+
+

@@ -1,0 +1,143 @@
+"""Smoke tests of the benchmark scripts (bench/): they run end to end at the smallest shapes, exit 0, and
+write result rows with the expected columns. Results go to a temporary directory (--results-dir), never
+to bench/results/. The benchmarks' own pytest-benchmark cases (bench/test_bench_ops.py) are not collected
+by a plain `pytest` (testpaths = ["tests"])."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    saved_path, had_common = list(sys.path), "common" in sys.modules
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:  # leave no trace of bench/ on the import path of the test process
+        sys.path[:] = saved_path
+        if not had_common:
+            sys.modules.pop("common", None)
+    return module
+
+
+def _run(script, args, results_dir, timeout=120):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # set by conftest without CUDA; the benchmark must not use the interpreter
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--results-dir", str(results_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _rows(results_dir, name):
+    with open(results_dir / f"{name}.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    with open(results_dir / f"{name}.jsonl") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    assert len(records) == len(rows)
+    return header, rows, records
+
+
+def test_attention_quick(tmp_path):
+    attention = _load("attention")
+    args = ["--quick", "--batch", "4", "--n", "20", "--d", "32", "--heads", "1", "--mechanisms", "none,simp",
+            "--family", "dot", "--backends", "eager,factored,triton,cuda,sdpa", "--min-time", "0.02"]
+    proc = _run("attention.py", args, tmp_path)
+    header, rows, records = _rows(tmp_path, "attention")
+    assert header == attention.COLUMNS
+    by = {(r["family"], r["mechanism"], r["backend"]): r for r in rows}
+    for key in (("sdpa", "causal", "sdpa"), ("dot", "none", "eager"), ("dot", "simp", "eager"),
+                ("dot", "simp", "factored")):
+        row = by[key]
+        assert row["status"] == "ok", row
+        for col in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwdbwd_p20_ms", "fwdbwd_p80_ms", "tflops_fwdbwd",
+                    "gbps_fwdbwd", "floor_fwdbwd_ms", "peak_tflops", "peak_gbps"):
+            assert float(row[col]) > 0, (key, col, row[col])
+        assert row["n"] == "20" and row["batch"] == "4" and row["d_h"] == "32"
+    assert float(by[("dot", "simp", "factored")]["x_eager_fwdbwd"]) > 0
+    assert by[("dot", "none", "factored")]["status"] == "skipped"
+    for backend in ("triton", "cuda"):  # measured on a GPU, otherwise skipped with the dispatcher's reason
+        row = by[("dot", "simp", backend)]
+        assert row["status"] in ("ok", "skipped"), row
+        assert row["status"] == "ok" or row["reason"], row
+    assert {r["run_id"] for r in records} == {rows[0]["run_id"]}
+    assert "x_eager" in proc.stdout and "sdpa" in proc.stdout  # the printed table
+
+    _run("attention.py", args[:-2] + ["--min-time", "0.01", "--backends", "eager", "--mechanisms", "none"], tmp_path)
+    header2, rows2, _ = _rows(tmp_path, "attention")
+    assert header2 == header and len(rows2) == len(rows) + 1  # appended, header written once
+
+
+def test_attention_real_lengths(tmp_path):
+    data = tmp_path / "seqs.txt"  # the S3Rec/STOSA layout: user item1 item2 ...
+    data.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + j) % 30) for j in range(3 + u % 9)) + "\n"
+                            for u in range(1, 41)))
+    out = tmp_path / "results"
+    proc = _run("attention.py", ["--quick", "--batch", "6", "--n", "20", "--d", "16", "--heads", "1",
+                                 "--family", "dot", "--mechanisms", "simp", "--backends", "eager,triton",
+                                 "--lengths-from", str(data), "--min-time", "0.02"], out)
+    _, rows, _ = _rows(out, "attention")
+    eager = {r["lengths"]: r for r in rows if r["backend"] == "eager"}
+    assert set(eager) == {"full", "real"}
+    assert eager["real"]["lengths_source"] == "seqs.txt"
+    assert 3 <= float(eager["real"]["mean_len"]) <= 11 and float(eager["full"]["mean_len"]) == 20
+    assert float(eager["real"]["x_padded_fwdbwd"]) > 0
+    assert float(eager["real"]["gflop_fwd_minimal"]) < float(eager["full"]["gflop_fwd_minimal"])
+    assert "real lengths from seqs.txt" in proc.stdout
+
+
+def test_train_quick(tmp_path):
+    pytest.importorskip("awr_fast.train")
+    train = _load("train")
+    _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference"], tmp_path,
+         timeout=150)
+    header, rows, _ = _rows(tmp_path, "train")
+    assert header == train.COLUMNS
+    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
+    row = rows[0]
+    assert (row["model"], row["attention"], row["backend"]) == ("sasrec", "simp", "reference")
+    for col in ("epoch1_s", "ms_per_step", "eval_s", "test_eval_s", "total_s"):
+        assert float(row[col]) > 0, (col, row[col])
+    assert int(row["steps_per_epoch"]) >= 1
+    assert 0.0 <= float(row["test_ndcg@10"]) <= 1.0
+
+
+def test_flop_counts():
+    common = _load("common")
+    n, d = 200, 32
+    full = common.attention_flops("dot", "simp", [n] * 4, 2, n, d)
+    none = common.attention_flops("dot", "none", [n] * 4, 2, n, d)
+    # SPEC §3b nominal count: 4 n^2 d base attention + 6 n^3 refinement, per head and sequence
+    assert full["nominal"] == pytest.approx(8 * (4 * n * n * d + 6 * n ** 3))
+    assert none["nominal"] == pytest.approx(8 * 4 * n * n * d)
+    # the factored, triangular count is below the nominal one (about 1.33 n^3 instead of 6 n^3)
+    assert full["minimal"] < 0.35 * full["nominal"]
+    short = common.attention_flops("dot", "simp", [10] * 4, 2, n, d)
+    assert short["minimal"] < 0.01 * full["minimal"] + 2.0 * n ** 3 + 1
+    ceil = common.Ceilings(tflops=1.0, gbps=1.0, matmul_size=1, copy_mib=1)
+    assert common.roofline(2e12, 1e9, ceil) == pytest.approx(2000.0)  # compute bound: 2 s
+    assert common.roofline(1e9, 3e9, ceil) == pytest.approx(3000.0)  # memory bound: 3 s
+    assert common.fmt_table(["name", "ms"], [["x", "1.5"]], [False, True]).splitlines() == [
+        "name   ms", "----  ---", "x     1.5"]
+
+
+def test_bench_is_not_collected_by_default():
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        pytest.skip("tomllib needs Python 3.11")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]

@@ -1,0 +1,220 @@
+"""The install itself: package layout, the info command, the CUDA extension (built or explained).
+
+These tests need the package installed (``pip install -e ".[test]"``, the README's install command):
+they check what a user gets, so several run in a subprocess outside the repository.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def run_python(args, cwd, timeout=300):
+    """Run the test's interpreter in `cwd` (outside the repo, so only the installed package is seen)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_kernels_install_as_subpackage(tmp_path):
+    code = (
+        "import importlib.util, json\n"
+        "import awr_fast, awr_fast.kernels\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(json.dumps({'awr_fast': awr_fast.__file__, 'kernels_pkg': awr_fast.kernels.__file__,\n"
+        "                  'top_kernels': spec.origin if spec else None}))\n"
+    )
+    proc = run_python(["-c", code], cwd=tmp_path)
+    assert proc.returncode == 0, (
+        "awr_fast.kernels is not importable from the installed package; run the README's install command "
+        f"(pip install -e \".[test]\") first.\n{proc.stderr}")
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernels_dir = Path(found["kernels_pkg"]).resolve().parent
+    assert kernels_dir.name == "kernels" and (kernels_dir == REPO / "kernels" or kernels_dir.parent.name == "awr_fast")
+    top = found["top_kernels"]
+    if top is not None:  # some unrelated `kernels` module may exist, but never ours nor in site-packages
+        top_path = Path(top).resolve()
+        assert "site-packages" not in top_path.parts, f"a top-level `kernels` module is installed: {top}"
+        assert REPO not in top_path.parents, f"the project's kernels/ leaks as a top-level module: {top}"
+
+
+def test_distribution_declares_only_awr_fast():
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("awr_fast")
+    except PackageNotFoundError:
+        pytest.fail("awr_fast is not installed; run pip install -e \".[test]\" first")
+    top_level = (dist.read_text("top_level.txt") or "awr_fast").split()
+    assert top_level == ["awr_fast"]
+
+
+def test_info_command_lists_every_backend(tmp_path):
+    proc = run_python(["-m", "awr_fast.info"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for word in ("awr_fast", "torch", "triton", "numpy", "TRITON_INTERPRET", "CUDA extension", *BACKENDS):
+        assert word in out, f"{word!r} missing from python -m awr_fast.info:\n{out}"
+
+
+def test_info_json(tmp_path):
+    proc = run_python(["-m", "awr_fast.info", "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert set(BACKENDS) <= set(info["backends"])
+    for name in BACKENDS:
+        entry = info["backends"][name]
+        assert isinstance(entry["usable"], bool) and entry["reason"]
+    assert info["backends"]["reference"]["usable"] is True
+    assert isinstance(info["cuda_extension"]["loaded"], bool) and info["cuda_extension"]["reason"]
+
+
+def test_info_in_process_matches_cuda_status():
+    from awr_fast import info
+    from awr_fast._ext import cuda_status
+
+    report = info.collect()
+    assert report["backends"]["cuda"]["usable"] == cuda_status()[0]
+    assert "backends:" in info.render(report)
+
+
+# ------------------------------------------------------------------------------------- CUDA extension
+
+
+def _extension():
+    from awr_fast._ext import load_cuda_extension
+    return load_cuda_extension()
+
+
+def test_cuda_status_is_explained():
+    from awr_fast._ext import cuda_status
+
+    usable, reason = cuda_status()
+    assert isinstance(usable, bool)
+    assert isinstance(reason, str) and len(reason) > 10
+    if usable:
+        assert torch.cuda.is_available()
+
+
+def test_missing_extension_is_a_reason_not_a_crash():
+    module, reason = _extension()
+    if module is not None:
+        pytest.skip(f"the CUDA extension is built ({reason})")
+    assert "awr_fast._C" in reason or "CUDA" in reason
+    from awr_fast._ext import w2_scores_cuda
+
+    x = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="w2_scores_cuda"):
+        w2_scores_cuda(x, x, x, x)
+
+
+def test_extension_registers_op_and_rejects_cpu_tensors():
+    module, reason = _extension()
+    if module is None:
+        pytest.skip(f"the CUDA extension is not available: {reason}")
+    assert hasattr(torch.ops.awr_fast, "w2_scores_cuda")
+    mu, sig = torch.randn(4, 8), torch.rand(4, 8) + 0.5
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.ops.awr_fast.w2_scores_cuda(mu, sig, mu, sig)
+
+
+def test_extension_fake_kernel_traces():
+    """The fake (meta) kernel gives shape and dtype without running anything: what torch.compile needs."""
+    module, reason = _extension()
+    if module is None:
+        pytest.skip(f"the CUDA extension is not available: {reason}")
+    mu = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
+    items = torch.empty(11, 7, device="meta", dtype=torch.bfloat16)
+    out = torch.ops.awr_fast.w2_scores_cuda(mu, mu, items, items)
+    assert out.shape == (5, 11) and out.dtype == torch.float32 and out.device.type == "meta"
+
+
+# ------------------------------------------------------------------------------- GPU: numerical check
+
+
+def w2_scores_float64(mu, sig, item_mu, item_sig):
+    """SPEC §4 in float64, written as the distance itself (no expansion)."""
+    mu, sig, item_mu, item_sig = (t.double() for t in (mu, sig, item_mu, item_sig))
+    mean = ((mu[:, None, :] - item_mu[None, :, :]) ** 2).sum(-1)
+    root_q, root_i = sig.clamp_min(1e-24).sqrt(), item_sig.clamp_min(1e-24).sqrt()
+    cov = (sig[:, None, :] + item_sig[None, :, :] - 2 * root_q[:, None, :] * root_i[None, :, :]).sum(-1)
+    return mean + cov
+
+
+def _gpu_ready():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from awr_fast._ext import cuda_status
+    usable, reason = cuda_status()
+    return None if usable else reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 1001, 50), (1, 1, 1), (64, 64, 16), (130, 257, 64), (3, 70, 17)])
+def test_w2_scores_cuda_matches_float64(dtype, shape):
+    why = _gpu_ready()
+    if why:
+        pytest.skip(why)
+    from awr_fast._ext import w2_scores_cuda
+
+    batch, items, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7919 + items + d)
+    mu = torch.randn(batch, d, device="cuda", generator=gen).to(dtype)
+    sig = (torch.nn.functional.elu(torch.randn(batch, d, device="cuda", generator=gen)) + 1).to(dtype)
+    item_mu = torch.randn(items, d, device="cuda", generator=gen).to(dtype)
+    item_sig = (torch.nn.functional.elu(torch.randn(items, d, device="cuda", generator=gen)) + 1).to(dtype)
+    out = w2_scores_cuda(mu, sig, item_mu, item_sig)
+    assert out.shape == (batch, items) and out.dtype == torch.float32
+    # The oracle sees the same (rounded) inputs; the kernel accumulates in float32, so its error is a
+    # float32 rounding error of the expanded form, relative to the norms that cancel.
+    ref = w2_scores_float64(mu, sig, item_mu, item_sig)
+    norms = (mu.double() ** 2 + sig.double()).sum(-1)[:, None] + (item_mu.double() ** 2 + item_sig.double()).sum(-1)[None, :]
+    err = (out.double() - ref).abs()
+    bound = 1e-6 + 8 * d * torch.finfo(torch.float32).eps * norms
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
+
+
+def test_w2_scores_cuda_noncontiguous_and_compile():
+    why = _gpu_ready()
+    if why:
+        pytest.skip(why)
+    from awr_fast._ext import w2_scores_cuda
+
+    mu = torch.randn(50, 9, device="cuda").t()             # (9, 50), not contiguous
+    sig = torch.rand(50, 9, device="cuda").t() + 0.1
+    item_mu, item_sig = torch.randn(33, 50, device="cuda"), torch.rand(33, 50, device="cuda") + 0.1
+    expected = w2_scores_float64(mu, sig, item_mu, item_sig)
+    torch.testing.assert_close(w2_scores_cuda(mu, sig, item_mu, item_sig).double(), expected, rtol=1e-4, atol=1e-3)
+    compiled = torch.compile(lambda a, b, c, e: torch.ops.awr_fast.w2_scores_cuda(a, b, c, e), fullgraph=True)
+    args = (mu.contiguous(), sig.contiguous(), item_mu, item_sig)
+    torch.testing.assert_close(compiled(*args).double(), expected, rtol=1e-4, atol=1e-3)
+    torch.library.opcheck(torch.ops.awr_fast.w2_scores_cuda.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_w2_scores_cuda_rejects_bad_inputs_by_name():
+    why = _gpu_ready()
+    if why:
+        pytest.skip(why)
+    op = torch.ops.awr_fast.w2_scores_cuda
+    mu, sig = torch.randn(4, 8, device="cuda"), torch.rand(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="item_sig"):
+        op(mu, sig, mu, sig.half())
+    with pytest.raises(RuntimeError, match="item_mu"):
+        op(mu, sig, torch.randn(4, 7, device="cuda"), torch.rand(4, 7, device="cuda"))
+    with pytest.raises(RuntimeError, match="sig"):
+        op(mu, sig[:, ::2], mu, sig)  # not contiguous
+    with pytest.raises(RuntimeError, match="mu"):
+        op(mu.double(), sig.double(), mu.double(), sig.double())
