@@ -155,10 +155,15 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
     else:
         run_dir = Path(config.out) if config.out else default_run_dir(config)
         run_dir = Path(broadcast_object(str(run_dir), dist))
+        problem = None
         if dist.is_main:
             if (run_dir / "metrics.jsonl").exists() or (run_dir / "last.pt").exists():
-                raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-            run_dir.mkdir(parents=True, exist_ok=True)
+                problem = f"{run_dir} already holds a run; use --resume {run_dir} or another --out"
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        problem = broadcast_object(problem, dist)  # every rank stops, not only rank 0
+        if problem:
+            raise FileExistsError(problem)
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -234,7 +239,7 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
 
     # ---- epochs
     show = progress_enabled(quiet, dist)
-    neg_generator = torch.Generator()
+    neg_generator = torch.Generator(device=device)
     epoch = start_epoch - 1
     for next_epoch in range(start_epoch, config.epochs + 1):
         if early.should_stop:
@@ -265,7 +270,8 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
                 os.fsync(f.fileno())
             ckpt = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "rng": get_rng_state(neg_generator), "early_stopping": early.state_dict(), "config": config.to_dict()}
+                    "rng": get_rng_state(neg_generator), "early_stopping": early.state_dict(),
+                    "config": config.to_dict()}
             if improved:
                 save_checkpoint(run_dir / "best.pt", ckpt)
             save_checkpoint(run_dir / "last.pt", ckpt)

@@ -36,6 +36,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+try:
+    import awr_fast  # noqa: F401
+except ImportError:  # not installed: use the checkout's package (its Triton kernels then report as unavailable)
+    sys.path.insert(1, str(common.REPO_ROOT))
+
 FAMILIES = {
     "dot": ("none", "simp", "add", "value"),
     "w2": ("none", "simp", "add", "value", "stoc"),
@@ -59,7 +64,7 @@ COLUMNS = [
     "peak_tflops", "peak_gbps", "ceiling_matmul", "ceiling_copy_mib",
     "x_eager_fwd", "x_eager_bwd", "x_eager_fwdbwd", "x_compile_fwd", "x_compile_bwd", "x_compile_fwdbwd",
     "x_sdpa_fwd", "x_sdpa_bwd", "x_sdpa_fwdbwd", "x_padded_fwd", "x_padded_bwd", "x_padded_fwdbwd",
-    "finite",
+    "finite", "other_cpu",
 ]
 
 
@@ -108,7 +113,8 @@ def make_inputs(family: str, mechanism: str, shape: Shape, device, mask, seed: i
             x = _randn(act, g, device, torch.float32)
             leaves[name] = (F.elu(x) + 1.0 if name.startswith("sig") else x).to(dtype)
         if mechanism == "stoc":
-            leaves.update(w_mu=_randn((n, n), g, device, dtype, w_scale), w_sigma=_randn((n, n), g, device, dtype, w_scale))
+            leaves.update(w_mu=_randn((n, n), g, device, dtype, w_scale),
+                          w_sigma=_randn((n, n), g, device, dtype, w_scale))
         elif mechanism != "none":
             names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
             leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in names})
@@ -300,9 +306,11 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
         def bwd():
             return torch.autograd.grad(held, leaves, grads, retain_graph=True, allow_unused=True)
 
-        timings = {"fwd": common.time_fn(fwd, device, min_time=args.min_time),
-                   "bwd": common.time_fn(bwd, device, min_time=args.min_time),
-                   "fwdbwd": common.time_fn(fwdbwd, device, min_time=args.min_time)}
+        with common.OtherCpu() as other:
+            timings = {"fwd": common.time_fn(fwd, device, min_time=args.min_time),
+                       "bwd": common.time_fn(bwd, device, min_time=args.min_time),
+                       "fwdbwd": common.time_fn(fwdbwd, device, min_time=args.min_time)}
+        row["other_cpu"] = other.cores
         saved, _ = common.saved_tensor_bytes(fwd, exclude=leaves + [t for t in inputs.consts.values() if t is not None])
         row["saved_mib"] = saved / common.MIB
         if device.type == "cuda":
@@ -312,7 +320,7 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
     except Exception as exc:  # record and go on: one broken backend must not stop the sweep
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}
+        return {**row, "status": "error", "reason": common.describe(exc)}
 
     flops = common.attention_flops(case.family, case.mechanism, case.lengths, shape.heads, shape.n, shape.d_h)
     consts = [t for t in inputs.consts.values() if t is not None]
@@ -370,22 +378,25 @@ def print_table(rows: list[dict], device) -> None:
             groups.setdefault((r["batch"], r["heads"], r["n"], r["d_model"], r["dtype"]), []).append(r)
     for (B, H, n, d, dtype), grp in groups.items():
         lens = {r["lengths"]: r for r in grp}
-        extra = f", real lengths from {lens['real']['lengths_source']} (mean L {lens['real']['mean_len']:.1f})" if "real" in lens else ""
+        real = lens.get("real")
+        extra = f", real lengths from {real['lengths_source']} (mean L {real['mean_len']:.1f})" if real else ""
         ceil = grp[0]
         print(f"\n== B={B} H={H} n={n} d_model={d} (d_h={d // H}) {dtype}{extra}; ceilings: "
-              f"{ceil['peak_tflops']:.3g} TFLOP/s (matmul {ceil['ceiling_matmul']}), {ceil['peak_gbps']:.3g} GB/s (copy)")
+              f"{ceil['peak_tflops']:.3g} TFLOP/s (matmul {ceil['ceiling_matmul']}), "
+              f"{ceil['peak_gbps']:.3g} GB/s (copy)")
         table = []
         for r in grp:
             mem = r["peak_fwdbwd_mib"] if device.type == "cuda" else r.get("saved_mib", float("nan"))
+            busy = device.type == "cpu" and r.get("other_cpu", 0.0) > 0.25 * (os.cpu_count() or 1)
             table.append([
-                r["family"], r["mechanism"], r["backend"], r["lengths"],
+                r["family"], r["mechanism"], r["backend"] + ("!" if busy else ""), r["lengths"],
                 common.fmt_ms(r["fwd_ms"]), f"{common.fmt_ms(r['fwd_p20_ms'])}-{common.fmt_ms(r['fwd_p80_ms'])}",
                 common.fmt_ms(r["bwd_ms"]), common.fmt_ms(r["fwdbwd_ms"]),
                 f"{common.fmt_ms(r['fwdbwd_p20_ms'])}-{common.fmt_ms(r['fwdbwd_p80_ms'])}",
                 common.fmt_num(mem, 1), common.fmt_num(r["tflops_fwdbwd"], 3), common.fmt_num(r["gbps_fwdbwd"], 1),
                 common.fmt_ms(r["floor_fwdbwd_ms"]), common.fmt_num(r["pct_floor_fwdbwd"], 1),
-                common.fmt_num(r.get("x_eager_fwdbwd", float("nan"))), common.fmt_num(r.get("x_compile_fwdbwd", float("nan"))),
-                common.fmt_num(r.get("x_sdpa_fwdbwd", float("nan"))), common.fmt_num(r.get("x_padded_fwdbwd", float("nan")))])
+                *(common.fmt_num(r.get(f"x_{ref}_fwdbwd", float("nan")))
+                  for ref in ("eager", "compile", "sdpa", "padded"))])
         print(common.fmt_table(header, table, right))
     notes: dict = {}
     for r in rows:
@@ -432,13 +443,15 @@ def _names(text: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="all", help="dot, w2, calibrated or all (comma list allowed); default all")
-    p.add_argument("--mechanisms", default=None, help="comma list (none,simp,add,value,stoc,spatial,adversarial); default all")
+    p.add_argument("--mechanisms", default=None,
+                   help="comma list (none,simp,add,value,stoc,spatial,adversarial); default all")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}; default all")
     p.add_argument("--batch", type=int, default=None, help="B (default 256; --quick 32)")
     p.add_argument("--n", default=None, help="comma list of n (default 20,50,100,200; --quick 20,50)")
     p.add_argument("--d", default=None, help="comma list of d_model (default 50,64; --quick 64)")
     p.add_argument("--heads", default=None, help="comma list of H, d_h = d/H (default 1,2; --quick 1)")
-    p.add_argument("--dtype", default=None, help="comma list of fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="comma list of fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--lengths-from", default=None, metavar="PATH_OR_NAME",
                    help="draw per-sequence lengths from a data file or name (Beauty.txt, ml-1m.txt.gz, beauty, "
@@ -539,9 +552,6 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     print(f"{len(cases)} cases on {env['device']}, torch {env['torch']}, triton {env['triton']}", file=sys.stderr)
-    busy = common.busy_warning(env)
-    if busy:
-        print(busy, file=sys.stderr)
     ceilings = {}
     for dtype in args.dtypes:
         ceilings[dtype] = common.measure_ceilings(device, common.DTYPES[dtype], quick=args.quick)
@@ -549,23 +559,31 @@ def main(argv=None) -> int:
         print(f"ceilings {dtype}: matmul {c.matmul_size}^3 {c.tflops:.3g} TFLOP/s, copy {c.copy_mib:.0f} MiB "
               f"{c.gbps:.3g} GB/s", file=sys.stderr)
     rows = []
+    interrupted = None
+    common.stop_on_sigterm()  # `timeout` sends SIGTERM: print and save what was measured
     for i, case in enumerate(cases):
         elapsed = time.perf_counter() - start
-        if args.time_budget is not None and elapsed > args.time_budget:
+        skip = interrupted or (f"time budget of {args.time_budget:.0f} s used up"
+                               if args.time_budget is not None and elapsed > args.time_budget else None)
+        if skip is None:
+            t0 = time.perf_counter()
+            try:
+                row = run_case(case, args, env, ceilings[case.shape.dtype], device, args.seed + i)
+            except common.Interrupted as exc:
+                skip = interrupted = f"interrupted ({exc}) before this case was measured"
+        if skip is not None:
             rows.append({**env, "family": case.family, "mechanism": case.mechanism, "backend": case.backend,
                          "batch": case.shape.batch, "heads": case.shape.heads, "n": case.shape.n,
                          "d_model": case.shape.d_model, "d_h": case.shape.d_h, "dtype": case.shape.dtype,
-                         "lengths": case.lengths_mode, "status": "skipped",
-                         "reason": f"time budget of {args.time_budget:.0f} s used up"})
+                         "lengths": case.lengths_mode, "status": "skipped", "reason": skip})
             continue
-        t0 = time.perf_counter()
-        row = run_case(case, args, env, ceilings[case.shape.dtype], device, args.seed + i)
         rows.append(row)
         s = case.shape
         what = (f"[{i + 1}/{len(cases)}] {case.family}/{case.mechanism}/{case.backend} B={s.batch} H={s.heads} "
                 f"n={s.n} d={s.d_model} {s.dtype} {case.lengths_mode}")
         if row["status"] == "ok":
-            print(f"{what}: f+b {common.fmt_ms(row['fwdbwd_ms'])} ms ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            print(f"{what}: f+b {common.fmt_ms(row['fwdbwd_ms'])} ms ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr)
         else:
             print(f"{what}: {row['status']}: {row['reason']}", file=sys.stderr)
         gc.collect()
@@ -576,12 +594,15 @@ def main(argv=None) -> int:
     if not args.no_save:
         csv_path, jsonl_path = common.append_results(Path(args.results_dir), "attention", rows, COLUMNS)
         print(f"\n{len(rows)} rows appended to {csv_path} and {jsonl_path}")
-    if busy:
-        print(busy)
+    warning = common.contention_warning(rows)
+    if warning:
+        print(warning)
     errors = [r for r in rows if r.get("status") == "error"]
     print(f"total {time.perf_counter() - start:.0f} s; {sum(r.get('status') == 'ok' for r in rows)} measured, "
           f"{sum(r.get('status') == 'skipped' for r in rows)} skipped, {len(errors)} errors")
-    return 1 if errors else 0
+    if interrupted:
+        print(f"stopped early: {interrupted}")
+    return 1 if errors or interrupted else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -97,28 +98,88 @@ def env_info(device: torch.device) -> dict:
 
 
 def _loadavg() -> float:
-    """1-minute load average when the run starts (a busy CPU makes CPU timings meaningless)."""
+    """1-minute load average when the run starts (this process's own earlier work included; the
+    per-row other_cpu column is the reliable measure of competition)."""
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return float("nan")
 
 
-def busy_warning(env: dict) -> str | None:
-    load, cores = env.get("loadavg", float("nan")), os.cpu_count() or 1
-    if env.get("device_type") == "cpu" and not math.isnan(load) and load > 0.5 * cores:
-        return (f"warning: the 1-minute load average is {load:.1f} on {cores} cores: other processes compete for "
-                f"the CPU and the timings below are unreliable")
-    return None
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies of this process), from /proc."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system + irq softirq steal
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime, all threads
+
+
+class OtherCpu:
+    """Context manager: how many cores other processes kept busy on average while it was active
+    (machine busy time minus this process's time, over the wall time). NaN where /proc is missing.
+    A CPU timing taken while this is well above 0 competed with other work."""
+
+    def __init__(self):
+        self.cores = NAN
+
+    def __enter__(self):
+        try:
+            self._t0, self._j0 = time.perf_counter(), _cpu_jiffies()
+        except (OSError, ValueError, IndexError):
+            self._j0 = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._j0 is not None:
+            try:
+                busy, own = _cpu_jiffies()
+                wall = time.perf_counter() - self._t0
+                hz = os.sysconf("SC_CLK_TCK")
+                self.cores = max(0.0, ((busy - self._j0[0]) - (own - self._j0[1])) / hz / wall) if wall > 0 else NAN
+            except (OSError, ValueError, IndexError):
+                pass
+        return False
+
+
+def contention_warning(rows: list[dict], key: str = "other_cpu") -> str | None:
+    """A warning when other processes used a noticeable share of the CPU during some timed rows."""
+    cores = os.cpu_count() or 1
+    hit = [r for r in rows if r.get("device_type") == "cpu" and isinstance(r.get(key), float)
+           and not math.isnan(r[key]) and r[key] > 0.25 * cores]
+    if not hit:
+        return None
+    worst = max(r[key] for r in hit)
+    return (f"warning: other processes kept up to {worst:.1f} of {cores} cores busy during {len(hit)} of "
+            f"{len(rows)} rows (column {key}; marked '!' in the table): those timings are unreliable")
 
 
 def run_id(env: dict) -> str:
     return hashlib.sha1(f"{env['date']}-{os.getpid()}-{time.time_ns()}".encode()).hexdigest()[:10]
 
 
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """One line for a results row: the exception's type and the first line of its message."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived (e.g. from `timeout`): stop measuring, but still print and save what was measured.
+    A BaseException, so that the per-case `except Exception` handlers do not swallow it."""
+
+
+def stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Interrupted(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # ------------------------------------------------------------------------------------------------ timing

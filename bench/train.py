@@ -32,15 +32,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+try:
+    import awr_fast  # noqa: F401
+except ImportError:  # not installed: use the checkout's package (its Triton kernels then report as unavailable)
+    sys.path.insert(1, str(common.REPO_ROOT))
+
 MECHANISMS = {"sasrec": ("none", "simp", "add", "value"), "stosa": ("none", "simp", "add", "value", "stoc")}
-QUICK_SYNTHETIC = {"num_users": 300, "num_items": 200}
+QUICK_SYNTHETIC = {"num_users": 1000, "num_items": 300}
+ROW_TAG = "@@bench-train-row "
 
 COLUMNS = [
     "run_id", "date", "device", "device_type", "torch", "triton", "cuda", "python", "git_commit", "threads", "loadavg",
     "model", "attention", "backend", "dataset", "num_users", "num_items", "max_len", "d_model", "n_layers",
     "n_heads", "batch_size", "amp", "epochs", "status", "reason",
     "steps_per_epoch", "epoch1_s", "epoch_s_later", "ms_per_step", "ms_per_step_later", "eval_s", "test_eval_s",
-    "total_s", "mem_kind", "peak_mem_mib", "test_ndcg@10", "test_recall@10", "loss_last",
+    "total_s", "mem_kind", "peak_mem_mib", "test_ndcg@10", "test_recall@10", "loss_last", "other_cpu",
 ]
 
 
@@ -98,8 +104,12 @@ def run_one(model: str, attention: str, backend: str, args, env: dict) -> dict:
         overrides["data"] = args.data
     else:
         overrides["dataset"] = args.dataset
-        if args.dataset == "synthetic" and args.quick:
-            overrides["synthetic"] = dict(QUICK_SYNTHETIC)
+        if args.dataset == "synthetic":
+            synthetic = dict(QUICK_SYNTHETIC) if args.quick else {}
+            if args.synthetic_users:
+                synthetic["num_users"] = args.synthetic_users
+            if synthetic:
+                overrides["synthetic"] = synthetic
     row = {**env, "model": model, "attention": attention, "backend": backend, "epochs": args.epochs,
            "dataset": args.data or args.dataset}
     tmp = Path(tempfile.mkdtemp(prefix="awr_bench_train_"))
@@ -112,8 +122,9 @@ def run_one(model: str, attention: str, backend: str, args, env: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         rss = PeakRSS()
-        with rss, contextlib.redirect_stdout(sys.stderr):  # the trainer's own summary goes to stderr
+        with rss, common.OtherCpu() as other, contextlib.redirect_stdout(sys.stderr):  # its summary -> stderr
             final = train(**overrides)
+        row["other_cpu"] = other.cores
         if cuda:
             peak, kind = (torch.cuda.max_memory_allocated() - base) / common.MIB, "cuda_max_allocated_above_start"
         else:
@@ -122,7 +133,7 @@ def run_one(model: str, attention: str, backend: str, args, env: dict) -> dict:
     except UnsupportedInputError as exc:
         return {**row, "status": "skipped", "reason": str(exc)}
     except Exception as exc:  # record and go on
-        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}
+        return {**row, "status": "error", "reason": common.describe(exc)}
     finally:
         if args.keep_runs:
             print(f"kept {run_dir}", file=sys.stderr)
@@ -163,7 +174,8 @@ def _fill_config_columns(row: dict) -> None:
 
     defaults = TrainConfig()
     for name in ("max_len", "d_model", "n_layers", "n_heads", "batch_size", "amp"):
-        if row.get(name) is None:
+        value = row.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             row[name] = getattr(defaults, name)
 
 
@@ -176,10 +188,11 @@ def print_table(rows: list[dict], cuda: bool) -> None:
     for r in rows:
         if r["status"] != "ok":
             continue
+        per_step = r["ms_per_step"] if math.isnan(r["ms_per_step_later"]) else r["ms_per_step_later"]
         table.append([r["model"], r["attention"], r["backend"], str(r["steps_per_epoch"]),
-                      common.fmt_num(r["epoch1_s"]), common.fmt_num(r["epoch_s_later"]),
-                      common.fmt_num(r["ms_per_step_later"] if not math.isnan(r["ms_per_step_later"]) else r["ms_per_step"], 1),
-                      common.fmt_num(r["eval_s"]), common.fmt_num(r["test_eval_s"]), common.fmt_num(r["peak_mem_mib"], 1),
+                      common.fmt_num(r["epoch1_s"]), common.fmt_num(r["epoch_s_later"]), common.fmt_num(per_step, 1),
+                      common.fmt_num(r["eval_s"]), common.fmt_num(r["test_eval_s"]),
+                      common.fmt_num(r["peak_mem_mib"], 1),
                       common.fmt_num(r["test_ndcg@10"], 4)])
     if rows:
         r0 = next((r for r in rows if r["status"] == "ok"), rows[0])
@@ -205,7 +218,8 @@ def parse_args(argv=None):
                    help="comma list of attention mechanisms (none,simp,add,value,stoc; stoc is STOSA only); "
                         "default all (--quick: none,simp)")
     p.add_argument("--backends", default=None,
-                   help="comma list of reference,triton,cuda,auto (default: reference on CPU, reference,triton on CUDA)")
+                   help="comma list of reference,triton,cuda,auto "
+                        "(default: reference on CPU, reference,triton on CUDA)")
     p.add_argument("--dataset", default="synthetic", help="named data set (default the embedded synthetic one)")
     p.add_argument("--data", default=None, help="path of a data file (ML-1M, Beauty.txt, ...); wins over --dataset")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 2; --quick 1)")
@@ -220,6 +234,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quick", action="store_true",
                    help=f"1 epoch, mechanisms none,simp, synthetic data shrunk to {QUICK_SYNTHETIC}")
+    p.add_argument("--synthetic-users", type=int, default=None, help="users of the synthetic data set")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each configuration in a fresh process (default: on the CPU, where the peak RSS "
+                        "of one process is only meaningful for its first run; CUDA memory statistics are exact "
+                        "in-process)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL,MECHANISM,BACKEND: the child of --isolate
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--results-dir", default=str(common.DEFAULT_RESULTS_DIR), help="where train.csv/.jsonl go")
     p.add_argument("--no-save", action="store_true", help="print only, write no results files")
@@ -240,17 +260,42 @@ def parse_args(argv=None):
             p.error(f"--backends: unknown {b!r}; expected reference, triton, cuda or auto")
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.cuda = cuda
+    args.isolate = (not cuda) if args.isolate is None else args.isolate
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
+
+
+def run_isolated(model: str, mech: str, backend: str, args, env: dict) -> dict:
+    """run_one in a child process (same flags plus --one); its row comes back on a tagged stdout line."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--one", f"{model},{mech},{backend}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(ROW_TAG):
+            row = json.loads(line[len(ROW_TAG):])
+            row.update({k: env[k] for k in ("run_id", "date")})
+            return {k: (float("nan") if v is None else v) for k, v in row.items()}
+    return {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
+            "dataset": args.data or args.dataset, "status": "error",
+            "reason": f"the child process exited with {proc.returncode} and reported no row"}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.one:  # the child of --isolate: one configuration, the row on stdout
+        import json
+
+        model, mech, backend = args.one.split(",")
+        device = torch.device("cuda" if args.cuda else "cpu")
+        row = run_one(model, mech, backend, args, common.env_info(device))
+        print(ROW_TAG + json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in row.items()}), flush=True)
+        return 0
     device = torch.device("cuda" if args.cuda else "cpu")
     env = common.env_info(device)
     env["run_id"] = common.run_id(env)
-    busy = common.busy_warning(env)
-    if busy:
-        print(busy, file=sys.stderr)
     configs = [(model, mech, backend) for model in args.models for mech in MECHANISMS[model]
                if args.mechanisms is None or mech in args.mechanisms for backend in args.backends]
     if not configs:
@@ -258,9 +303,18 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     rows = []
+    interrupted = None
+    common.stop_on_sigterm()  # `timeout` sends SIGTERM: print and save what was measured
     for i, (model, mech, backend) in enumerate(configs):
         t0 = time.perf_counter()
-        row = run_one(model, mech, backend, args, env)
+        if interrupted is None:
+            try:
+                row = (run_isolated if args.isolate else run_one)(model, mech, backend, args, env)
+            except common.Interrupted as exc:
+                interrupted = f"interrupted ({exc}) before this run finished"
+        if interrupted is not None:
+            row = {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
+                   "dataset": args.data or args.dataset, "status": "skipped", "reason": interrupted}
         _fill_config_columns(row)
         rows.append(row)
         state = (f"epoch1 {row['epoch1_s']:.2f}s, eval {row['eval_s']:.2f}s" if row["status"] == "ok"
@@ -271,12 +325,15 @@ def main(argv=None) -> int:
     if not args.no_save:
         csv_path, jsonl_path = common.append_results(Path(args.results_dir), "train", rows, COLUMNS)
         print(f"\n{len(rows)} rows appended to {csv_path} and {jsonl_path}")
-    if busy:
-        print(busy)
+    warning = common.contention_warning(rows)
+    if warning:
+        print(warning)
     errors = sum(r["status"] == "error" for r in rows)
     print(f"total {time.perf_counter() - start:.0f} s; {sum(r['status'] == 'ok' for r in rows)} runs, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {errors} errors")
-    return 1 if errors else 0
+    if interrupted:
+        print(f"stopped early: {interrupted}")
+    return 1 if errors or interrupted else 0
 
 
 if __name__ == "__main__":

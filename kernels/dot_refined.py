@@ -29,6 +29,7 @@ import math
 from typing import Optional
 
 import torch
+import torch._dynamo  # noqa: F401  initialised up front: torch 2.11's custom-op call imports it lazily
 import triton
 import triton.language as tl
 
@@ -51,6 +52,18 @@ def _visible(rows, cols, n, start, b, KPM, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _first_real_position(KPM, b, n, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
+    """Index of the sequence's first non-padding position (n if none): every loop starts there, so the
+    work per head follows the real length. Computed here rather than by extra torch launches."""
+    if HAS_MASK:
+        idx = tl.arange(0, N_PAD)
+        pad = tl.load(KPM + b * n + idx, mask=idx < n, other=1)
+        return tl.min(tl.where(pad == 0, idx, n), 0)
+    else:
+        return 0
+
+
+@triton.jit
 def _probs_from_lse(s, lse, vis):
     """Recompute softmax weights from the saved log-sum-exp; masked entries exactly 0 (no inf on the way)."""
     return tl.where(vis, tl.exp(tl.where(vis, s - lse[:, None], 0.0)), 0.0)
@@ -65,13 +78,13 @@ def _dropout_keep(SEED, bh, rows, cols, n, dropout_p):
 
 
 @triton.jit
-def _attn_probs_fwd(Q, K, KPM, STARTS, A, scale, n, D, H,
-                    HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+def _attn_probs_fwd(Q, K, KPM, A, scale, n, D, H,
+                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     q = tl.load(Q + bh * n * D + rows[:, None] * D + dcols[None, :],
@@ -106,8 +119,9 @@ def _attn_probs_fwd(Q, K, KPM, STARTS, A, scale, n, D, H,
 
 
 @triton.jit
-def _tril_matmul(X, W, C, STARTS, n, H, w_head_stride, w_stride_r, w_stride_c,
-                 ACCUMULATE: tl.constexpr, TRIANGULAR: tl.constexpr, PRECISION: tl.constexpr,
+def _tril_matmul(X, W, C, KPM, n, H, w_head_stride, w_stride_r, w_stride_c,
+                 HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, TRIANGULAR: tl.constexpr,
+                 PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[i, c] (+)= sum_k X[i, k] W[k, c] for X zero before `start` (rows and cols) and, if TRIANGULAR,
     above the diagonal: the inner loop then stops at the row block's last row."""
@@ -116,7 +130,7 @@ def _tril_matmul(X, W, C, STARTS, n, H, w_head_stride, w_stride_r, w_stride_c,
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     m0 = pid_m * BLOCK_M
     # rows and columns before `start` are never read downstream (they meet zeros of A): skip them,
     # so the work per head is ~L^3 for a sequence of length L.
@@ -142,13 +156,13 @@ def _tril_matmul(X, W, C, STARTS, n, H, w_head_stride, w_stride_r, w_stride_c,
 
 
 @triton.jit
-def _flash_fwd(XQ, XK, Y, BIAS, KPM, STARTS, SEED, O, LSE, alpha, beta, dropout_p, n, DI, DV, H,
-               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _flash_fwd(XQ, XK, Y, BIAS, KPM, SEED, O, LSE, alpha, beta, dropout_p, n, DI, DV, H,
+               HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
@@ -184,14 +198,14 @@ def _flash_fwd(XQ, XK, Y, BIAS, KPM, STARTS, SEED, O, LSE, alpha, beta, dropout_
 
 
 @triton.jit
-def _value_out_fwd(BV, V, KPM, STARTS, SEED, O, LSE, dropout_p, n, D, H,
-                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _value_out_fwd(BV, V, KPM, SEED, O, LSE, dropout_p, n, D, H,
+                   HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """out = dropout(softmax(mask(Bv))) V; Bv is the (float32) result of the inner flash pass."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     lo = (start // BLOCK_N) * BLOCK_N
@@ -226,14 +240,14 @@ def _value_out_fwd(BV, V, KPM, STARTS, SEED, O, LSE, dropout_p, n, D, H,
 
 
 @triton.jit
-def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, STARTS, SEED, DBV, P3, dropout_p, n, D, H,
-                   HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, SEED, DBV, P3, dropout_p, n, D, H,
+                   HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """dBv = P3 o (dP3 - rowsum(dO o out)); also writes the dropped P3 for dV = P3^T dO."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     row_ok = rows < n
@@ -259,15 +273,15 @@ def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, STARTS, SEED, DBV, P3, dropout_p,
 
 
 @triton.jit
-def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXK, DY,
+def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXK, DY,
                     alpha, beta, dropout_p, n, DI, DV, H,
-                    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     di = tl.arange(0, DI_PAD)
@@ -309,15 +323,15 @@ def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXK, DY,
 
 
 @triton.jit
-def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXQ, DBIAS,
+def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXQ, DBIAS,
                   alpha, beta, dropout_p, n, DI, DV, H,
-                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                  HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
@@ -352,14 +366,14 @@ def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, STARTS, SEED, DO, LSE, DELTA, DXQ, DBIAS
 
 
 @triton.jit
-def _attn_probs_bwd(A, DA, K, KPM, STARTS, DQ, scale, n, D, H,
-                    HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+def _attn_probs_bwd(A, DA, K, KPM, DQ, scale, n, D, H,
+                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """dS = d(A)/d(scores) applied to dA, overwriting dA in place; dQ = dS K * scale."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
-    start = tl.load(STARTS + b)
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     row_ok = rows < n
@@ -423,15 +437,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _sequence_starts(key_padding_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
-    """Index of the first non-padding position per sequence (n if none): every loop starts there."""
-    if key_padding_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
-    keep = ~key_padding_mask
-    first = keep.to(torch.int32).argmax(dim=1).to(torch.int32)
-    return torch.where(keep.any(dim=1), first, torch.full_like(first, n))
-
-
 class _Launch:
     """Shapes and flags shared by the launches of one call."""
 
@@ -440,10 +445,10 @@ class _Launch:
         self.bh = self.batch * self.heads
         self.device = q.device
         self.precision = _precision(q.dtype)
+        self.n_pad = _pad(self.n)
         self.has_mask = key_padding_mask is not None
-        self.kpm = (key_padding_mask.to(torch.int8).contiguous() if self.has_mask
-                    else torch.empty(1, dtype=torch.int8, device=q.device))
-        self.starts = _sequence_starts(key_padding_mask, self.batch, self.n, q.device)
+        # a free reinterpretation of the bool mask (no conversion launch); unused without a mask
+        self.kpm = key_padding_mask.contiguous().view(torch.uint8) if self.has_mask else q
         self.dropout = dropout_p > 0.0
         self.refined = mechanism != "none"
 
@@ -459,8 +464,8 @@ def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
     a = L.scratch()
     bm, bn, warps = _blocks(L.n, L.d)
     _attn_probs_fwd[L.grid_rows(bm)](
-        q, k, L.kpm, L.starts, a, scale, L.n, L.d, L.heads,
-        HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores, PRECISION=L.precision,
+        q, k, L.kpm, a, scale, L.n, L.d, L.heads,
+        HAS_MASK=L.has_mask, N_PAD=L.n_pad, REFINE_SCORES=refine_scores, PRECISION=L.precision,
         BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
     return a
 
@@ -476,8 +481,8 @@ def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangula
         stride_r, stride_c = stride_c, stride_r
     block = 64 if L.n > 32 else 32
     grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
-    _tril_matmul[grid](x, w, out, L.starts, L.n, L.heads, head_stride, stride_r, stride_c,
-                       ACCUMULATE=accumulate, TRIANGULAR=triangular, PRECISION=L.precision,
+    _tril_matmul[grid](x, w, out, L.kpm, L.n, L.heads, head_stride, stride_r, stride_c,
+                       HAS_MASK=L.has_mask, N_PAD=L.n_pad, ACCUMULATE=accumulate, TRIANGULAR=triangular, PRECISION=L.precision,
                        BLOCK_M=block, BLOCK_N=block, BLOCK_K=block if L.n > 32 else 16, num_warps=4)
     return out
 
@@ -488,9 +493,9 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
     lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
     bm, bn, warps = _blocks(L.n, di)
     _flash_fwd[L.grid_rows(bm)](
-        xq, xk, y, bias if bias is not None else xq, L.kpm, L.starts, seed, out, lse,
+        xq, xk, y, bias if bias is not None else xq, L.kpm, seed, out, lse,
         alpha, beta, dropout_p, L.n, di, dv, L.heads,
-        HAS_MASK=L.has_mask, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+        HAS_MASK=L.has_mask, N_PAD=L.n_pad, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=L.precision,
         BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv), num_warps=warps)
     return out, lse
 
@@ -504,15 +509,15 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
     dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
     dbias = L.scratch() if bias is not None else None
     bm, bn, warps = _blocks(L.n, di)
-    common = dict(HAS_MASK=L.has_mask, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
+    common = dict(HAS_MASK=L.has_mask, N_PAD=L.n_pad, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
                   PRECISION=L.precision, BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv),
                   num_warps=warps)
     bias_arg = bias if bias is not None else xq
     _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
-        xq, xk, y, bias_arg, L.kpm, L.starts, seed, grad, lse, delta, dxk, dy,
+        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, delta, dxk, dy,
         alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
     _flash_bwd_dq[L.grid_rows(bm)](
-        xq, xk, y, bias_arg, L.kpm, L.starts, seed, grad, lse, delta, dxq,
+        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, delta, dxq,
         dbias if dbias is not None else dxq, alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
     return dxq, dxk, dy, dbias
 
@@ -545,8 +550,8 @@ def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine
         lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
         bm, bn, warps = _blocks(L.n, L.d)
         _value_out_fwd[L.grid_rows(bm)](
-            bv, v, L.kpm, L.starts, seed, out, lse3, dropout_p, L.n, L.d, L.heads,
-            HAS_MASK=L.has_mask, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+            bv, v, L.kpm, seed, out, lse3, dropout_p, L.n, L.d, L.heads,
+            HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
             BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
         return out, lse, a, t, u, bv, lse3
     alpha, beta = (refine_scale, 0.0) if mechanism == "simp" else (0.5 * refine_scale, 0.5)
@@ -569,8 +574,8 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
         dbv, p3 = L.scratch(), L.scratch()
         bm, bn, warps = _blocks(L.n, L.d)
         _value_out_bwd[L.grid_rows(bm)](
-            bv, v, grad, lse3, delta3, L.kpm, L.starts, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
-            HAS_MASK=L.has_mask, DROPOUT=dropout_p > 0, PRECISION=L.precision,
+            bv, v, grad, lse3, delta3, L.kpm, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
+            HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
             BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
         dv = (p3.transpose(-1, -2) @ grad.float()).to(v.dtype)
         dt, da, du, _ = _launch_flash_bwd(L, dbv, t, a, u, None, bv, lse, refine_scale, 0.0, 0.0, seed, f32)
@@ -588,8 +593,8 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
     dq = torch.empty_like(q)
     bm, bn, warps = _blocks(L.n, L.d)
     _attn_probs_bwd[L.grid_rows(bm)](
-        a, da, k, L.kpm, L.starts, dq, scale, L.n, L.d, L.heads,
-        HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores, PRECISION=L.precision,
+        a, da, k, L.kpm, dq, scale, L.n, L.d, L.heads,
+        HAS_MASK=L.has_mask, N_PAD=L.n_pad, REFINE_SCORES=refine_scores, PRECISION=L.precision,
         BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
     dk = (da.transpose(-1, -2) @ q.float()).to(k.dtype)  # da now holds dS (scaled)
     return dq, dk, dv, dm1, dw_rv
@@ -667,6 +672,28 @@ def _backward_rule(ctx, grad, *unused_grads):
 dot_refined_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _DotRefinedFunction(torch.autograd.Function):
+    """The eager path: the same _forward/_backward as the custom ops above, without the custom-op
+    dispatch layers (at these sizes the host, not the GPU, sets the pace). torch.compile traces the
+    custom ops instead, so compiled models keep one graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores,
+                dropout_p):
+        outputs = _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
+                           refine_scores, dropout_p)
+        ctx.save_for_backward(q, k, v, m1, w_rv, key_padding_mask, seed, *outputs)
+        ctx.options = (mechanism, scale, refine_scale, refine_scores, dropout_p)
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
+        dq, dk, dv, dm1, dw_rv = _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv,
+                                           lse3, *ctx.options)
+        return dq, dk, dv, dm1, dw_rv, None, None, None, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------- public entry
 
 
@@ -698,11 +725,15 @@ def dot_refined(q, k, v, *, mechanism="none", w_rq=None, w_rk=None, w_rv=None, k
         # M = W_RQ W_RK^T once per call (SPEC §3b); "add" swaps the roles, i.e. uses M^T.
         first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
         m1 = (first @ second.transpose(-1, -2)).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    w_rv = None if w_rv is None else w_rv.contiguous()
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
-    else:
+    elif torch.compiler.is_compiling():
         seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    out = dot_refined_fwd(q.contiguous(), k.contiguous(), v.contiguous(), m1,
-                          None if w_rv is None else w_rv.contiguous(), key_padding_mask, seed, mechanism,
-                          scale, refine_scale, refine_input == "scores", float(dropout_p))[0]
-    return out
+    else:
+        seed = q  # never read without dropout; saves a launch on the host-bound eager path
+    options = (mechanism, scale, refine_scale, refine_input == "scores", float(dropout_p))
+    if torch.compiler.is_compiling():
+        return dot_refined_fwd(q, k, v, m1, w_rv, key_padding_mask, seed, *options)[0]
+    return _DotRefinedFunction.apply(q, k, v, m1, w_rv, key_padding_mask, seed, *options)

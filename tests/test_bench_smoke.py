@@ -37,7 +37,8 @@ def _run(script, args, results_dir, timeout=120):
     env.pop("TRITON_INTERPRET", None)  # set by conftest without CUDA; the benchmark must not use the interpreter
     proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--results-dir", str(results_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                                  f"stderr:\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -102,8 +103,8 @@ def test_attention_real_lengths(tmp_path):
 def test_train_quick(tmp_path):
     pytest.importorskip("awr_fast.train")
     train = _load("train")
-    _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference"], tmp_path,
-         timeout=150)
+    _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference",
+                      "--synthetic-users", "200"], tmp_path, timeout=150)
     header, rows, _ = _rows(tmp_path, "train")
     assert header == train.COLUMNS
     assert len(rows) == 1 and rows[0]["status"] == "ok", rows

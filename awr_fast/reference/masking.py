@@ -22,17 +22,15 @@ def visible_mask(n: int, key_padding_mask: torch.Tensor | None, device) -> torch
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """softmax over the last dim restricted to `visible`; rows without a visible entry are zeros.
 
-    Written with where() rather than a -inf fill so that neither the forward nor the backward pass
-    can produce NaN on an empty row.
+    Masked entries become exp(-inf) = 0 exactly, and an empty row divides 0 by 1, so neither the forward
+    nor the backward pass can produce NaN.
     """
-    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-    filled = torch.where(visible, scores, neg_inf)
-    row_max = filled.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    exp = torch.where(visible, torch.exp(torch.where(visible, scores - row_max, torch.zeros_like(scores))),
-                      torch.zeros_like(scores))
+    filled = scores.masked_fill(~visible, float("-inf"))
+    row_max = filled.amax(dim=-1, keepdim=True).detach()
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    exp = torch.exp(filled - row_max)
     denom = exp.sum(dim=-1, keepdim=True)
-    return exp / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return exp / denom.masked_fill(denom == 0, 1.0)
 
 
 def zero_padded_queries(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -57,7 +57,7 @@ def set_rng_state(state: Dict[str, Any], negatives: Optional[torch.Generator] = 
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     if negatives is not None and state.get("negatives") is not None:
-        negatives.set_state(state["negatives"])
+        negatives.set_state(state["negatives"].cpu())
 
 
 def _fsync_dir(path: Path) -> None:

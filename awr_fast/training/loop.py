@@ -1,7 +1,8 @@
 """The epoch loop: optimiser, AMP, one training epoch, early stopping.
 
 One epoch (:func:`train_epoch`) walks the batches of the epoch's sampler (a function of
-``(seed, epoch)``) and runs ``model.loss(seq, pos, generator=<the epoch's negative generator>)`` under ``torch.autocast`` when AMP is on (fp16 adds a GradScaler).
+``(seed, epoch)``) and runs ``model.loss(seq, pos, generator=<the epoch's negative generator>)``
+under ``torch.autocast`` when AMP is on (fp16 adds a GradScaler).
 The global gradient norm (after unscaling, before optional clipping) is averaged over the epoch's
 steps and logged. :func:`seed_epoch` reseeds the global torch RNG (dropout, anything a model
 draws itself) from ``(seed, epoch, rank)`` at the start of every epoch, so that an epoch is
@@ -147,9 +148,10 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
         step_module: what is called for the loss: :class:`LossModule` (possibly DDP-wrapped).
         model: the bare model (its parameters are what the gradient norm is taken over).
         train_input, train_pos: ``(R, n)`` int64 tensors (CPU or ``device``).
-        neg_generator: the generator the model draws negatives from (see :class:`LossModule`);
-            it is reset to the epoch's seed first (``epoch_generator(seed, epoch, 1)``), so its
-            state is a function of ``(seed, epoch)`` and this epoch's draws. None: a fresh one.
+        neg_generator: the generator the model draws negatives from (see :class:`LossModule`),
+            best on ``device``; it is reseeded with the epoch's seed first (that of
+            ``epoch_generator(seed, epoch, 1)``), so its state is a function of ``(seed, epoch)``
+            and this epoch's draws. None: a fresh one on ``device``.
 
     Returns:
         ``{"loss": mean loss, "grad_norm": mean global gradient norm, "steps": steps taken,
@@ -158,10 +160,9 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
     dist = dist or DistInfo()
     t0 = time.perf_counter()
     step_module.train()
-    neg_gen = epoch_generator(seed, epoch, stream=1)
-    if neg_generator is not None:  # the caller's generator (saved in checkpoints), reseeded for this epoch
-        neg_generator.set_state(neg_gen.get_state())
-        neg_gen = neg_generator
+    # negatives are drawn on the training device (no host round trip), reseeded for this epoch
+    neg_gen = neg_generator if neg_generator is not None else torch.Generator(device=device)
+    neg_gen.manual_seed(epoch_generator(seed, epoch, stream=1).initial_seed())
     params: List[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)

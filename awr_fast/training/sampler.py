@@ -43,10 +43,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(seed) * 1000 + int(epoch)
 
 
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A CPU ``torch.Generator`` for epoch ``epoch``; ``stream`` separates independent uses
-    (0: shuffle and batching, 1: negative sampling)."""
-    return torch.Generator().manual_seed(epoch_seed(seed, epoch) + 7_919_000_003 * int(stream))
+def epoch_generator(seed: int, epoch: int, stream: int = 0, device=None) -> torch.Generator:
+    """A ``torch.Generator`` (CPU unless ``device``) for epoch ``epoch``; ``stream`` separates
+    independent uses (0: shuffle and batching, 1: negative sampling)."""
+    gen = torch.Generator(device=device) if device is not None else torch.Generator()
+    return gen.manual_seed(epoch_seed(seed, epoch) + 7_919_000_003 * int(stream))
 
 
 class RandomBatchSampler:
