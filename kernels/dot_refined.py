@@ -240,7 +240,7 @@ def _value_out_fwd(BV, V, KPM, SEED, O, LSE, dropout_p, n, D, H,
 
 
 @triton.jit
-def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, SEED, DBV, P3, dropout_p, n, D, H,
+def _value_out_bwd(BV, V, DO, LSE, OUT, KPM, SEED, DBV, P3, dropout_p, n, D, H,
                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """dBv = P3 o (dP3 - rowsum(dO o out)); also writes the dropped P3 for dV = P3^T dO."""
@@ -254,7 +254,9 @@ def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, SEED, DBV, P3, dropout_p, n, D, H
     do = tl.load(DO + bh * n * D + rows[:, None] * D + dcols[None, :],
                  mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0).to(tl.float32)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+    out = tl.load(OUT + bh * n * D + rows[:, None] * D + dcols[None, :],
+                  mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    delta = tl.sum(do * out, 1)  # = rowsum(dP3 o P3), as in flash attention's backward
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         inside = row_ok[:, None] & (cols[None, :] < n)
@@ -273,7 +275,7 @@ def _value_out_bwd(BV, V, DO, LSE, DELTA, KPM, SEED, DBV, P3, dropout_p, n, D, H
 
 
 @triton.jit
-def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXK, DY,
+def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXK, DY,
                     alpha, beta, dropout_p, n, DI, DV, H,
                     HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -301,7 +303,9 @@ def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXK, DY,
         do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
         lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+        out = tl.load(OUT + bh * n * DV + rows[:, None] * DV + dv[None, :],
+                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        delta = tl.sum(do * out, 1)  # rowsum(dO o O), recomputed here instead of a separate pass
         s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
         if HAS_BIAS:
             s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
@@ -323,7 +327,7 @@ def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXK, DY,
 
 
 @triton.jit
-def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXQ, DBIAS,
+def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXQ, DBIAS,
                   alpha, beta, dropout_p, n, DI, DV, H,
                   HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -341,7 +345,9 @@ def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, DELTA, DXQ, DBIAS,
     do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
                  mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * n + rows, mask=row_ok, other=0.0)
+    out = tl.load(OUT + bh * n * DV + rows[:, None] * DV + dv[None, :],
+                  mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    delta = tl.sum(do * out, 1)
     dxq = tl.zeros([BLOCK_M, DI_PAD], tl.float32)
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
@@ -503,7 +509,6 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
 def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, dropout_p, seed, grad_dtypes):
     """Gradients of the flash pass: (dXq, dXk, dY, dBias or None)."""
     di, dv = xq.shape[-1], y.shape[-1]
-    delta = (grad.float() * out.float()).sum(-1)
     dxq = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[0], device=L.device)
     dxk = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[1], device=L.device)
     dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
@@ -514,10 +519,10 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
                   num_warps=warps)
     bias_arg = bias if bias is not None else xq
     _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
-        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, delta, dxk, dy,
+        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, out, dxk, dy,
         alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
     _flash_bwd_dq[L.grid_rows(bm)](
-        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, delta, dxq,
+        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, out, dxq,
         dbias if dbias is not None else dxq, alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
     return dxq, dxk, dy, dbias
 
@@ -570,11 +575,10 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
     f32 = (torch.float32,) * 3
     dw_rv = None
     if mechanism == "value":
-        delta3 = (grad.float() * out.float()).sum(-1)
         dbv, p3 = L.scratch(), L.scratch()
         bm, bn, warps = _blocks(L.n, L.d)
         _value_out_bwd[L.grid_rows(bm)](
-            bv, v, grad, lse3, delta3, L.kpm, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
+            bv, v, grad, lse3, out, L.kpm, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
             HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
             BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
         dv = (p3.transpose(-1, -2) @ grad.float()).to(v.dtype)

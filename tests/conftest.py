@@ -8,7 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
 
 try:  # hypothesis profiles: CI keeps the sweeps short and deterministic
     from hypothesis import HealthCheck, settings

@@ -6,7 +6,6 @@ they check what a user gets, so several run in a subprocess outside the reposito
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess

@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from ..atomic import atomic_write
 from . import preprocess as pp
 from .readers import FORMATS, PathLike, detect_format, normalize_format, read_interactions
 from .synthetic import make_synthetic, synthetic_config, synthetic_hash
@@ -245,28 +246,10 @@ def _cache_key(source_hash: str, options: Dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(fileobj)`` to a temp file in ``path``'s folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _save_sequences(path: Path, seqs: pp.Sequences, meta: Dict[str, Any]) -> None:
     arrays = dict(indptr=seqs.indptr, items=seqs.items, user_ids=seqs.user_ids, item_ids=seqs.item_ids,
                   meta=np.array(json.dumps(meta, sort_keys=True)))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_sequences(path: Path, key: str) -> Optional[pp.Sequences]:
@@ -392,7 +375,7 @@ def resolve_source(name: str, *, cache_dir: Optional[PathLike] = None, download:
     if remote.member is not None:
         try:
             with zipfile.ZipFile(archive) as zf, zf.open(remote.member) as src:
-                _atomic_write(final, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+                atomic_write(final, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         except (KeyError, zipfile.BadZipFile) as exc:
             raise DatasetUnavailableError(f"{archive} does not contain {remote.member}: {exc}") from exc
     return final

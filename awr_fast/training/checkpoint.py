@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["CHECKPOINT_FORMAT", "get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state",
            "atomic_write_bytes", "atomic_write_text"]
@@ -60,50 +60,9 @@ def set_rng_state(state: Dict[str, Any], negatives: Optional[torch.Generator] = 
         negatives.set_state(state["negatives"].cpu())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     """``torch.save(state)`` to ``path`` atomically."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None] = "cpu") -> Dict[str, Any]:
