@@ -6,8 +6,8 @@
 # Steps (each under `timeout`, each allowed to fail; the script records it and goes on):
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
-#   tests_gpu      pytest tests -x -k "gpu or cuda"
-#   tests_triton   the Triton test files natively (tests/conftest.py sets TRITON_INTERPRET only without CUDA)
+#   gpu_tests      tests/test_triton_dot.py + tests/test_build.py natively (conftest sets TRITON_INTERPRET only
+#                  without CUDA), in GPU_TEST_SHARDS (default 12) parallel pytest processes
 #   sanitizer      compute-sanitizer --tool memcheck on the CUDA extension's op (when it was built)
 #   bench_attn     bench/attention.py: default GPU shapes, fp32 + bf16, dot family, bounded by --time-budget
 #   bench_train    bench/train.py --quick
@@ -91,21 +91,35 @@ step() {
 step install 180 "$PY" -m pip install -e . --no-build-isolation --no-deps
 step info 30 "$PY" -m awr_fast.info
 
-step tests_gpu 80 "$PY" -m pytest tests -q -x -k "gpu or cuda" -p no:cacheprovider
-
-triton_tests() {
-    local files
-    files=$(ls tests/test_triton_*.py 2>/dev/null)
-    if [ -z "$files" ]; then
-        echo "no tests/test_triton_*.py"
-        return 75
-    fi
-    # the gpu/cuda cases ran in tests_gpu
-    # shellcheck disable=SC2086
-    "$PY" -m pytest $files -q -x -k "not gpu and not cuda" -p no:cacheprovider
+gpu_tests() {
+    # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
+    # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
+    # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
+    local shards=${GPU_TEST_SHARDS:-12} dir
+    dir=$(mktemp -d)
+    "$PY" -m pytest tests/test_triton_dot.py tests/test_build.py --collect-only -q -p no:cacheprovider \
+        | grep '::' >"$dir/ids" || { echo "collection failed"; return 1; }
+    echo "$(wc -l <"$dir/ids") tests in $shards shards"
+    split -n "r/$shards" "$dir/ids" "$dir/shard_"
+    local pids=() f
+    for f in "$dir"/shard_*; do
+        "$PY" -c 'import sys, pytest; ids = open(sys.argv[1]).read().splitlines()
+sys.exit(pytest.main(ids + ["-q", "-rfE", "-p", "no:cacheprovider"]))' "$f" >"$f.log" 2>&1 &
+        pids+=($!)
+    done
+    local rc=0 i=0
+    for f in "$dir"/shard_*[!g]; do
+        wait "${pids[$i]}" || rc=1
+        echo "--- $(basename "$f"): $(tail -1 "$f.log")"
+        grep -E "^(FAILED|ERROR)" "$f.log" || true
+        i=$((i + 1))
+    done
+    cat "$dir"/shard_*.log >"$OUT_DIR/gpu_tests_shards.log"
+    return $rc
 }
-export -f triton_tests
-step tests_triton 100 triton_tests
+export -f gpu_tests
+export OUT_DIR
+step gpu_tests 300 gpu_tests
 
 sanitizer() {
     local cs
