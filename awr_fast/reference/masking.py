@@ -22,15 +22,12 @@ def visible_mask(n: int, key_padding_mask: torch.Tensor | None, device) -> torch
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """softmax over the last dim restricted to `visible`; rows without a visible entry are zeros.
 
-    Masked entries become exp(-inf) = 0 exactly, and an empty row divides 0 by 1, so neither the forward
-    nor the backward pass can produce NaN.
+    torch's fused softmax on the -inf-filled logits; an empty row is given finite logits before the
+    softmax and zeroed after it, so neither the forward nor the backward pass can produce NaN.
     """
-    filled = scores.masked_fill(~visible, float("-inf"))
-    row_max = filled.amax(dim=-1, keepdim=True).detach()
-    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    exp = torch.exp(filled - row_max)
-    denom = exp.sum(dim=-1, keepdim=True)
-    return exp / denom.masked_fill(denom == 0, 1.0)
+    empty = ~visible.any(dim=-1, keepdim=True)
+    filled = scores.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
+    return torch.softmax(filled, dim=-1).masked_fill(empty, 0.0)
 
 
 def zero_padded_queries(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
