@@ -40,6 +40,7 @@ def triton_interpret() -> bool:
 # cannot trace importlib, and a dispatch that it cannot trace would break the graph.
 _MODULES: dict = {}
 _STATUS: dict = {}
+_PRELOADED: set = set()
 
 
 def _module(name: str):
@@ -74,7 +75,10 @@ def _cuda_extension_status() -> tuple[bool, str]:
 
 def preload(op: str) -> None:
     """Import every backend of `op` that can load here, so later (compiled) calls only read caches.
-    Modules call this at construction; select() calls it on eager calls."""
+    Modules call this at construction; select() calls it on eager calls. Runs once per op."""
+    if op in _PRELOADED:
+        return
+    _PRELOADED.add(op)
     _triton_import_status()
     _cuda_extension_status()
     for backend, module_name in IMPLEMENTATIONS[op].items():
