@@ -8,18 +8,24 @@
 #   info           python -m awr_fast.info
 #   gpu_tests      tests/test_triton_dot.py + tests/test_build.py natively (conftest sets TRITON_INTERPRET only
 #                  without CUDA), in GPU_TEST_SHARDS (default 12) parallel pytest processes
+#   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
+#                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
+#   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
+#                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
 #   sanitizer      compute-sanitizer --tool memcheck on the CUDA extension's op (when it was built)
-#   bench_attn     bench/attention.py: default GPU shapes, fp32 + bf16, dot family, bounded by --time-budget
 #   bench_train    bench/train.py --quick
 # Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
-# last), OUT_DIR/results/{attention,train}.{csv,jsonl} (copy them into bench/results/ to keep them).
+# last), OUT_DIR/breakdown*.txt, OUT_DIR/results/{attention,train}.{csv,jsonl} (copy them into
+# bench/results/ to keep them).
 # Exit status: 0 if every step passed or was skipped, 1 otherwise.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole script, default 540, so
 # that it stays inside a 10-minute limit; each step's timeout is the smaller of its own and what is left),
 # GPU_CHECK_STEPS (comma list of the steps to run, default all; e.g. install,info,bench_attn),
 # RESULTS_DIR (default OUT_DIR/results), BENCH_ATTN_ARGS (replace the attention benchmark's arguments,
-# default: --family dot --d 64 --dtype fp32,bf16 --backends sdpa,eager,factored,triton,cuda --min-time 0.05).
+# default: the issue's shapes, --family dot --d 64 --heads 1,2 --n 50,200 --dtype bf16 --backends
+# sdpa,eager,compile,triton,cuda, then Beauty's lengths at n=50 when .gpu_data/Beauty.txt was carried).
+# .gpu_data/ is git-ignored: copy ../shared/data/Beauty.txt there and name it in the device call's carry.
 
 set -u -o pipefail
 
@@ -88,8 +94,8 @@ step() {
 
 # ---------------------------------------------------------------------------------------------- steps
 
-step install 180 "$PY" -m pip install -e . --no-build-isolation --no-deps
-step info 30 "$PY" -m awr_fast.info
+step install 150 "$PY" -m pip install -e . --no-build-isolation --no-deps
+step info 20 "$PY" -m awr_fast.info
 
 gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
@@ -119,7 +125,49 @@ sys.exit(pytest.main(ids + ["-q", "-rfE", "-p", "no:cacheprovider"]))' "$f" >"$f
 }
 export -f gpu_tests
 export OUT_DIR
-step gpu_tests 300 gpu_tests
+step gpu_tests 180 gpu_tests
+
+
+bench_attention() {
+    # leave time to print the table and write the results
+    local budget=$(( STEP_LIMIT > 80 ? STEP_LIMIT - 40 : STEP_LIMIT / 2 ))
+    local real_budget=0
+    if [ -f .gpu_data/Beauty.txt ] && [ -z "${BENCH_ATTN_ARGS:-}" ]; then
+        real_budget=$(( budget / 4 ))
+        budget=$(( budget - real_budget ))
+    fi
+    # the issue's shapes first (B=256, d=64, H=1 then 2, n=50 then 200, bf16), every dot mechanism;
+    # cases left when the budget runs out are recorded as skipped
+    # shellcheck disable=SC2086
+    "$PY" bench/attention.py ${BENCH_ATTN_ARGS:---family dot --d 64 --heads 1,2 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05} \
+        --time-budget "$budget" --results-dir "$RESULTS_DIR" || return $?
+    if [ "$real_budget" -gt 0 ]; then  # padded vs length-aware with Beauty's lengths (issue: length-aware)
+        "$PY" bench/attention.py --family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends eager,triton \
+            --lengths-from .gpu_data/Beauty.txt --min-time 0.05 --time-budget "$real_budget" --results-dir "$RESULTS_DIR"
+    fi
+}
+export -f bench_attention
+step bench_attn 200 bench_attention
+
+bench_train() {
+    if ! "$PY" -c "import awr_fast.train" 2>/dev/null; then
+        echo "awr_fast.train is not importable; nothing to benchmark"
+        return 75
+    fi
+    "$PY" bench/train.py --quick --results-dir "$RESULTS_DIR"
+}
+export -f bench_train
+breakdown() {
+    local lengths=()
+    [ -f .gpu_data/Beauty.txt ] && lengths=(--lengths-from .gpu_data/Beauty.txt)
+    "$PY" bench/breakdown.py --mechanisms simp,value --n 50,200 --backends triton,eager,compile,sdpa \
+        "${lengths[@]}" --out "$OUT_DIR/breakdown.txt" || return $?
+    # the same Triton cases on the tiled kernels only, to see what the fused path buys at n=50
+    AWR_FAST_TRITON_FUSED_MAX_N=0 "$PY" bench/breakdown.py --mechanisms simp,value --n 50 --backends triton \
+        "${lengths[@]}" --out "$OUT_DIR/breakdown_tiled.txt"
+}
+export -f breakdown
+step breakdown 75 breakdown
 
 sanitizer() {
     local cs
@@ -160,27 +208,9 @@ EOF
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "$driver"
 }
 export -f sanitizer
-step sanitizer 75 sanitizer
+step sanitizer 45 sanitizer
 
-bench_attention() {
-    # leave time to print the table and write the results
-    local budget=$(( STEP_LIMIT > 80 ? STEP_LIMIT - 40 : STEP_LIMIT / 2 ))
-    # shellcheck disable=SC2086
-    "$PY" bench/attention.py ${BENCH_ATTN_ARGS:---family dot --d 64 --dtype fp32,bf16 --backends sdpa,eager,factored,triton,cuda --min-time 0.05} \
-        --time-budget "$budget" --results-dir "$RESULTS_DIR"
-}
-export -f bench_attention
-step bench_attn 200 bench_attention
-
-bench_train() {
-    if ! "$PY" -c "import awr_fast.train" 2>/dev/null; then
-        echo "awr_fast.train is not importable; nothing to benchmark"
-        return 75
-    fi
-    "$PY" bench/train.py --quick --results-dir "$RESULTS_DIR"
-}
-export -f bench_train
-step bench_train 75 bench_train
+step bench_train 60 bench_train
 
 # -------------------------------------------------------------------------------------------- summary
 

@@ -9,8 +9,17 @@ The factored form (SPEC §3b) turns the refinement into one attention-shaped pas
 "queries" and the rows of A as "keys", B_ij = c T_i . A_j (+ beta A_ij), so the second softmax and P V
 (or R U for "value") run as a flash-style online-softmax pass that never materialises B.
 
-Kernels (all scratch is float32; every loop starts at the sequence's first non-padding position, so the
-work per head follows its real length L rather than n):
+Two paths, chosen by length (uses_fused_kernels):
+
+Fused, n <= FUSED_MAX_N (64; SASRec's n=50): one program per (batch, head) holds the whole sequence on
+chip. The forward is one launch that saves nothing but its inputs; the backward is one launch that
+recomputes A, T, B and P and writes dQ, dK, dV and per-program partial sums of dM (and dW_RV), which one
+torch sum reduces. Each program works on the smallest window of 16, 32 or N_PAD trailing positions that
+holds its sequence (left padding), so the work follows the real length L.
+    _fused_fwd / _fused_bwd      the two kernels; _window_* do the work for one window size
+
+Tiled, longer n (all scratch is float32; every loop starts at the sequence's first non-padding
+position, so the work per head follows its real length L rather than n):
     _attn_probs_fwd     A = masked softmax(Q K^T * scale), two passes over key blocks
     _tril_matmul        C (+)= X W for X lower triangular from `start` (T = A M1, U = A W_RV, dA += dT M1^T)
     _flash_fwd          online softmax of alpha Xq Xk^T + beta*bias over causal key blocks, times Y
@@ -26,6 +35,7 @@ The reductions that are plain GEMMs over the whole batch (dK = dS^T Q, dM = sum 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -35,6 +45,21 @@ import triton.language as tl
 
 MAX_N = 256
 MAX_D_HEAD = 128
+# Sequences up to this length run the fused single-program kernels (one launch forward, one backward);
+# longer ones the tiled kernels. AWR_FAST_TRITON_FUSED_MAX_N=0 forces the tiled path (for comparison).
+def _fused_max_n_from_env() -> int:
+    text = os.environ.get("AWR_FAST_TRITON_FUSED_MAX_N", "64")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 128:
+        raise ValueError(f"AWR_FAST_TRITON_FUSED_MAX_N: expected an integer in [0, 128], got {text!r}")
+    return value
+
+
+FUSED_MAX_N = _fused_max_n_from_env()
+_MECHANISM_CODE = {"none": 0, "simp": 1, "add": 2, "value": 3}  # MECH of the fused kernels
 
 
 # ------------------------------------------------------------------------------------------- jit kernels
@@ -420,6 +445,220 @@ def _attn_probs_bwd(A, DA, K, KPM, DQ, scale, n, D, H,
              mask=row_ok[:, None] & (dcols[None, :] < D))
 
 
+# ---- fused single-program path (n <= FUSED_MAX_N): one program per (batch, head) keeps A, T, B and P on
+# chip, so the forward is one launch and the backward (which recomputes everything) is one more. The
+# program picks the smallest window of TILE in {16, 32, N_PAD} trailing positions that holds the whole
+# sequence (left padding: every real position is >= start), so the work follows the real length.
+
+
+@triton.jit
+def _masked_softmax_rows(x, vis):
+    """Row softmax of x over the visible entries; rows without one are all zero (never NaN)."""
+    x = tl.where(vis, x, float("-inf"))
+    row_max = tl.max(x, 1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    e = tl.where(vis, tl.exp(x - row_max[:, None]), 0.0)
+    total = tl.sum(e, 1)
+    return e / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _store_zero_rows(X, base, off, n, D, TILE: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows [0, off) of an (n, D) block lie wholly in the padding: their outputs/gradients are zeros."""
+    dcols = tl.arange(0, D_PAD)
+    zeros = tl.zeros([TILE, D_PAD], tl.float32)
+    for r0 in range(0, off, TILE):
+        rows = r0 + tl.arange(0, TILE)
+        tl.store(X + base + rows[:, None] * D + dcols[None, :], zeros.to(X.dtype.element_ty),
+                 mask=(rows[:, None] < off) & (dcols[None, :] < D))
+
+
+@triton.jit
+def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
+    """Write one program's (n, n) float32 partial sum: `val` on the window, zeros everywhere else
+    (disjoint masks, so no element is written twice)."""
+    tl.store(X + base + idx[:, None] * n + idx[None, :], val, mask=(idx[:, None] < n) & (idx[None, :] < n))
+    zeros = tl.zeros([TILE, TILE], tl.float32)
+    for r0 in range(0, n, TILE):
+        rows = r0 + tl.arange(0, TILE)
+        for c0 in range(0, n, TILE):
+            cols = c0 + tl.arange(0, TILE)
+            outside = (rows[:, None] < off) | (cols[None, :] < off)
+            tl.store(X + base + rows[:, None] * n + cols[None, :], zeros,
+                     mask=outside & (rows[:, None] < n) & (cols[None, :] < n))
+
+
+@triton.jit
+def _window_recompute(Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride,
+                      wrv_head_stride,
+                      MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
+                      PRECISION: tl.constexpr, TILE: tl.constexpr, D_PAD: tl.constexpr):
+    """Everything of the forward pass on one window, up to the final (pre-dropout) weights.
+    Returns (q, k, A, M, T, W_RV, U, R, P, vis); entries a mechanism does not use are A."""
+    idx = off + tl.arange(0, TILE)
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    sq = (idx[:, None] < n) & (idx[None, :] < n)
+    q = tl.load(Q + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    k = tl.load(K + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    a = _masked_softmax_rows(s, vis)
+    if MECH > 0:
+        if REFINE_SCORES:
+            a = tl.where(vis, s, 0.0)
+    m = a
+    t = a
+    wrv = a
+    u = a
+    r = a
+    p = a
+    if MECH > 0:
+        m = tl.load(M1 + h * m_head_stride + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(tl.float32)
+        t = tl.dot(a, m, input_precision=PRECISION)
+        scores2 = tl.dot(t, tl.trans(a), input_precision=PRECISION) * alpha
+        if MECH == 2:  # add
+            scores2 += beta * a
+        p = _masked_softmax_rows(scores2, vis)
+        if MECH == 3:  # value
+            r = p
+            wrv = tl.load(WRV + h * wrv_head_stride + idx[:, None] * n + idx[None, :], mask=sq,
+                          other=0.0).to(tl.float32)
+            u = tl.dot(a, wrv, input_precision=PRECISION)
+            p = _masked_softmax_rows(tl.dot(r, u, input_precision=PRECISION), vis)
+    return q, k, a, m, t, wrv, u, r, p, vis
+
+
+@triton.jit
+def _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
+                m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
+                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, TILE: tl.constexpr, D_PAD: tl.constexpr):
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
+        Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride, wrv_head_stride,
+        MECH, HAS_MASK, REFINE_SCORES, PRECISION, TILE, D_PAD)
+    if DROPOUT:
+        p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+    v = tl.load(V + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    out = tl.dot(p, v, input_precision=PRECISION)
+    tl.store(O + bh * n * D + idx[:, None] * D + dcols[None, :], out.to(O.dtype.element_ty), mask=io)
+    _store_zero_rows(O, bh * n * D, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha, beta,
+                dropout_p, n, D, m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr,
+                REFINE_SCORES: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                TILE: tl.constexpr, D_PAD: tl.constexpr):
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    base = bh * n * D
+    q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
+        Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride, wrv_head_stride,
+        MECH, HAS_MASK, REFINE_SCORES, PRECISION, TILE, D_PAD)
+    v = tl.load(V + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    do = tl.load(DO + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    # out = dropout(P) V
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    p_dropped = p
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, idx, idx, n, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    dv = tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
+    dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; zero where P is masked
+    da = dlogits
+    if MECH > 0:
+        dscores2 = dlogits
+        du = dlogits
+        if MECH == 3:  # value: P = softmax(R U): dR, dU, then the inner softmax R = softmax(c T A^T)
+            dr = tl.dot(dlogits, tl.trans(u), input_precision=PRECISION)
+            du = tl.dot(tl.trans(r), dlogits, input_precision=PRECISION)
+            dscores2 = r * (dr - tl.sum(r * dr, 1)[:, None])
+        dt = tl.dot(dscores2, a, input_precision=PRECISION) * alpha
+        da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha + \
+            tl.dot(dt, tl.trans(m), input_precision=PRECISION)
+        if MECH == 2:  # add
+            da += beta * dscores2
+        _store_square_partial(DM1, bh * n * n, tl.dot(tl.trans(a), dt, input_precision=PRECISION), idx, off, n, TILE)
+        if MECH == 3:
+            da += tl.dot(du, tl.trans(wrv), input_precision=PRECISION)
+            _store_square_partial(DWRV, bh * n * n, tl.dot(tl.trans(a), du, input_precision=PRECISION), idx, off,
+                                  n, TILE)
+        if REFINE_SCORES:
+            ds = tl.where(vis, da, 0.0)
+        else:
+            ds = a * (da - tl.sum(a * da, 1)[:, None])
+    else:
+        ds = da
+    ds = ds * scale
+    dq = tl.dot(ds, k, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+    tl.store(DQ + base + idx[:, None] * D + dcols[None, :], dq.to(DQ.dtype.element_ty), mask=io)
+    tl.store(DK + base + idx[:, None] * D + dcols[None, :], dk.to(DK.dtype.element_ty), mask=io)
+    tl.store(DV + base + idx[:, None] * D + dcols[None, :], dv.to(DV.dtype.element_ty), mask=io)
+    _store_zero_rows(DQ, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DK, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DV, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _fused_fwd(Q, K, V, M1, WRV, KPM, SEED, O, scale, alpha, beta, dropout_p, n, D, H, m_head_stride,
+               wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr,
+               TILE_S: tl.constexpr, TILE_M: tl.constexpr):
+    """One program per (batch, head): out for MECH 0 none, 1 simp (B = alpha T A^T), 2 add (+ beta A),
+    3 value, on the smallest window of trailing positions that holds the sequence."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    length = n - start
+    # TILE is a compile-time shape, so each window size is its own branch (the launcher passes
+    # TILE_S = 16 and TILE_M = min(32, N_PAD))
+    if length <= TILE_S:
+        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_S, D_PAD)
+    elif length <= TILE_M:
+        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_M, D_PAD)
+    else:
+        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, N_PAD, D_PAD)
+
+
+@triton.jit
+def _fused_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, scale, alpha, beta, dropout_p, n, D, H,
+               m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr,
+               TILE_S: tl.constexpr, TILE_M: tl.constexpr):
+    """dQ, dK, dV and per-program partial sums of dM1 (and dW_RV), all recomputed from the inputs."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    length = n - start
+    # TILE is a compile-time shape, so each window size is its own branch (the launcher passes
+    # TILE_S = 16 and TILE_M = min(32, N_PAD))
+    if length <= TILE_S:
+        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
+                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
+                    PRECISION, TILE_S, D_PAD)
+    elif length <= TILE_M:
+        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
+                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
+                    PRECISION, TILE_M, D_PAD)
+    else:
+        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
+                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
+                    PRECISION, N_PAD, D_PAD)
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 
 
@@ -462,8 +701,63 @@ class _Launch:
         return torch.zeros(self.batch, self.heads, self.n, self.n if cols is None else cols,
                            dtype=torch.float32, device=self.device)
 
+    def scratch_uninitialised(self):
+        return torch.empty(self.batch, self.heads, self.n, self.n, dtype=torch.float32, device=self.device)
+
     def grid_rows(self, block):
         return (triton.cdiv(self.n, block), self.bh)
+
+
+def uses_fused_kernels(n: int) -> bool:
+    """Whether a call of length n runs the fused single-program kernels (else the tiled ones)."""
+    return n <= FUSED_MAX_N
+
+
+def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:
+    """(alpha, beta) of B = alpha T A^T + beta A: simp and value (inner scores) c and 0; add c/2 and 1/2."""
+    return (0.5 * refine_scale, 0.5) if mechanism == "add" else (refine_scale, 0.0)
+
+
+def _head_stride(w) -> int:
+    return w.stride(0) if w is not None and w.dim() == 3 else 0
+
+
+def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
+    return dict(MECH=_MECHANISM_CODE[mechanism], HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores,
+                DROPOUT=L.dropout, PRECISION=L.precision, N_PAD=L.n_pad, D_PAD=_pad(L.d),
+                TILE_S=16, TILE_M=min(32, L.n_pad), num_warps=4 if L.n_pad <= 32 else 8)
+
+
+def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
+                      dropout_p):
+    out = torch.empty_like(q)
+    alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    _fused_fwd[(L.bh,)](
+        q, k, v, q if m1 is None else m1, q if w_rv is None else w_rv, L.kpm, seed, out,
+        scale, alpha, beta, dropout_p, L.n, L.d, L.heads, _head_stride(m1), _head_stride(w_rv),
+        **_fused_meta(L, mechanism, refine_scores))
+    return out
+
+
+def _sum_partials(partial: torch.Tensor, per_head: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, n, n) per-program partial sums -> (H, n, n) per-head or (n, n) shared weight gradient."""
+    return (partial.sum(0) if per_head else partial.sum((0, 1))).to(dtype)
+
+
+def _launch_fused_bwd(L: _Launch, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
+                      dropout_p):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dm1_part = L.scratch_uninitialised() if m1 is not None else None
+    dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
+    alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    _fused_bwd[(L.bh,)](
+        q, k, v, q if m1 is None else m1, q if w_rv is None else w_rv, L.kpm, seed, grad, dq, dk, dv,
+        dq if dm1_part is None else dm1_part, dq if dwrv_part is None else dwrv_part,
+        scale, alpha, beta, dropout_p, L.n, L.d, L.heads, _head_stride(m1), _head_stride(w_rv),
+        **_fused_meta(L, mechanism, refine_scores))
+    dm1 = None if m1 is None else _sum_partials(dm1_part, m1.dim() == 3, m1.dtype)
+    dw_rv = None if w_rv is None else _sum_partials(dwrv_part, w_rv.dim() == 3, w_rv.dtype)
+    return dq, dk, dv, dm1, dw_rv
 
 
 def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
@@ -538,14 +832,15 @@ def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torc
 
 def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores,
              dropout_p):
+    """(out, lse, A, T, U, Bv, lse3): what the backward needs, None where a path does not save it."""
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
-
-    def empty():  # custom-op outputs may not alias each other
-        return q.new_empty(0, dtype=torch.float32)
-
+    if uses_fused_kernels(L.n):  # saves nothing: the backward recomputes everything on chip
+        out = _launch_fused_fwd(L, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
+                                dropout_p)
+        return out, None, None, None, None, None, None
     if mechanism == "none":
         out, lse = _launch_flash_fwd(L, q, k, v, None, scale, 0.0, dropout_p, seed, q.dtype)
-        return out, lse, empty(), empty(), empty(), empty(), empty()
+        return out, lse, None, None, None, None, None
     a = _launch_attn_probs(L, q, k, scale, refine_scores)
     t = _launch_tril_matmul(L, a, m1)
     if mechanism == "value":
@@ -559,15 +854,18 @@ def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine
             HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
             BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
         return out, lse, a, t, u, bv, lse3
-    alpha, beta = (refine_scale, 0.0) if mechanism == "simp" else (0.5 * refine_scale, 0.5)
+    alpha, beta = _refine_coefficients(mechanism, refine_scale)
     out, lse = _launch_flash_fwd(L, t, a, v, a if beta else None, alpha, beta, dropout_p, seed, q.dtype)
-    return out, lse, a, t, empty(), empty(), empty()
+    return out, lse, a, t, None, None, None
 
 
 def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3,
               mechanism, scale, refine_scale, refine_scores, dropout_p):
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
     grad = grad.contiguous()
+    if uses_fused_kernels(L.n):
+        return _launch_fused_bwd(L, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
+                                 dropout_p)
     if mechanism == "none":
         dq, dk, dv, _ = _launch_flash_bwd(L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed,
                                           (q.dtype, k.dtype, v.dtype))
@@ -586,7 +884,7 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
         _launch_tril_matmul(L, du, w_rv, out=da, transpose_w=True, triangular=False)  # dU is not triangular
         dw_rv = _reduce_over_batch(a, du, w_rv.dim() == 3).to(w_rv.dtype)
     else:
-        alpha, beta = (refine_scale, 0.0) if mechanism == "simp" else (0.5 * refine_scale, 0.5)
+        alpha, beta = _refine_coefficients(mechanism, refine_scale)
         dt, da, dv_, dbias = _launch_flash_bwd(L, grad, t, a, v, a if beta else None, out, lse, alpha, beta,
                                                dropout_p, seed, (torch.float32, torch.float32, v.dtype))
         dv = dv_
@@ -615,9 +913,11 @@ def dot_refined_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m1: Optio
                     mechanism: str, scale: float, refine_scale: float, refine_scores: bool, dropout_p: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, A, T, U, Bv, lse3); all but out are saved for the backward."""
-    return _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
-                    refine_scores, dropout_p)
+    """Returns (out, lse, A, T, U, Bv, lse3); all but out are saved for the backward (empty when the
+    path does not need them)."""
+    outputs = _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
+                       refine_scores, dropout_p)
+    return tuple(q.new_empty(0, dtype=torch.float32) if t is None else t for t in outputs)
 
 
 @dot_refined_fwd.register_fake
@@ -630,6 +930,8 @@ def _(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
     def empty():
         return q.new_empty(0, **f32)
 
+    if uses_fused_kernels(n):
+        return torch.empty_like(q), empty(), empty(), empty(), empty(), empty(), empty()
     if mechanism == "none":
         return torch.empty_like(q), rows, empty(), empty(), empty(), empty(), empty()
     if mechanism == "value":

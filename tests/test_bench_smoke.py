@@ -33,10 +33,14 @@ def _load(name):
 
 
 def _run(script, args, results_dir, timeout=120):
+    return _run_plain(script, [*args, "--results-dir", str(results_dir)], timeout)
+
+
+def _run_plain(script, args, timeout=120):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # set by conftest without CUDA; the benchmark must not use the interpreter
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--results-dir", str(results_dir)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                                   f"stderr:\n{proc.stderr[-4000:]}")
     return proc
@@ -142,3 +146,17 @@ def test_bench_is_not_collected_by_default():
         pytest.skip("tomllib needs Python 3.11")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+def test_breakdown_quick(tmp_path):
+    """bench/breakdown.py: host vs wall time per step; on the CPU only the host columns are filled."""
+    out = tmp_path / "breakdown.txt"
+    proc = _run_plain("breakdown.py", ["--quick", "--mechanisms", "simp,value", "--backends", "eager,sdpa",
+                                        "--out", str(out)])
+    report = out.read_text()
+    assert report.strip() == proc.stdout.strip()
+    rows = [line.split() for line in report.splitlines() if line.startswith(("simp ", "value ", "causal "))]
+    assert {(r[0], r[1]) for r in rows} == {("simp", "eager"), ("value", "eager"), ("causal", "sdpa")}
+    for r in rows:
+        wall, host = float(r[4]), float(r[5])
+        assert 0 < host <= wall * 1.05, r  # the host part of a step cannot exceed the whole step

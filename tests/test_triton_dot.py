@@ -137,6 +137,73 @@ def test_causality(mechanism):
     assert not torch.equal(out2[:, :, t + 1:], out[:, :, t + 1:])
 
 
+# ---- the two kernel paths: fused single-program (n <= FUSED_MAX_N) and tiled ---------------------------
+
+@pytest.fixture
+def tiled_only(monkeypatch):
+    """Force the tiled kernels for every n (as AWR_FAST_TRITON_FUSED_MAX_N=0 does)."""
+    monkeypatch.setattr(triton_dot, "FUSED_MAX_N", 0)
+
+
+def test_fused_path_is_taken_up_to_its_limit():
+    assert triton_dot.uses_fused_kernels(1) and triton_dot.uses_fused_kernels(triton_dot.FUSED_MAX_N)
+    assert not triton_dot.uses_fused_kernels(triton_dot.FUSED_MAX_N + 1)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("n", [7, 50])
+def test_tiled_path_at_short_lengths(tiled_only, mechanism, n):
+    tensors, weights, mask, grad = make_case(mechanism, n, 16, batch=4, per_head=mechanism == "add", seed=n + 1)
+    assert_matches_reference(mechanism, tensors, weights, mask, grad)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_fused_windows_every_length_class(mechanism):
+    """The fused kernels pick a window of 16, 32 or 64 trailing positions from each sequence's length:
+    lengths on both sides of every boundary, plus 0 and 1, in one batch."""
+    n = 64
+    tensors, weights, _, grad = make_case(mechanism, n, 16, batch=8, heads=1, padded=False, seed=21)
+    mask = left_padding_mask([64, 0, 1, 16, 17, 32, 33, 63], n).to(DEVICE)
+    assert_matches_reference(mechanism, tensors, weights, mask, grad)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_fused_forward_saves_no_square_tensors(mechanism):
+    """The fused path recomputes A, T, B and P in the backward: nothing (B, H, n, n) is kept alive."""
+    n = 24
+    tensors, weights, mask, _ = make_case(mechanism, n, 16, batch=3, seed=6)
+    leaves = {k: t.clone().requires_grad_(True) for k, t in {**tensors, **weights}.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        triton_dot.dot_refined(leaves["q"], leaves["k"], leaves["v"], mechanism=mechanism, key_padding_mask=mask,
+                               **{k: leaves[k] for k in weights})
+    assert saved, "nothing saved: the hook did not see the autograd function"
+    assert all(tuple(shape[-2:]) != (n, n) or len(shape) < 4 for shape in saved), saved
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_fused_and_tiled_paths_draw_the_same_dropout(mechanism, monkeypatch):
+    """Both paths key Philox by (batch*head, i, j): the same seed gives the same output and gradients."""
+    tensors, weights, mask, grad = make_case(mechanism, 29, 16, batch=3, seed=12)
+
+    def dropped():
+        torch.manual_seed(77)
+        return run(triton_dot.dot_refined, tensors, weights, mask, grad, mechanism=mechanism, dropout_p=0.3)
+
+    fused = dropped()
+    monkeypatch.setattr(triton_dot, "FUSED_MAX_N", 0)
+    tiled = dropped()
+    for name in fused:
+        torch.testing.assert_close(fused[name], tiled[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_max_n_env_is_validated(monkeypatch):
+    monkeypatch.setenv("AWR_FAST_TRITON_FUSED_MAX_N", "lots")
+    with pytest.raises(ValueError, match="AWR_FAST_TRITON_FUSED_MAX_N"):
+        triton_dot._fused_max_n_from_env()
+    monkeypatch.setenv("AWR_FAST_TRITON_FUSED_MAX_N", "0")
+    assert triton_dot._fused_max_n_from_env() == 0
+
 # ---- dropout: same Philox mask in forward and backward ------------------------------------------------
 
 def recover_dropped_weights(mechanism, tensors, weights, mask, p, seed):
