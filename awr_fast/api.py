@@ -1,5 +1,8 @@
 """The public functional API. Layout (B, H, n, d_h) like SDPA; key_padding_mask is bool (B, n), True =
-padding; refinement weights are (n, n) shared by all heads or (H, n, n) per head.
+padding; refinement weights are (n, n) shared by all heads or (H, n, n) per head. The projections
+w_rq/w_rk (and w_mu/w_sigma) may be (n, r) with any inner width r: (A W_RQ)(A W_RK)^T only needs one row
+per position, so a model of length max_len runs a batch of its last n positions with the rows
+W[max_len - n:, :] (and W_RV[max_len - n:, max_len - n:]), without computing the padding.
 
 Each function validates its inputs (errors name the argument and what was expected), then hands them to
 a backend chosen by ``backends.select``: the named one, or for ``backend="auto"`` the first of cuda,
@@ -24,8 +27,9 @@ def _check_refinement(mechanism, heads, n, device, w_rq, w_rk, w_rv):
     if mechanism == "none":
         V.check_unused(mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv)
         return
-    V.check_refine_weight("w_rq", w_rq, n, heads, device)
-    V.check_refine_weight("w_rk", w_rk, n, heads, device)
+    V.check_refine_weight("w_rq", w_rq, n, heads, device, square=mechanism == "value_literal")
+    V.check_refine_weight("w_rk", w_rk, n, heads, device, square=mechanism == "value_literal")
+    V.check_same_columns("w_rk", w_rk, "w_rq", w_rq)
     if mechanism in ("value", "value_literal"):
         V.check_refine_weight("w_rv", w_rv, n, heads, device)
     else:
@@ -113,8 +117,9 @@ def wasserstein_attention(
     V.check_choice("mechanism", mechanism, W2_MECHANISMS)
     if mechanism == "stoc":
         V.check_unused(mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv)
-        V.check_refine_weight("w_mu", w_mu, n, heads, mu_q.device)
-        V.check_refine_weight("w_sigma", w_sigma, n, heads, mu_q.device)
+        V.check_refine_weight("w_mu", w_mu, n, heads, mu_q.device, square=False)
+        V.check_refine_weight("w_sigma", w_sigma, n, heads, mu_q.device, square=False)
+        V.check_same_columns("w_sigma", w_sigma, "w_mu", w_mu)
     else:
         V.check_unused(mechanism, w_mu=w_mu, w_sigma=w_sigma)
         _check_refinement(mechanism, heads, n, mu_q.device, w_rq, w_rk, w_rv)

@@ -57,17 +57,25 @@ def check_key_padding_mask(mask, batch: int, n: int, device) -> None:
         raise ValueError(f"key_padding_mask: expected device {device}, got {mask.device}")
 
 
-def check_refine_weight(name: str, w, n: int, heads: int, device, *, cols: int | None = None) -> None:
-    """An (n, n) weight shared by all heads, or (H, n, n) per head."""
-    cols = n if cols is None else cols
+def check_refine_weight(name: str, w, n: int, heads: int, device, *, square: bool = True) -> None:
+    """An (n, r) weight shared by all heads, or (H, n, r) per head: one row per input position. r = n
+    (square) unless square=False, where any r >= 1 is allowed (e.g. the rows of a longer model's
+    (max_len, max_len) matrix for the window of its last n positions)."""
+    cols = str(n) if square else "r"
+    expected = f"({n}, {cols}) shared or ({heads}, {n}, {cols}) per head (n = sequence length of the inputs)"
     if w is None:
-        raise ValueError(f"{name}: required by this mechanism, expected a ({n}, {cols}) or ({heads}, {n}, {cols}) tensor")
+        raise ValueError(f"{name}: required by this mechanism, expected a tensor of shape {expected}")
     check_tensor(name, w, dim=(2, 3))
     if w.device != device:
         raise ValueError(f"{name}: expected device {device}, got {w.device}")
-    if tuple(w.shape[-2:]) != (n, cols) or (w.dim() == 3 and w.shape[0] != heads):
-        raise ValueError(f"{name}: expected shape ({n}, {cols}) shared or ({heads}, {n}, {cols}) per head "
-                         f"(n = sequence length of the inputs), got {tuple(w.shape)}")
+    if w.shape[-2] != n or (square and w.shape[-1] != n) or w.shape[-1] < 1 or (w.dim() == 3 and w.shape[0] != heads):
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(w.shape)}")
+
+
+def check_same_columns(name: str, w, ref_name: str, ref) -> None:
+    if w.shape[-1] != ref.shape[-1]:
+        raise ValueError(f"{name}: expected {ref.shape[-1]} columns (those of {ref_name}, the inner dimension of "
+                         f"the projections), got shape {tuple(w.shape)}")
 
 
 def check_unused(mechanism: str, **weights) -> None:

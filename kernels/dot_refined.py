@@ -608,43 +608,45 @@ def _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h
 
 
 @triton.jit
+def _program_sequence(KPM, n, H, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
+    """(batch*head, batch, head, first real position, real length) of this program's sequence."""
+    bh = tl.program_id(0)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    return bh, b, bh % H, start, n - start
+
+
+@triton.jit
 def _fused_fwd(Q, K, V, M1, WRV, KPM, SEED, O, scale, alpha, beta, dropout_p, n, D, H, m_head_stride,
                wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr,
                TILE_S: tl.constexpr, TILE_M: tl.constexpr):
     """One program per (batch, head): out for MECH 0 none, 1 simp (B = alpha T A^T), 2 add (+ beta A),
     3 value, on the smallest window of trailing positions that holds the sequence."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
-    length = n - start
-    # TILE is a compile-time shape, so each window size is its own branch (the launcher passes
-    # TILE_S = 16 and TILE_M = min(32, N_PAD))
+    bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
+    # TILE is a compile-time shape, so each window size is its own branch (TILE_S = 16, TILE_M = 32 or less)
     if length <= TILE_S:
         _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_S, D_PAD)
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_S,
+                    D_PAD)
     elif length <= TILE_M:
         _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_M, D_PAD)
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_M,
+                    D_PAD)
     else:
         _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, N_PAD, D_PAD)
+                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, N_PAD,
+                    D_PAD)
 
 
 @triton.jit
 def _fused_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, scale, alpha, beta, dropout_p, n, D, H,
-               m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr,
-               TILE_S: tl.constexpr, TILE_M: tl.constexpr):
+               m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr,
+               REFINE_SCORES: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr,
+               D_PAD: tl.constexpr, TILE_S: tl.constexpr, TILE_M: tl.constexpr):
     """dQ, dK, dV and per-program partial sums of dM1 (and dW_RV), all recomputed from the inputs."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
-    length = n - start
-    # TILE is a compile-time shape, so each window size is its own branch (the launcher passes
-    # TILE_S = 16 and TILE_M = min(32, N_PAD))
+    bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
+    # TILE is a compile-time shape, so each window size is its own branch (TILE_S = 16, TILE_M = 32 or less)
     if length <= TILE_S:
         _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
                     beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,

@@ -197,6 +197,19 @@ def test_fused_and_tiled_paths_draw_the_same_dropout(mechanism, monkeypatch):
         torch.testing.assert_close(fused[name], tiled[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+
+@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
+@pytest.mark.parametrize("n", [20, 70])
+def test_rectangular_projections(mechanism, n):
+    """W_RQ, W_RK of shape (n, r), r != n (a window of a longer model's matrices): M = W_RQ W_RK^T is
+    still (n, n), on the fused (n=20) and the tiled (n=70) path."""
+    tensors, weights, mask, grad = make_case(mechanism, n, 16, batch=3, seed=n + 3)
+    g = torch.Generator().manual_seed(n)
+    r = n + 9
+    for name in ("w_rq", "w_rk"):
+        weights[name] = (torch.randn(n, r, generator=g) * math.sqrt(2.0 / (2 * r)) * 4).to(DEVICE)
+    assert_matches_reference(mechanism, tensors, weights, mask, grad)
+
 def test_fused_max_n_env_is_validated(monkeypatch):
     monkeypatch.setenv("AWR_FAST_TRITON_FUSED_MAX_N", "lots")
     with pytest.raises(ValueError, match="AWR_FAST_TRITON_FUSED_MAX_N"):

@@ -1,7 +1,8 @@
 """Readable PyTorch reference: causal dot-product attention with AWRSR refinement (SPEC §2, §3, §3b).
 
 Layout (B, H, n, d_h) like SDPA. This is the float64 oracle every fast backend is checked against, so
-it is written for clarity: every n x n product is spelled out.
+it is written for clarity: every n x n product is spelled out. form="factored" instead runs the same
+function through factored.py, the fast eager path (A M A^T, triangular blocks, length buckets).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import factored
 from .masking import masked_softmax, visible_mask, zero_padded_queries
 
 
@@ -71,12 +73,27 @@ def dot_refined(
 ):
     """Causal multi-head attention, optionally AWRSR-refined. Inputs are assumed validated.
 
+    form="naive" spells every product out (the float64 oracle); form="factored" computes the same function
+    through the fast eager path of factored.py (SPEC §3b) for simp, add and value.
+
     Returns out (B, H, n, d_h), or (out, weights) with weights = {"A": first-order input to the
     refinement (or P), "B": second-order scores, "P": final weights before dropout}.
     """
     n, d_h = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d_h) if scale is None else scale
     c = 1.0 / math.sqrt(d_h) if refine_scale is None else refine_scale
+    if form == "factored" and mechanism in ("simp", "add", "value"):
+        given = {"w_rq": w_rq, "w_rk": w_rk, "w_rv": w_rv}
+        weights = {name: given[name] for name in factored.WEIGHT_NAMES[mechanism]}
+        out, weights_fn = factored.dot_refined_factored(q, k, v, mechanism=mechanism, weights=weights,
+                                                        key_padding_mask=key_padding_mask, scale=scale, c=c,
+                                                        refine_input=refine_input, dropout_p=dropout_p)
+        if not return_weights:
+            return out
+        weights = weights_fn()
+        weights["B"] = refine_scores(weights["A"], visible_mask(n, key_padding_mask, q.device), mechanism=mechanism,
+                                     w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c, form=form)
+        return out, weights
     visible = visible_mask(n, key_padding_mask, q.device)
 
     scores = (q @ k.transpose(-1, -2)) * scale
