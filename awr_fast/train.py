@@ -36,7 +36,7 @@ from .training.config import RESUME_MUTABLE, TrainConfig, config_from_args, load
 from .training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from .training.evaluate import SAMPLED_NEGATIVES, evaluate, evaluate_popularity, selection_key
 from .training.loop import (EarlyStopping, LossModule, make_optimizer, make_scaler, progress_enabled,
-                            resolve_device, seed_epoch, train_epoch)
+                            resolve_device, seed_epoch, trailing_widths, train_epoch)
 from .training.sampler import make_batch_sampler
 
 __all__ = ["default_run_dir", "main", "print_summary", "read_metrics", "train"]
@@ -180,6 +180,7 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
     train_input = torch.from_numpy(np.ascontiguousarray(dataset.train_input))
     train_pos = torch.from_numpy(np.ascontiguousarray(dataset.train_pos))
     lengths = (dataset.train_input != 0).sum(axis=1)
+    row_widths = trailing_widths(dataset.train_input, dataset.train_pos) if config.trim_padding else None
     if on_device:
         train_input, train_pos = train_input.to(device), train_pos.to(device)
     batch_sampler = make_batch_sampler(lengths, config.batch_size, config.seed,
@@ -221,7 +222,8 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
                       f"params={num_params:,} device={device} world={dist.world_size} amp={config.amp}")
 
     eval_kw = dict(batch_size=config.eval_batch_size, exclude_history=config.exclude_history,
-                   protocol=config.protocol, device=device, sampled_seed=config.seed, dist=dist)
+                   protocol=config.protocol, device=device, sampled_seed=config.seed, dist=dist,
+                   trim_padding=config.trim_padding)
     key = selection_key(config.protocol)
     popularity = {split: evaluate_popularity(dataset, split, **eval_kw) for split in ("valid", "test")}
     _log(dist, quiet, f"popularity baseline: valid {_fmt_metrics(popularity['valid'])}")
@@ -250,7 +252,7 @@ def _train(config: TrainConfig, dist: DistInfo, dataset, builder: ModelBuilder) 
         stats = train_epoch(step_module, model, train_input=train_input, train_pos=train_pos, batches=batches,
                             optimizer=optimizer, scaler=scaler, neg_generator=neg_generator,
                             seed=config.seed, epoch=epoch, device=device, amp=config.amp,
-                            clip_grad=config.clip_grad, dist=dist, show_progress=show)
+                            clip_grad=config.clip_grad, dist=dist, show_progress=show, row_widths=row_widths)
         step += stats["steps"]
         valid, improved, eval_s = None, False, 0.0
         if epoch % config.eval_every == 0 or epoch == config.epochs:

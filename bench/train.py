@@ -3,13 +3,16 @@
     python bench/train.py                          # synthetic data, 2 epochs, every mechanism
     python bench/train.py --quick                  # a small CPU run
     python bench/train.py --data /path/ml-1m.txt.gz --max-len 200 --epochs 1 --backends reference,triton
+    python bench/train.py --data Beauty.txt --max-len 50 --trim-padding both   # padded vs trimmed batches
 
 Each configuration runs awr_fast.train.train(config) in this process (a fresh temporary run directory,
 deleted afterwards unless --keep-runs) and reads its metrics.jsonl and final.json. Reported per run:
 the first epoch (which includes Triton JIT / warm-up), the mean of the later epochs, ms per training
 step, the mean valid evaluation and the test evaluation, the peak memory (CUDA: max_memory_allocated
 over the run, above what was allocated before it; CPU: peak resident set size above the size at the
-start, sampled every 5 ms) and the test NDCG@10 (a sanity check that backends agree). Rows are appended
+start, sampled every 5 ms) and the test NDCG@10 (a sanity check that backends agree). With
+--trim-padding both, every configuration runs with the batches padded to max_len and trimmed to their
+longest sequence (the trainer's default), and a last table gives the speedups. Rows are appended
 to bench/results/train.csv and .jsonl. A backend that cannot run a configuration is listed as skipped
 with the dispatcher's reason.
 """
@@ -47,7 +50,9 @@ COLUMNS = [
     "n_heads", "batch_size", "amp", "epochs", "status", "reason",
     "steps_per_epoch", "epoch1_s", "epoch_s_later", "ms_per_step", "ms_per_step_later", "eval_s", "test_eval_s",
     "total_s", "mem_kind", "peak_mem_mib", "test_ndcg@10", "test_recall@10", "loss_last", "other_cpu",
+    "trim_padding",
 ]
+TRIM_CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
 class PeakRSS:
@@ -90,12 +95,13 @@ class PeakRSS:
         return (self.peak - self.start) / common.MIB if self.available else float("nan")
 
 
-def run_one(model: str, attention: str, backend: str, args, env: dict) -> dict:
+def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dict) -> dict:
     from awr_fast import UnsupportedInputError
     from awr_fast.train import read_metrics, train
 
     overrides = dict(model=model, attention=attention, backend=backend, epochs=args.epochs, quiet=True,
-                     device=args.device, eval_every=1, patience=max(args.epochs, 1), seed=args.seed)
+                     device=args.device, eval_every=1, patience=max(args.epochs, 1), seed=args.seed,
+                     trim_padding=trim)
     for name in ("max_len", "d_model", "n_layers", "n_heads", "batch_size", "amp", "num_threads"):
         value = getattr(args, name)
         if value is not None:
@@ -111,7 +117,7 @@ def run_one(model: str, attention: str, backend: str, args, env: dict) -> dict:
             if synthetic:
                 overrides["synthetic"] = synthetic
     row = {**env, "model": model, "attention": attention, "backend": backend, "epochs": args.epochs,
-           "dataset": args.data or args.dataset}
+           "dataset": args.data or args.dataset, "trim_padding": trim}
     tmp = Path(tempfile.mkdtemp(prefix="awr_bench_train_"))
     run_dir = tmp / f"{model}-{attention}-{backend}"
     overrides["out"] = str(run_dir)
@@ -181,15 +187,16 @@ def _fill_config_columns(row: dict) -> None:
 
 def print_table(rows: list[dict], cuda: bool) -> None:
     mem = "peak MiB (cuda)" if cuda else "peak RSS MiB"
-    header = ["model", "attention", "backend", "steps", "epoch1 s", "later s", "ms/step", "eval s", "test eval s",
-              mem, "test NDCG@10"]
-    right = [False] * 3 + [True] * (len(header) - 3)
+    header = ["model", "attention", "backend", "trim", "steps", "epoch1 s", "later s", "ms/step", "eval s",
+              "test eval s", mem, "test NDCG@10"]
+    right = [False] * 4 + [True] * (len(header) - 4)
     table = []
     for r in rows:
         if r["status"] != "ok":
             continue
         per_step = r["ms_per_step"] if math.isnan(r["ms_per_step_later"]) else r["ms_per_step_later"]
-        table.append([r["model"], r["attention"], r["backend"], str(r["steps_per_epoch"]),
+        table.append([r["model"], r["attention"], r["backend"], "on" if r.get("trim_padding") else "off",
+                      str(r["steps_per_epoch"]),
                       common.fmt_num(r["epoch1_s"]), common.fmt_num(r["epoch_s_later"]), common.fmt_num(per_step, 1),
                       common.fmt_num(r["eval_s"]), common.fmt_num(r["test_eval_s"]),
                       common.fmt_num(r["peak_mem_mib"], 1),
@@ -205,6 +212,27 @@ def print_table(rows: list[dict], cuda: bool) -> None:
         if r["status"] != "ok":
             print(f"  {r['status']}: {r['model']}/{r['attention']}/{r['backend']}: {r['reason']}")
     print("ms/step: later epochs when there are any (the first includes warm-up and JIT), else the first.")
+    trim_speedups(rows)
+
+
+def _epoch_s(r: dict) -> float:
+    return r["epoch1_s"] if math.isnan(r["epoch_s_later"]) else r["epoch_s_later"]
+
+
+def trim_speedups(rows: list[dict]) -> None:
+    """Epoch and eval time of the padded batches over the trimmed ones, per configuration."""
+    ok = {(r["model"], r["attention"], r["backend"], bool(r.get("trim_padding"))): r
+          for r in rows if r["status"] == "ok"}
+    lines = []
+    for (model, mech, backend, trim), r in ok.items():
+        padded = ok.get((model, mech, backend, False))
+        if not trim or padded is None:
+            continue
+        lines.append(f"  {model}/{mech}/{backend}: epoch {_epoch_s(padded) / _epoch_s(r):.2f}x, "
+                     f"eval {padded['eval_s'] / r['eval_s']:.2f}x")
+    if lines:
+        print("\ntrimmed batches vs padded to max_len (speedup = padded time / trimmed time):")
+        print("\n".join(lines))
 
 
 def _names(text: str) -> list[str]:
@@ -232,6 +260,9 @@ def parse_args(argv=None):
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--trim-padding", default="on", choices=tuple(TRIM_CHOICES),
+                   help="batches trimmed to their longest sequence (on, the trainer's default), padded to "
+                        "max_len (off), or both side by side")
     p.add_argument("--quick", action="store_true",
                    help=f"1 epoch, mechanisms none,simp, synthetic data shrunk to {QUICK_SYNTHETIC}")
     p.add_argument("--synthetic-users", type=int, default=None, help="users of the synthetic data set")
@@ -239,7 +270,7 @@ def parse_args(argv=None):
                    help="run each configuration in a fresh process (default: on the CPU, where the peak RSS "
                         "of one process is only meaningful for its first run; CUDA memory statistics are exact "
                         "in-process)")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL,MECHANISM,BACKEND: the child of --isolate
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL,MECHANISM,BACKEND,TRIM: child of --isolate
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--results-dir", default=str(common.DEFAULT_RESULTS_DIR), help="where train.csv/.jsonl go")
     p.add_argument("--no-save", action="store_true", help="print only, write no results files")
@@ -265,12 +296,12 @@ def parse_args(argv=None):
     return args
 
 
-def run_isolated(model: str, mech: str, backend: str, args, env: dict) -> dict:
+def run_isolated(model: str, mech: str, backend: str, trim: bool, args, env: dict) -> dict:
     """run_one in a child process (same flags plus --one); its row comes back on a tagged stdout line."""
     import json
     import subprocess
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--one", f"{model},{mech},{backend}"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--one", f"{model},{mech},{backend},{int(trim)}"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(ROW_TAG):
@@ -278,7 +309,7 @@ def run_isolated(model: str, mech: str, backend: str, args, env: dict) -> dict:
             row.update({k: env[k] for k in ("run_id", "date")})
             return {k: (float("nan") if v is None else v) for k, v in row.items()}
     return {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
-            "dataset": args.data or args.dataset, "status": "error",
+            "dataset": args.data or args.dataset, "trim_padding": trim, "status": "error",
             "reason": f"the child process exited with {proc.returncode} and reported no row"}
 
 
@@ -287,17 +318,18 @@ def main(argv=None) -> int:
     if args.one:  # the child of --isolate: one configuration, the row on stdout
         import json
 
-        model, mech, backend = args.one.split(",")
+        model, mech, backend, trim = args.one.split(",")
         device = torch.device("cuda" if args.cuda else "cpu")
-        row = run_one(model, mech, backend, args, common.env_info(device))
+        row = run_one(model, mech, backend, bool(int(trim)), args, common.env_info(device))
         print(ROW_TAG + json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                     for k, v in row.items()}), flush=True)
         return 0
     device = torch.device("cuda" if args.cuda else "cpu")
     env = common.env_info(device)
     env["run_id"] = common.run_id(env)
-    configs = [(model, mech, backend) for model in args.models for mech in MECHANISMS[model]
-               if args.mechanisms is None or mech in args.mechanisms for backend in args.backends]
+    configs = [(model, mech, backend, trim) for model in args.models for mech in MECHANISMS[model]
+               if args.mechanisms is None or mech in args.mechanisms for backend in args.backends
+               for trim in TRIM_CHOICES[args.trim_padding]]
     if not configs:
         print("nothing to run: the filters select no configuration", file=sys.stderr)
         return 2
@@ -305,21 +337,23 @@ def main(argv=None) -> int:
     rows = []
     interrupted = None
     common.stop_on_sigterm()  # `timeout` sends SIGTERM: print and save what was measured
-    for i, (model, mech, backend) in enumerate(configs):
+    for i, (model, mech, backend, trim) in enumerate(configs):
         t0 = time.perf_counter()
         if interrupted is None:
             try:
-                row = (run_isolated if args.isolate else run_one)(model, mech, backend, args, env)
+                row = (run_isolated if args.isolate else run_one)(model, mech, backend, trim, args, env)
             except common.Interrupted as exc:
                 interrupted = f"interrupted ({exc}) before this run finished"
         if interrupted is not None:
             row = {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
-                   "dataset": args.data or args.dataset, "status": "skipped", "reason": interrupted}
+                   "dataset": args.data or args.dataset, "trim_padding": trim, "status": "skipped",
+                   "reason": interrupted}
         _fill_config_columns(row)
         rows.append(row)
         state = (f"epoch1 {row['epoch1_s']:.2f}s, eval {row['eval_s']:.2f}s" if row["status"] == "ok"
                  else f"{row['status']}: {row['reason']}")
-        print(f"[{i + 1}/{len(configs)}] {model}/{mech}/{backend}: {state} ({time.perf_counter() - t0:.1f} s)",
+        print(f"[{i + 1}/{len(configs)}] {model}/{mech}/{backend} trim={'on' if trim else 'off'}: {state} "
+              f"({time.perf_counter() - t0:.1f} s)",
               file=sys.stderr)
     print_table(rows, args.cuda)
     if not args.no_save:

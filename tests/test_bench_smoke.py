@@ -107,17 +107,19 @@ def test_attention_real_lengths(tmp_path):
 def test_train_quick(tmp_path):
     pytest.importorskip("awr_fast.train")
     train = _load("train")
-    _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference",
-                      "--synthetic-users", "200"], tmp_path, timeout=150)
+    proc = _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference",
+                             "--synthetic-users", "200", "--trim-padding", "both"], tmp_path, timeout=150)
     header, rows, _ = _rows(tmp_path, "train")
     assert header == train.COLUMNS
-    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
-    row = rows[0]
-    assert (row["model"], row["attention"], row["backend"]) == ("sasrec", "simp", "reference")
-    for col in ("epoch1_s", "ms_per_step", "eval_s", "test_eval_s", "total_s"):
-        assert float(row[col]) > 0, (col, row[col])
-    assert int(row["steps_per_epoch"]) >= 1
-    assert 0.0 <= float(row["test_ndcg@10"]) <= 1.0
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
+    assert sorted(r["trim_padding"] for r in rows) == ["False", "True"]
+    for row in rows:
+        assert (row["model"], row["attention"], row["backend"]) == ("sasrec", "simp", "reference")
+        for col in ("epoch1_s", "ms_per_step", "eval_s", "test_eval_s", "total_s"):
+            assert float(row[col]) > 0, (col, row[col])
+        assert int(row["steps_per_epoch"]) >= 1
+        assert 0.0 <= float(row["test_ndcg@10"]) <= 1.0
+    assert "trimmed batches vs padded to max_len" in proc.stdout and "sasrec/simp/reference: epoch" in proc.stdout
 
 
 def test_flop_counts():

@@ -123,14 +123,43 @@ def test_narrow_batches_and_too_long_ones():
         narrow, narrow_pos = seq[:, -5:], pos[:, -5:]
         h_full, h_narrow = hidden(model, seq), hidden(model, narrow)
         assert h_narrow.shape[1] == 5
-        torch.testing.assert_close(h_narrow, h_full[:, -5:], rtol=0, atol=0)
-        torch.testing.assert_close(model.score_all(narrow), model.score_all(seq), rtol=0, atol=0)
+        torch.testing.assert_close(h_narrow, h_full[:, -5:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.score_all(narrow), model.score_all(seq), rtol=1e-12, atol=1e-12)
         assert torch.isfinite(model.loss(narrow, narrow_pos))
         with pytest.raises(ValueError, match="seq"):
             model(torch.ones(2, MAX_LEN + 1, dtype=torch.long))
         with pytest.raises(ValueError, match="pos"):
             model.loss(seq, pos[:, 1:])
 
+
+
+@pytest.mark.parametrize("name,attention,extra", CASES, ids=CASE_IDS)
+def test_trimmed_batch_is_the_same_function(name, attention, extra):
+    """A batch without its all-padding columns (the last n positions) gives the same hidden states, loss
+    and gradient of every parameter as the full-width batch: the window uses the rows of the position
+    tables and refinement matrices of its absolute positions, and the padding never mattered."""
+    model = make(name, attention, **extra).double().eval()
+    seq, pos = batch(lengths=(5, 3, 1, 0))
+    neg = (pos % NUM_ITEMS) + 1  # fixed negatives, so that both widths draw nothing
+    width = 5
+    results = []
+    for s, p, q in ((seq, pos, neg), (seq[:, -width:], pos[:, -width:], neg[:, -width:])):
+        model.zero_grad()
+        loss = model.loss(s, p, q if name == "stosa" or model.loss_type != "ce" else None)
+        loss.backward()
+        results.append((hidden(model, s)[:, -width:].detach(), loss.detach(),
+                        {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (h_full, loss_full, g_full), (h_trim, loss_trim, g_trim) = results
+    torch.testing.assert_close(h_trim, h_full, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss_trim, loss_full, rtol=1e-10, atol=1e-12)
+    assert g_full.keys() == g_trim.keys()
+    refinement = [k for k in g_full if k.split(".")[-1] in ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma")]
+    assert (attention == "none") == (not refinement)
+    for key in g_full:
+        torch.testing.assert_close(g_trim[key], g_full[key], rtol=1e-9, atol=1e-11, msg=key)
+    for key in refinement:  # the window reaches the refinement matrices, but only rows of its positions
+        rows_outside = g_full[key][..., :MAX_LEN - width, :]
+        assert torch.count_nonzero(rows_outside) == 0 and torch.count_nonzero(g_full[key]) > 0, key
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_scores_stay_float32_under_autocast(name):

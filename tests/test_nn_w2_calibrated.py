@@ -102,8 +102,8 @@ def test_w2_module_is_causal(mechanism):
 
 def test_w2_module_bad_input():
     layer = WassersteinAttention(8, 2, 7, "simp")
-    with pytest.raises(ValueError, match="mu: expected \\(B, max_len=7"):
-        layer(torch.randn(2, 6, 8), torch.rand(2, 6, 8) + 0.5)
+    with pytest.raises(ValueError, match="mu: expected \\(B, n, d=8\\) with 1 <= n <= max_len=7"):
+        layer(torch.randn(2, 8, 8), torch.rand(2, 8, 8) + 0.5)
     with pytest.raises(ValueError, match="sigma: expected"):
         layer(torch.randn(2, 7, 8), torch.rand(2, 7, 4) + 0.5)
     with pytest.raises(ValueError, match="mechanism: expected one of"):

@@ -18,6 +18,7 @@ from awr_fast.training import (EarlyStopping, LengthBucketBatchSampler, RandomBa
                                config_from_args, evaluate, evaluate_popularity, load_checkpoint, save_checkpoint,
                                shard_batch)
 from awr_fast.training import checkpoint as ckpt_mod
+from awr_fast.training.loop import batch_width, trailing_widths
 
 MAX_LEN = 20
 TIMING_KEYS = ("epoch_s", "eval_s")
@@ -336,6 +337,47 @@ def test_length_bucketing_covers_every_row_once_and_is_deterministic():
     work_plain = sum(lengths[b].max() * len(b) for b in plain.batches(1))
     assert work < 0.8 * work_plain
 
+
+
+def test_trailing_widths():
+    inputs = np.array([[0, 0, 3, 4], [0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 5]])
+    targets = np.array([[0, 2, 4, 5], [0, 0, 0, 0], [2, 3, 4, 5], [0, 0, 0, 6]])
+    assert trailing_widths(inputs).tolist() == [2, 0, 4, 1]
+    assert trailing_widths(inputs, targets).tolist() == [3, 0, 4, 1]  # a target may start a column earlier
+    assert batch_width(trailing_widths(inputs), np.array([0, 3]), 4) == 2
+    assert batch_width(trailing_widths(inputs), np.array([1]), 4) == 1  # never 0 columns
+    assert batch_width(None, np.array([0]), 4) == 4
+
+
+@pytest.mark.parametrize("model,attention", [("sasrec", "simp"), ("stosa", "value")])
+def test_trim_padding_trains_the_same_model(tmp_path, crafted, model, attention):
+    """Dropping a batch's all-padding columns changes the work, not the function: without randomness in
+    the step (no dropout; CE needs no negatives) two epochs give the same losses, gradient norms, valid
+    metrics and parameters, with bucketed batches whose widths are well below max_len."""
+    kwargs = dict(model=model, attention=attention, dropout=0.0, epochs=2, patience=0)
+    if model == "sasrec":
+        kwargs["extra"] = {"loss": "ce"}
+    runs = {}
+    for trim in (False, True):
+        out = tmp_path / f"trim{trim}"
+        train(tiny(trim_padding=trim, out=str(out), **kwargs), seq_dataset=crafted)
+        runs[trim] = (read_metrics(out), load_checkpoint(out / "last.pt")["model"])
+    (full_metrics, full_params), (trim_metrics, trim_params) = runs[False], runs[True]
+    if model == "stosa":  # W2 BPR draws one negative per position: the draws follow the batch width
+        assert full_metrics[0]["loss"] == pytest.approx(trim_metrics[0]["loss"], rel=0.2)
+        return
+    assert len(full_metrics) == len(trim_metrics) == 2
+    for a, b in zip(full_metrics, trim_metrics):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        for key in ("ndcg@5", "recall@10", "mrr"):
+            assert b["valid"][key] == pytest.approx(a["valid"][key], rel=1e-4, abs=1e-6), key
+    for name, value in full_params.items():
+        if name.endswith("k_proj.bias"):  # softmax is shift-invariant: its gradient is rounding noise,
+            continue                       # which Adam scales up to full steps either way
+        torch.testing.assert_close(trim_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    widths = trailing_widths(crafted.train_input, crafted.train_pos)
+    assert widths.max() < MAX_LEN and np.median(widths) < widths.max()  # every batch was trimmed
 
 def test_shard_batch_partitions_the_batch():
     batch = np.arange(10, 17)  # 7 rows over 3 ranks -> padded cyclically to 9

@@ -71,9 +71,12 @@ def check_common(*, num_items, max_len, d_model, n_layers, n_heads, dropout, att
 # ----------------------------------------------------------------------------------------------------
 
 class SequentialRecommender(nn.Module):
-    """Shared plumbing. Inputs are LongTensor (B, n) left-padded with item 0, n <= max_len; batches
-    narrower than max_len are left-padded to max_len inside (the refinement matrices are indexed by
-    absolute position), and per-position outputs are returned for the caller's n positions.
+    """Shared plumbing. Inputs are LongTensor (B, n) left-padded with item 0, n <= max_len. A batch
+    narrower than max_len is the last n positions of one (absolute positions max_len - n .. max_len - 1,
+    which index the position embeddings and the refinement matrices): the model computes exactly what it
+    would on the batch padded back to max_len, without the padding. The trainer drops the columns that
+    are padding in every row of a batch (TrainConfig.trim_padding), so the work follows the longest
+    sequence of the batch.
 
     Subclasses implement ``forward``, ``loss``, ``score_all``, ``score_items``, ``attention_maps``.
     """
@@ -81,7 +84,8 @@ class SequentialRecommender(nn.Module):
     num_items: int
     max_len: int
 
-    def _pad_seq(self, seq: torch.Tensor, name: str = "seq") -> torch.Tensor:
+    def _check_seq(self, seq: torch.Tensor, name: str = "seq") -> torch.Tensor:
+        """seq as int64 (B, n), 1 <= n <= max_len: the last n positions."""
         integer = isinstance(seq, torch.Tensor) and not seq.dtype.is_floating_point and seq.dtype != torch.bool
         if not integer or seq.dim() != 2:
             raise ValueError(f"{name}: expected an integer tensor (B, n) left-padded with 0, "
@@ -90,8 +94,19 @@ class SequentialRecommender(nn.Module):
         if n > self.max_len:
             raise ValueError(f"{name}: expected at most max_len={self.max_len} positions, got {n} "
                              f"(keep the most recent max_len items)")
-        seq = seq.long()
+        if n == 0:
+            raise ValueError(f"{name}: expected at least one position, got shape {tuple(seq.shape)}")
+        return seq.long()
+
+    def _pad_seq(self, seq: torch.Tensor, name: str = "seq") -> torch.Tensor:
+        """seq left-padded to (B, max_len), for outputs over absolute positions (attention maps)."""
+        seq = self._check_seq(seq, name)
+        n = seq.shape[1]
         return F.pad(seq, (self.max_len - n, 0)) if n < self.max_len else seq
+
+    def position_rows(self, n: int) -> slice:
+        """The rows of the position tables for a batch of the last n positions."""
+        return slice(self.max_len - n, self.max_len)
 
     def _check_targets(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         if not isinstance(pos, torch.Tensor) or pos.shape != seq.shape:
@@ -243,8 +258,8 @@ class SASRec(SequentialRecommender):
         return self.item_emb.weight
 
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq (B, max_len) -> (B, max_len, d): E[s] sqrt(d) + P, dropout, times the non-padding mask."""
-        x = self.item_emb(seq) * math.sqrt(self.d_model) + self.pos_emb.weight[None]
+        """seq (B, n), the last n positions -> (B, n, d): E[s] sqrt(d) + P, dropout, times the non-padding mask."""
+        x = self.item_emb(seq) * math.sqrt(self.d_model) + self.pos_emb.weight[self.position_rows(seq.shape[1])][None]
         return self.emb_dropout(x) * (seq != 0)[..., None].to(x.dtype)
 
     def _encode(self, seq: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -255,10 +270,8 @@ class SASRec(SequentialRecommender):
         return x
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq (B, n) left-padded -> final hidden states (B, n, d)."""
-        n = seq.shape[1] if isinstance(seq, torch.Tensor) and seq.dim() == 2 else None
-        x = self.final_norm(self._encode(self._pad_seq(seq)))
-        return x[:, -n:] if n else x[:, :0]
+        """seq (B, n) left-padded, the last n <= max_len positions -> final hidden states (B, n, d)."""
+        return self.final_norm(self._encode(self._check_seq(seq)))
 
     def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -307,7 +320,7 @@ class SASRec(SequentialRecommender):
         attn = block.attn
         q, k, v = (attn.split_heads(proj(x)) for proj, x in
                    ((attn.q_proj, queries), (attn.k_proj, keys), (attn.v_proj, keys)))
-        weights = {name: getattr(attn, name).to(q.dtype) for name in ("w_rq", "w_rk", "w_rv") if hasattr(attn, name)}
+        weights = {name: w.to(q.dtype) for name, w in attn.refinement_weights(self.max_len).items()}
         _, maps = dot_refined(q, k, v, mechanism=attn.mechanism, key_padding_mask=key_padding_mask,
                               refine_scale=attn.refine_scale, refine_input=attn.refine_input,
                               return_weights=True, **weights)

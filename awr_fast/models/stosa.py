@@ -14,7 +14,7 @@ from torch import nn
 
 from ..api import w2_scores
 from ..backends import IMPLEMENTATIONS, preload
-from ..nn.wasserstein import STOSA_INIT_MEAN, STOSA_INIT_STD, WassersteinAttention
+from ..nn.wasserstein import STOSA_INIT_MEAN, STOSA_INIT_STD, WassersteinAttention, w2_refine_weight_names
 from ..reference.w2_refined import w2_refined
 from . import losses
 from .sasrec import SequentialRecommender, check_bool, check_common
@@ -122,9 +122,10 @@ class STOSA(SequentialRecommender):
         return self.item_mean_emb.weight, F.elu(self.item_cov_emb.weight) + 1.0
 
     def embed(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """seq (B, max_len) -> (mu0, sigma0), each (B, max_len, d)."""
-        mu = self.emb_norm(self.item_mean_emb(seq) + self.pos_mean_emb.weight[None])
-        sigma = self.emb_norm(self.item_cov_emb(seq) + self.pos_cov_emb.weight[None])
+        """seq (B, n), the last n positions -> (mu0, sigma0), each (B, n, d)."""
+        rows = self.position_rows(seq.shape[1])
+        mu = self.emb_norm(self.item_mean_emb(seq) + self.pos_mean_emb.weight[rows][None])
+        sigma = self.emb_norm(self.item_cov_emb(seq) + self.pos_cov_emb.weight[rows][None])
         return F.elu(self.emb_dropout(mu)), F.elu(self.emb_dropout(sigma)) + 1.0
 
     def _encode(self, seq: torch.Tensor, upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +138,8 @@ class STOSA(SequentialRecommender):
         return mu, sigma
 
     def forward(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """seq (B, n) left-padded -> (mu, sigma), each (B, n, d)."""
-        n = seq.shape[1] if isinstance(seq, torch.Tensor) and seq.dim() == 2 else None
-        mu, sigma = self._encode(self._pad_seq(seq))
-        return (mu[:, -n:], sigma[:, -n:]) if n else (mu[:, :0], sigma[:, :0])
+        """seq (B, n) left-padded, the last n <= max_len positions -> (mu, sigma), each (B, n, d)."""
+        return self._encode(self._check_seq(seq))
 
     def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -189,8 +188,7 @@ class STOSA(SequentialRecommender):
         mu_q, mu_k, mu_v = (attn.split_heads(lin(mu)) for lin in (attn.mean_query, attn.mean_key, attn.mean_value))
         sig_q, sig_k, sig_v = (attn.split_heads(F.elu(lin(sigma)) + 1.0)
                                for lin in (attn.cov_query, attn.cov_key, attn.cov_value))
-        weights = {name: getattr(attn, name).to(mu_q.dtype)
-                   for name in ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma") if hasattr(attn, name)}
+        weights = {name: getattr(attn, name).to(mu_q.dtype) for name in w2_refine_weight_names(attn.mechanism)}
         _, maps = w2_refined(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=attn.mechanism,
                              key_padding_mask=key_padding_mask, refine_scale=attn.refine_scale,
                              refine_input=attn.refine_input, return_weights=True, **weights)

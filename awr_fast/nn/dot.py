@@ -20,6 +20,25 @@ def refine_scale_value(name: str, d_model: int, n_heads: int, max_len: int) -> f
     return 1.0 / math.sqrt({"d_h": d_model // n_heads, "d": d_model, "n": max_len}[name])
 
 
+def check_window(name: str, x: torch.Tensor, max_len: int, d_model: int) -> None:
+    if x.dim() != 3 or not 1 <= x.shape[1] <= max_len or x.shape[2] != d_model:
+        raise ValueError(f"{name}: expected (B, n, d={d_model}) with 1 <= n <= max_len={max_len} (the last n "
+                         f"positions), got {tuple(x.shape)}")
+
+
+def window_refine_weights(module: nn.Module, names: tuple[str, ...], max_len: int, n: int) -> dict[str, torch.Tensor]:
+    """Refinement matrices for the window of the last n of max_len positions: the projections (W_RQ, W_RK,
+    W_mu, W_sigma) keep their rows for those positions and all max_len columns, since (A W)_ic sums over
+    the rows of W that meet non-zero columns of A; W_RV (whose columns are key positions) keeps the
+    square block."""
+    off = max_len - n
+    weights = {}
+    for name in names:
+        w = getattr(module, name)
+        weights[name] = w if off == 0 else (w[..., off:, off:] if name == "w_rv" else w[..., off:, :])
+    return weights
+
+
 def refine_weight_names(mechanism: str) -> tuple[str, ...]:
     return {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk")}.get(mechanism, ("w_rq", "w_rk", "w_rv"))
 
@@ -27,8 +46,11 @@ def refine_weight_names(mechanism: str) -> tuple[str, ...]:
 class RefinedMultiheadAttention(nn.Module):
     """Causal multi-head attention (heads split along channels) whose weights AWRSR refines.
 
-    forward(queries, keys, key_padding_mask) takes (B, n, d) with n == max_len (the refinement
-    matrices are indexed by absolute, left-padded position) and returns (B, n, d).
+    forward(queries, keys, key_padding_mask) takes (B, n, d) with n <= max_len and returns (B, n, d).
+    The refinement matrices are indexed by absolute, left-padded position: a batch narrower than
+    max_len holds the last n positions (its columns that are padding in every row were dropped), and
+    the layer uses the matching rows of the matrices (refinement_weights), the same function as on the
+    batch padded back to max_len.
     out_proj=False gives the original SASRec layer (no output projection), True the pmixer/torch one.
     """
 
@@ -68,17 +90,20 @@ class RefinedMultiheadAttention(nn.Module):
         batch, n, _ = x.shape
         return x.view(batch, n, self.n_heads, self.d_model // self.n_heads).transpose(1, 2)
 
+    def refinement_weights(self, n: int) -> dict[str, torch.Tensor]:
+        """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
+        return window_refine_weights(self, refine_weight_names(self.mechanism), self.max_len, n)
+
     def forward(self, queries: torch.Tensor, keys: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         keys = queries if keys is None else keys
-        if queries.dim() != 3 or queries.shape[1] != self.max_len:
-            raise ValueError(f"queries: expected (B, max_len={self.max_len}, d={self.d_model}), got {tuple(queries.shape)}")
+        check_window("queries", queries, self.max_len, self.d_model)
         q = self.split_heads(self.q_proj(queries))
         k = self.split_heads(self.k_proj(keys))
         v = self.split_heads(self.v_proj(keys))
         out = refined_attention(
-            q, k, v, mechanism=self.mechanism, w_rq=getattr(self, "w_rq", None), w_rk=getattr(self, "w_rk", None),
-            w_rv=getattr(self, "w_rv", None), key_padding_mask=key_padding_mask, refine_scale=self.refine_scale,
+            q, k, v, mechanism=self.mechanism, **self.refinement_weights(queries.shape[1]),
+            key_padding_mask=key_padding_mask, refine_scale=self.refine_scale,
             refine_input=self.refine_input, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         batch, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.d_model))

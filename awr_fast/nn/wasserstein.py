@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import W2_MECHANISMS, wasserstein_attention
-from .dot import refine_scale_value
+from .dot import check_window, refine_scale_value, window_refine_weights
 
 STOSA_INIT_MEAN, STOSA_INIT_STD = 0.01, 0.02
 
@@ -20,8 +20,9 @@ def w2_refine_weight_names(mechanism: str) -> tuple[str, ...]:
 class WassersteinAttention(nn.Module):
     """STOSA DistSelfAttention (SPEC §4): Gaussian W2 attention, heads split along channels.
 
-    forward(mu, sigma, key_padding_mask) takes (B, n, d) with n == max_len (refinement matrices are
-    indexed by absolute, left-padded position) and returns (mu', sigma'):
+    forward(mu, sigma, key_padding_mask) takes (B, n, d) with n <= max_len, the last n positions
+    (refinement matrices are indexed by absolute, left-padded position; see RefinedMultiheadAttention),
+    and returns (mu', sigma'):
         mu'    = LN(Drop(W_mo ctx_mu) + mu),   ctx_mu  = P' (W_mq-projected means, per head)
         sigma' = LN(Drop(W_so ctx_sig) + sigma), ctx_sig = (P' o P') (ELU(W_sv sigma) + 1)
     One LayerNorm is shared by both streams, as in STOSA. refine_scale picks c = 1/sqrt(d_h | d | n).
@@ -78,14 +79,13 @@ class WassersteinAttention(nn.Module):
 
     def forward(self, mu: torch.Tensor, sigma: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        for name, x in (("mu", mu), ("sigma", sigma)):
-            if x.dim() != 3 or x.shape[1] != self.max_len or x.shape[2] != self.d_model:
-                raise ValueError(f"{name}: expected (B, max_len={self.max_len}, d={self.d_model}), "
-                                 f"got {tuple(x.shape)}")
+        check_window("mu", mu, self.max_len, self.d_model)
+        if sigma.shape != mu.shape:
+            raise ValueError(f"sigma: expected shape {tuple(mu.shape)} (that of mu), got {tuple(sigma.shape)}")
         mu_q, mu_k, mu_v = (self.split_heads(lin(mu)) for lin in (self.mean_query, self.mean_key, self.mean_value))
         sig_q, sig_k, sig_v = (self.split_heads(F.elu(lin(sigma)) + 1.0)
                                for lin in (self.cov_query, self.cov_key, self.cov_value))
-        weights = {name: getattr(self, name) for name in w2_refine_weight_names(self.mechanism)}
+        weights = window_refine_weights(self, w2_refine_weight_names(self.mechanism), self.max_len, mu.shape[1])
         ctx_mu, ctx_sig = wasserstein_attention(
             mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=self.mechanism, key_padding_mask=key_padding_mask,
             refine_scale=self.refine_scale, refine_input=self.refine_input,

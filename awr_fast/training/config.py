@@ -75,6 +75,7 @@ class TrainConfig:
     synthetic: Dict[str, Any] = field(default_factory=dict)  # make_synthetic arguments (dataset "synthetic")
     length_bucketing: bool = True
     bucket_batches: int = 50
+    trim_padding: bool = True  # drop a batch's all-padding columns: the same model function, less work
     # evaluation
     eval_every: int = 1
     eval_batch_size: int = 256
@@ -225,6 +226,9 @@ def build_parser(prog: str = "python -m awr_fast.train") -> argparse.ArgumentPar
     add(g, "--kcore", "k-core filter", choices=("iterative", "single", "none"))
     add(g, "--length-bucketing", "group training rows of similar length into batches", action=BOOL)
     add(g, "--bucket-batches", "length bucketing pool size, in batches", type=int)
+    add(g, "--trim-padding", "drop the columns that are padding in every row of a batch (training and "
+        "evaluation), so the work follows the batch's longest sequence; the model computes the same function",
+        action=BOOL)
 
     g = p.add_argument_group("evaluation")
     add(g, "--eval-every", "evaluate on valid every this many epochs", type=int)

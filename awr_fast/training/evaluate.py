@@ -24,6 +24,7 @@ import torch
 
 from ..metrics import DEFAULT_KS, metrics_from_ranks, popularity_scores, rank_of_target, sampled_rank_of_target
 from .distributed import DistInfo, all_gather_objects
+from .loop import trailing_widths
 
 __all__ = ["PROTOCOLS", "evaluate", "evaluate_popularity", "evaluate_scores", "selection_key"]
 
@@ -49,8 +50,11 @@ def _split_arrays(dataset, split: str) -> Tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int = 256, exclude_history: bool = False,
                     protocol: str = "full", device=None, sampled_seed: int = 0, dist: Optional[DistInfo] = None,
-                    ks=DEFAULT_KS) -> Dict[str, float]:
+                    ks=DEFAULT_KS, trim_padding: bool = True) -> Dict[str, float]:
     """Metrics of ``score_fn`` (``(B, n) LongTensor -> (B, num_items + 1)`` scores) on ``split``.
+
+    trim_padding: hand each chunk to ``score_fn`` without its all-padding columns (the last
+    ``max(length)`` positions; the models take such batches and compute the same function).
 
     Returns:
         ``{"recall@k", "ndcg@k", "mrr"}`` (full ranking), plus ``"sampled_"``-prefixed keys when
@@ -66,7 +70,10 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
     mine: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
     for chunk in range(dist.rank, num_chunks, dist.world_size):
         lo, hi = chunk * batch_size, min(num_rows, (chunk + 1) * batch_size)
-        seq = torch.from_numpy(np.ascontiguousarray(inputs[lo:hi])).to(device)
+        chunk_inputs = inputs[lo:hi]
+        if trim_padding:
+            chunk_inputs = chunk_inputs[:, -max(int(trailing_widths(chunk_inputs).max(initial=0)), 1):]
+        seq = torch.from_numpy(np.ascontiguousarray(chunk_inputs)).to(device)
         tgt = torch.from_numpy(np.ascontiguousarray(targets[lo:hi])).to(device)
         scores = score_fn(seq).float()
         exclude = dataset.history_mask(split, np.arange(lo, hi), device=device) if exclude_history else None

@@ -137,11 +137,29 @@ def progress_enabled(quiet: bool, dist: Optional[DistInfo] = None) -> bool:
     return not quiet and (dist is None or dist.is_main) and sys.stderr.isatty()
 
 
+def trailing_widths(*arrays: np.ndarray) -> np.ndarray:
+    """Per row of left-padded (R, n) arrays: how many trailing columns hold a non-padding entry in any of
+    them (n minus the first non-zero column; 0 for an all-padding row)."""
+    nonzero = np.zeros(arrays[0].shape, dtype=bool)
+    for a in arrays:
+        nonzero |= np.asarray(a) != 0
+    n = nonzero.shape[1]
+    return np.where(nonzero.any(axis=1), n - nonzero.argmax(axis=1), 0).astype(np.int64)
+
+
+def batch_width(widths: Optional[np.ndarray], rows: np.ndarray, n: int) -> int:
+    """The columns a batch needs: its longest row (at least 1), or all n without widths."""
+    if widths is None or len(rows) == 0:
+        return n
+    return max(int(widths[rows].max()), 1)
+
+
 def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.Tensor, train_pos: torch.Tensor,
                 batches: Sequence[np.ndarray], optimizer: torch.optim.Optimizer,
                 scaler: Optional[torch.amp.GradScaler], neg_generator: Optional[torch.Generator] = None,
                 seed: int, epoch: int, device: torch.device, amp: str = "none", clip_grad: float = 0.0,
-                dist: Optional[DistInfo] = None, show_progress: bool = False) -> Dict[str, Any]:
+                dist: Optional[DistInfo] = None, show_progress: bool = False,
+                row_widths: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """One pass over ``batches`` (global batches of training-row indices).
 
     Args:
@@ -152,6 +170,9 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
             best on ``device``; it is reseeded with the epoch's seed first (that of
             ``epoch_generator(seed, epoch, 1)``), so its state is a function of ``(seed, epoch)``
             and this epoch's draws. None: a fresh one on ``device``.
+        row_widths: per training row, its trailing non-padding width (:func:`trailing_widths`); when
+            given, each batch keeps only the last ``max(width)`` columns (the model computes the same
+            function on the narrower batch), so the work follows the batch's longest sequence.
 
     Returns:
         ``{"loss": mean loss, "grad_norm": mean global gradient norm, "steps": steps taken,
@@ -174,8 +195,9 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
         idx = torch.from_numpy(np.ascontiguousarray(rows))
         if train_input.device != idx.device:
             idx = idx.to(train_input.device)
-        seq = train_input.index_select(0, idx).to(device, non_blocking=True)
-        pos = train_pos.index_select(0, idx).to(device, non_blocking=True)
+        width = batch_width(row_widths, rows, train_input.shape[1])
+        seq = train_input[:, -width:].index_select(0, idx).to(device, non_blocking=True)
+        pos = train_pos[:, -width:].index_select(0, idx).to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             loss = step_module(seq, pos, neg_gen)
