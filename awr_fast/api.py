@@ -227,5 +227,5 @@ _WEIGHT_NAMES = ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma", "w_oq", "w_ok", "b_o
 
 def _cast_weights(inputs: dict, dtype: torch.dtype) -> dict:
     """Parameters may stay float32 under mixed precision; the math runs in the activations' dtype."""
-    return {key: (val.to(dtype) if key in _WEIGHT_NAMES and isinstance(val, torch.Tensor) else val)
-            for key, val in inputs.items()}
+    return {key: (val.to(dtype) if key in _WEIGHT_NAMES and isinstance(val, torch.Tensor) and val.dtype != dtype
+                  else val) for key, val in inputs.items()}

@@ -665,7 +665,9 @@ def _fused_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, scale, al
 
 
 def _pad(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    """The power-of-two block (>= 16, tl.dot's minimum) that holds x; plain Python, as this runs on every
+    call of a host-bound op (triton.next_power_of_2 costs several microseconds a call)."""
+    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
 
 
 def _blocks(n: int, inner: int) -> tuple[int, int, int]:
