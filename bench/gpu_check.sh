@@ -160,7 +160,7 @@ export -f bench_train
 breakdown() {
     local lengths=()
     [ -f .gpu_data/Beauty.txt ] && lengths=(--lengths-from .gpu_data/Beauty.txt)
-    "$PY" bench/breakdown.py --mechanisms simp,value --n 50,200 --backends triton,eager,compile,sdpa \
+    "$PY" bench/breakdown.py --mechanisms simp,value --n 50,200 --backends triton,eager,sdpa \
         "${lengths[@]}" --out "$OUT_DIR/breakdown.txt" || return $?
     # the same Triton cases on the tiled kernels only, to see what the fused path buys at n=50
     AWR_FAST_TRITON_FUSED_MAX_N=0 "$PY" bench/breakdown.py --mechanisms simp,value --n 50 --backends triton \
