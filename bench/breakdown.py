@@ -157,6 +157,8 @@ def main(argv=None) -> int:
                     except (attention.Skip, Exception) as exc:  # report and go on
                         lines.append(f"{label}: not measured ({common.describe(exc, 300)})")
                         continue
+                    print(f"{label}: wall {r['wall_ms']:.3f} ms, host {r['host_ms']:.3f} ms, gpu {r['gpu_ms']:.3f} ms, "
+                          f"launches {r['launches']}", file=sys.stderr, flush=True)  # progress, if cut short
                     table.append([mechanism if backend != "sdpa" else "causal", backend, mode, str(n),
                                   common.fmt_ms(r["wall_ms"]), common.fmt_ms(r["host_ms"]),
                                   common.fmt_num(r["host_ms"] / r["wall_ms"]), common.fmt_ms(r["gpu_ms"]),

@@ -167,7 +167,7 @@ breakdown() {
         "${lengths[@]}" --out "$OUT_DIR/breakdown_tiled.txt"
 }
 export -f breakdown
-step breakdown 75 breakdown
+step breakdown 120 breakdown
 
 sanitizer() {
     local cs
