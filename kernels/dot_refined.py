@@ -103,6 +103,17 @@ def _dropout_keep(SEED, bh, rows, cols, n, dropout_p):
 
 
 @triton.jit
+def _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT: tl.constexpr):
+    """(dropout(P), dL/dP) of out = dropout(P) Y given dL/d(dropout(P)) = dp: one keep mask, kept entries
+    scaled by 1 / (1 - p), dropped ones 0 in both."""
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return p, dp
+
+
+@triton.jit
 def _attn_probs_fwd(Q, K, KPM, A, scale, n, D, H,
                     HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
@@ -290,11 +301,7 @@ def _value_out_bwd(BV, V, DO, LSE, OUT, KPM, SEED, DBV, P3, dropout_p, n, D, H,
         v = tl.load(V + bh * n * D + cols[:, None] * D + dcols[None, :],
                     mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        p_dropped = p
-        if DROPOUT:
-            keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
         tl.store(DBV + bh * n * n + rows[:, None] * n + cols[None, :], p * (dp - delta[:, None]), mask=inside)
         tl.store(P3 + bh * n * n + rows[:, None] * n + cols[None, :], p_dropped, mask=inside)
 
@@ -337,11 +344,7 @@ def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXK, DY,
                                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
         dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
-        p_dropped = p
-        if DROPOUT:
-            keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
-            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
         dy += tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dxk += tl.dot(tl.trans(ds), xq, input_precision=PRECISION)
@@ -565,11 +568,7 @@ def _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h
     do = tl.load(DO + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
     # out = dropout(P) V
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    p_dropped = p
-    if DROPOUT:
-        keep = _dropout_keep(SEED, bh, idx, idx, n, dropout_p)
-        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
     dv = tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
     dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; zero where P is masked
     da = dlogits
