@@ -14,7 +14,7 @@ from torch import nn
 
 from ..api import w2_scores
 from ..backends import IMPLEMENTATIONS, preload
-from ..nn.wasserstein import STOSA_INIT_MEAN, STOSA_INIT_STD, WassersteinAttention, w2_refine_weight_names
+from ..nn.wasserstein import STOSA_INIT_MEAN, STOSA_INIT_STD, WassersteinAttention
 from ..reference.w2_refined import w2_refined
 from . import losses
 from .sasrec import SequentialRecommender, check_bool, check_common
@@ -188,7 +188,7 @@ class STOSA(SequentialRecommender):
         mu_q, mu_k, mu_v = (attn.split_heads(lin(mu)) for lin in (attn.mean_query, attn.mean_key, attn.mean_value))
         sig_q, sig_k, sig_v = (attn.split_heads(F.elu(lin(sigma)) + 1.0)
                                for lin in (attn.cov_query, attn.cov_key, attn.cov_value))
-        weights = {name: getattr(attn, name).to(mu_q.dtype) for name in w2_refine_weight_names(attn.mechanism)}
+        weights = {name: w.to(mu_q.dtype) for name, w in attn.refinement_weights(self.max_len).items()}
         _, maps = w2_refined(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=attn.mechanism,
                              key_padding_mask=key_padding_mask, refine_scale=attn.refine_scale,
                              refine_input=attn.refine_input, return_weights=True, **weights)

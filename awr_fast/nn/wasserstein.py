@@ -77,6 +77,10 @@ class WassersteinAttention(nn.Module):
         batch, _, n, _ = x.shape
         return x.transpose(1, 2).reshape(batch, n, self.d_model)
 
+    def refinement_weights(self, n: int) -> dict[str, torch.Tensor]:
+        """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
+        return window_refine_weights(self, w2_refine_weight_names(self.mechanism), self.max_len, n)
+
     def forward(self, mu: torch.Tensor, sigma: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         check_window("mu", mu, self.max_len, self.d_model)
@@ -85,7 +89,7 @@ class WassersteinAttention(nn.Module):
         mu_q, mu_k, mu_v = (self.split_heads(lin(mu)) for lin in (self.mean_query, self.mean_key, self.mean_value))
         sig_q, sig_k, sig_v = (self.split_heads(F.elu(lin(sigma)) + 1.0)
                                for lin in (self.cov_query, self.cov_key, self.cov_value))
-        weights = window_refine_weights(self, w2_refine_weight_names(self.mechanism), self.max_len, mu.shape[1])
+        weights = self.refinement_weights(mu.shape[1])
         ctx_mu, ctx_sig = wasserstein_attention(
             mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=self.mechanism, key_padding_mask=key_padding_mask,
             refine_scale=self.refine_scale, refine_input=self.refine_input,
