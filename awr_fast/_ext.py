@@ -85,17 +85,6 @@ def cuda_status() -> tuple[bool, str]:
     return True, f"CUDA extension {reason}, device {torch.cuda.get_device_name()}"
 
 
-def w2_scores_not_supported_reasons(inputs: dict) -> list[str]:
-    """Why the CUDA kernel cannot take these (already validated) inputs; [] if it can."""
-    reasons = []
-    dtype = inputs["mu"].dtype
-    if dtype not in _DTYPES:
-        reasons.append(f"the CUDA w2_scores kernel takes float32, float16 or bfloat16 inputs, got {dtype}")
-    if torch.is_grad_enabled() and any(inputs[name].requires_grad for name in ("mu", "sig", "item_mu", "item_sig")):
-        reasons.append("inputs require grad and the CUDA w2_scores kernel has no backward (it serves evaluation)")
-    return reasons
-
-
 def w2_scores_cuda(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, item_sig: torch.Tensor) -> torch.Tensor:
     """Squared W2 distance of B query Gaussians to V item Gaussians (SPEC §4), float32 (B, V).
 

@@ -8,8 +8,6 @@ import os
 import platform
 import sys
 
-BACKEND_NAMES = ("reference", "triton", "cuda")
-
 
 def _version(module_name: str) -> tuple[str | None, str]:
     """(version or None, text): the version, or why the module is missing."""
@@ -33,10 +31,6 @@ def _awr_fast_version() -> str:
             return f"unknown (import awr_fast failed: {type(exc).__name__}: {exc})"
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _devices(torch) -> list[str]:
     if torch is None or not torch.cuda.is_available():
         return ["cpu only"]
@@ -47,24 +41,6 @@ def _devices(torch) -> list[str]:
     return out
 
 
-def _fallback_backend_status(triton_ok: bool, triton_text: str, torch) -> dict[str, tuple[bool, str]]:
-    """Used only when awr_fast.backends cannot be imported."""
-    status = {"reference": (True, "PyTorch eager, runs anywhere")}
-    cuda_available = torch is not None and torch.cuda.is_available()
-    if not triton_ok:
-        status["triton"] = (False, f"triton {triton_text}")
-    elif cuda_available or _triton_interpret():
-        status["triton"] = (True, f"triton {triton_text}" + ("" if cuda_available else ", TRITON_INTERPRET=1"))
-    else:
-        status["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
-    try:
-        from awr_fast._ext import cuda_status
-        status["cuda"] = cuda_status()
-    except Exception as exc:
-        status["cuda"] = (False, f"awr_fast._ext failed to import ({type(exc).__name__}: {exc})")
-    return status
-
-
 def collect() -> dict:
     """Everything the command prints, as plain data."""
     try:
@@ -73,7 +49,7 @@ def collect() -> dict:
         torch, torch_text = None, f"not available ({type(exc).__name__}: {exc})"
     else:
         torch_text = torch.__version__
-    triton_ver, triton_text = _version("triton")
+    _, triton_text = _version("triton")
     _, numpy_text = _version("numpy")
     info = {
         "awr_fast": _awr_fast_version(),
@@ -93,16 +69,15 @@ def collect() -> dict:
         info["cuda_extension"] = {"loaded": False, "reason": f"awr_fast._ext failed ({type(exc).__name__}: {exc})",
                                   "build": {}}
     try:
-        from awr_fast.backends import backend_status
-        status = backend_status()
-        source = "awr_fast.backends.backend_status()"
-    except Exception as exc:
-        status = _fallback_backend_status(triton_ver is not None, triton_text, torch)
-        source = f"computed by awr_fast.info (awr_fast.backends failed: {type(exc).__name__}: {exc})"
-    names = list(BACKEND_NAMES) + [name for name in status if name not in BACKEND_NAMES]
-    info["backends"] = {name: {"usable": bool(status[name][0]), "reason": str(status[name][1])}
-                        if name in status else {"usable": False, "reason": "not reported"} for name in names}
-    info["backends_source"] = source
+        from awr_fast.backends import backend_status, capabilities
+        from awr_fast.ops import SPECS
+    except Exception as exc:  # a broken install: say so instead of guessing
+        info["backends"] = {}
+        info["backends_error"] = f"awr_fast.backends failed to import ({type(exc).__name__}: {exc})"
+        return info
+    ops_by_backend = {name: [op for op in SPECS if name in capabilities(op)] for name in backend_status()}
+    info["backends"] = {name: {"usable": bool(ok), "reason": str(reason), "ops": ops_by_backend[name]}
+                        for name, (ok, reason) in backend_status().items()}
     return info
 
 
@@ -122,13 +97,14 @@ def render(info: dict) -> str:
     if build.get("cuda_extension_built") and build.get("torch"):
         lines.append(f"  built with      torch {build['torch']}, nvcc {build.get('nvcc')}, "
                      f"arch {build.get('arch_list')}, {build.get('reason')}")
-    lines.append("backends:")
-    width = max(len(name) for name in info["backends"])
+    lines.append("backends (\"auto\" tries them in this order; cuda and triton only for CUDA tensors):")
+    if "backends_error" in info:
+        lines.append(f"  {info['backends_error']}")
+    width = max((len(name) for name in info["backends"]), default=0)
     for name, entry in info["backends"].items():
         mark = "usable" if entry["usable"] else "NOT usable"
         lines.append(f"  {name:<{width}}  {mark:<10}  {entry['reason']}")
-    if not info["backends_source"].startswith("awr_fast.backends"):
-        lines.append(f"  (backend status {info['backends_source']})")
+        lines.append(f"  {'':<{width}}  {'':<10}  ops: {', '.join(entry['ops'])}")
     return "\n".join(lines)
 
 

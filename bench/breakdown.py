@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attention  # noqa: E402
 import common  # noqa: E402
 
-BACKENDS = ("eager", "compile", "triton", "cuda", "sdpa")
+BACKENDS = attention.BACKENDS
 
 
 def parse_args(argv=None):

@@ -2,7 +2,7 @@
 
     python bench/train.py                          # synthetic data, 2 epochs, every mechanism
     python bench/train.py --quick                  # a small CPU run
-    python bench/train.py --data /path/ml-1m.txt.gz --max-len 200 --epochs 1 --backends reference,triton
+    python bench/train.py --data /path/ml-1m.txt.gz --max-len 200 --epochs 1 --backends reference,eager
     python bench/train.py --data Beauty.txt --max-len 50 --trim-padding both   # padded vs trimmed batches
 
 Each configuration runs awr_fast.train.train(config) in this process (a fresh temporary run directory,
@@ -14,7 +14,8 @@ start, sampled every 5 ms) and the test NDCG@10 (a sanity check that backends ag
 --trim-padding both, every configuration runs with the batches padded to max_len and trimmed to their
 longest sequence (the trainer's default), and a last table gives the speedups. Rows are appended
 to bench/results/train.csv and .jsonl. A backend that cannot run a configuration is listed as skipped
-with the dispatcher's reason.
+with the dispatcher's reason; the "ran" column says which backend ran the attention (for "auto": eager
+for the refined mechanisms on the CPU, the reference for plain attention).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ try:
 except ImportError:  # not installed: use the checkout's package (its Triton kernels then report as unavailable)
     sys.path.insert(1, str(common.REPO_ROOT))
 
-MECHANISMS = {"sasrec": ("none", "simp", "add", "value"), "stosa": ("none", "simp", "add", "value", "stoc")}
+from awr_fast.backends import CHOICES as BACKEND_CHOICES  # noqa: E402
+from awr_fast.ops import dot_refined, w2_refined  # noqa: E402
+
+MECHANISMS = {"sasrec": dot_refined.CAUSAL_MECHANISMS, "stosa": w2_refined.MECHANISMS}
 QUICK_SYNTHETIC = {"num_users": 1000, "num_items": 300}
 ROW_TAG = "@@bench-train-row "
 
@@ -50,7 +54,7 @@ COLUMNS = [
     "n_heads", "batch_size", "amp", "epochs", "status", "reason",
     "steps_per_epoch", "epoch1_s", "epoch_s_later", "ms_per_step", "ms_per_step_later", "eval_s", "test_eval_s",
     "total_s", "mem_kind", "peak_mem_mib", "test_ndcg@10", "test_recall@10", "loss_last", "other_cpu",
-    "trim_padding",
+    "trim_padding", "backend_ran",
 ]
 TRIM_CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
 
@@ -96,7 +100,7 @@ class PeakRSS:
 
 
 def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dict) -> dict:
-    from awr_fast import UnsupportedInputError
+    from awr_fast import UnsupportedInputError, backends
     from awr_fast.train import read_metrics, train
 
     overrides = dict(model=model, attention=attention, backend=backend, epochs=args.epochs, quiet=True,
@@ -128,8 +132,10 @@ def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dic
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         rss = PeakRSS()
+        backends.USED.clear()
         with rss, common.OtherCpu() as other, contextlib.redirect_stdout(sys.stderr):  # its summary -> stderr
             final = train(**overrides)
+        row["backend_ran"] = " ".join(f"{op}={ran}" for op, ran in backends.used_backends().items())
         row["other_cpu"] = other.cores
         if cuda:
             peak, kind = (torch.cuda.max_memory_allocated() - base) / common.MIB, "cuda_max_allocated_above_start"
@@ -187,15 +193,16 @@ def _fill_config_columns(row: dict) -> None:
 
 def print_table(rows: list[dict], cuda: bool) -> None:
     mem = "peak MiB (cuda)" if cuda else "peak RSS MiB"
-    header = ["model", "attention", "backend", "trim", "steps", "epoch1 s", "later s", "ms/step", "eval s",
+    header = ["model", "attention", "backend", "ran", "trim", "steps", "epoch1 s", "later s", "ms/step", "eval s",
               "test eval s", mem, "test NDCG@10"]
-    right = [False] * 4 + [True] * (len(header) - 4)
+    right = [False] * 5 + [True] * (len(header) - 5)
     table = []
     for r in rows:
         if r["status"] != "ok":
             continue
         per_step = r["ms_per_step"] if math.isnan(r["ms_per_step_later"]) else r["ms_per_step_later"]
-        table.append([r["model"], r["attention"], r["backend"], "on" if r.get("trim_padding") else "off",
+        ran = r.get("backend_ran", "").split("=")[-1]  # one op per model: the backend(s) that ran it
+        table.append([r["model"], r["attention"], r["backend"], ran, "on" if r.get("trim_padding") else "off",
                       str(r["steps_per_epoch"]),
                       common.fmt_num(r["epoch1_s"]), common.fmt_num(r["epoch_s_later"]), common.fmt_num(per_step, 1),
                       common.fmt_num(r["eval_s"]), common.fmt_num(r["test_eval_s"]),
@@ -246,8 +253,8 @@ def parse_args(argv=None):
                    help="comma list of attention mechanisms (none,simp,add,value,stoc; stoc is STOSA only); "
                         "default all (--quick: none,simp)")
     p.add_argument("--backends", default=None,
-                   help="comma list of reference,triton,cuda,auto "
-                        "(default: reference on CPU, reference,triton on CUDA)")
+                   help=f"comma list of {','.join(BACKEND_CHOICES)} "
+                        "(default: reference,eager on CPU, reference,eager,triton on CUDA)")
     p.add_argument("--dataset", default="synthetic", help="named data set (default the embedded synthetic one)")
     p.add_argument("--data", default=None, help="path of a data file (ML-1M, Beauty.txt, ...); wins over --dataset")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 2; --quick 1)")
@@ -285,10 +292,11 @@ def parse_args(argv=None):
         if m not in known:
             p.error(f"--mechanisms: unknown {m!r}; expected some of {sorted(known)}")
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    args.backends = _names(args.backends) if args.backends else (["reference", "triton"] if cuda else ["reference"])
+    default = ["reference", "eager", "triton"] if cuda else ["reference", "eager"]
+    args.backends = _names(args.backends) if args.backends else default
     for b in args.backends:
-        if b not in ("reference", "triton", "cuda", "auto"):
-            p.error(f"--backends: unknown {b!r}; expected reference, triton, cuda or auto")
+        if b not in BACKEND_CHOICES:
+            p.error(f"--backends: expected some of {','.join(BACKEND_CHOICES)}, got {b!r}")
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.cuda = cuda
     args.isolate = (not cuda) if args.isolate is None else args.isolate

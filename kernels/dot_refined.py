@@ -34,7 +34,6 @@ The reductions that are plain GEMMs over the whole batch (dK = dS^T Q, dM = sum 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -43,8 +42,7 @@ import torch._dynamo  # noqa: F401  initialised up front: torch 2.11's custom-op
 import triton
 import triton.language as tl
 
-MAX_N = 256
-MAX_D_HEAD = 128
+from awr_fast.ops.dot_refined import default_scale
 # Sequences up to this length run the fused single-program kernels (one launch forward, one backward);
 # longer ones the tiled kernels. AWR_FAST_TRITON_FUSED_MAX_N=0 forces the tiled path (for comparison).
 def _fused_max_n_from_env() -> int:
@@ -907,9 +905,6 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
 
 # ---------------------------------------------------------------------- custom ops and autograd function
 
-_FWD_OUTPUTS = 7
-
-
 @torch.library.custom_op("awr_fast::dot_refined_fwd", mutates_args=())
 def dot_refined_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m1: Optional[torch.Tensor],
                     w_rv: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], seed: torch.Tensor,
@@ -1006,29 +1001,13 @@ class _DotRefinedFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------- public entry
 
 
-def dot_refined_not_supported_reasons(inputs: dict) -> list[str]:
-    q = inputs["q"]
-    _, _, n, d_h = q.shape
-    reasons = []
-    if inputs["mechanism"] == "value_literal":
-        reasons.append("mechanism='value_literal' is reference-only (it is not causal)")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32; float64 is the reference's)")
-    if n > MAX_N:
-        reasons.append(f"n={n} exceeds the Triton kernels' limit of {MAX_N}")
-    if d_h > MAX_D_HEAD:
-        reasons.append(f"d_h={d_h} exceeds the Triton kernels' limit of {MAX_D_HEAD}")
-    if q.shape[0] * q.shape[1] > 65535:
-        reasons.append(f"batch*heads={q.shape[0] * q.shape[1]} exceeds the launch grid limit of 65535")
-    return reasons
-
-
 def dot_refined(q, k, v, *, mechanism="none", w_rq=None, w_rk=None, w_rv=None, key_padding_mask=None,
                 scale=None, refine_scale=None, refine_input="probs", dropout_p=0.0):
-    """Same contract as awr_fast.reference.dot_refined.dot_refined (inputs validated by the API)."""
+    """Same contract as awr_fast.reference.dot_refined.dot_refined (inputs validated by the API; what runs
+    here is the triton row of awr_fast.ops.dot_refined.CAPABILITIES)."""
     d_h = q.shape[-1]
-    scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
-    refine_scale = 1.0 / math.sqrt(d_h) if refine_scale is None else float(refine_scale)
+    scale = default_scale(d_h) if scale is None else float(scale)
+    refine_scale = default_scale(d_h) if refine_scale is None else float(refine_scale)
     m1 = None
     if mechanism != "none":
         # M = W_RQ W_RK^T once per call (SPEC §3b); "add" swaps the roles, i.e. uses M^T.

@@ -23,3 +23,15 @@ except ImportError:  # pragma: no cover
 
 
 
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def backend_log():
+    """awr_fast.backends' count of dispatched calls, emptied for the test: what ran, by op."""
+    from awr_fast import backends
+
+    backends.USED.clear()
+    yield backends.used_backends
+    backends.USED.clear()

@@ -59,29 +59,30 @@ def _rows(results_dir, name):
 def test_attention_quick(tmp_path):
     attention = _load("attention")
     args = ["--quick", "--batch", "4", "--n", "20", "--d", "32", "--heads", "1", "--mechanisms", "none,simp",
-            "--family", "dot", "--backends", "eager,factored,triton,cuda,sdpa", "--min-time", "0.02"]
+            "--family", "dot", "--backends", "reference,eager,triton,cuda,sdpa", "--min-time", "0.02"]
     proc = _run("attention.py", args, tmp_path)
     header, rows, records = _rows(tmp_path, "attention")
     assert header == attention.COLUMNS
     by = {(r["family"], r["mechanism"], r["backend"]): r for r in rows}
-    for key in (("sdpa", "causal", "sdpa"), ("dot", "none", "eager"), ("dot", "simp", "eager"),
-                ("dot", "simp", "factored")):
+    for key in (("sdpa", "causal", "sdpa"), ("dot", "none", "reference"), ("dot", "simp", "reference"),
+                ("dot", "simp", "eager")):
         row = by[key]
         assert row["status"] == "ok", row
         for col in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwdbwd_p20_ms", "fwdbwd_p80_ms", "tflops_fwdbwd",
                     "gbps_fwdbwd", "floor_fwdbwd_ms", "peak_tflops", "peak_gbps"):
             assert float(row[col]) > 0, (key, col, row[col])
         assert row["n"] == "20" and row["batch"] == "4" and row["d_h"] == "32"
-    assert float(by[("dot", "simp", "factored")]["x_eager_fwdbwd"]) > 0
-    assert by[("dot", "none", "factored")]["status"] == "skipped"
+    assert float(by[("dot", "simp", "eager")]["x_reference_fwdbwd"]) > 0
+    none_eager = by[("dot", "none", "eager")]
+    assert none_eager["status"] == "skipped" and "nothing to factor" in none_eager["reason"], none_eager
     for backend in ("triton", "cuda"):  # measured on a GPU, otherwise skipped with the dispatcher's reason
         row = by[("dot", "simp", backend)]
         assert row["status"] in ("ok", "skipped"), row
         assert row["status"] == "ok" or row["reason"], row
     assert {r["run_id"] for r in records} == {rows[0]["run_id"]}
-    assert "x_eager" in proc.stdout and "sdpa" in proc.stdout  # the printed table
+    assert "x_reference" in proc.stdout and "sdpa" in proc.stdout  # the printed table
 
-    _run("attention.py", args[:-2] + ["--min-time", "0.01", "--backends", "eager", "--mechanisms", "none"], tmp_path)
+    _run("attention.py", args[:-2] + ["--min-time", "0.01", "--backends", "reference", "--mechanisms", "none"], tmp_path)
     header2, rows2, _ = _rows(tmp_path, "attention")
     assert header2 == header and len(rows2) == len(rows) + 1  # appended, header written once
 

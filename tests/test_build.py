@@ -86,7 +86,8 @@ def test_info_in_process_matches_cuda_status():
 
     report = info.collect()
     assert report["backends"]["cuda"]["usable"] == cuda_status()[0]
-    assert "backends:" in info.render(report)
+    assert "backends (" in info.render(report)
+    assert report["backends"]["eager"]["ops"] == ["dot_refined", "w2_refined"]
 
 
 # ------------------------------------------------------------------------------------- CUDA extension
@@ -224,14 +225,16 @@ def test_w2_scores_cuda_rejects_bad_inputs_by_name():
 
 def test_cuda_w2_scores_refuses_inputs_that_need_gradients():
     """The CUDA kernel has no backward: with grad-requiring inputs "auto" must fall back, never return a
-    result without a graph."""
-    from awr_fast._ext import w2_scores_not_supported_reasons
+    result without a graph. Its capability row (grad=False, kernel dtypes) says so in words."""
+    from awr_fast.backends import capabilities
+    from awr_fast.ops import w2_scores as spec
 
+    row = capabilities("w2_scores")["cuda"]
     mu, sig = torch.randn(3, 8, requires_grad=True), torch.rand(3, 8) + 0.1
     items = {"item_mu": torch.randn(5, 8), "item_sig": torch.rand(5, 8) + 0.1}
-    reasons = w2_scores_not_supported_reasons({"mu": mu, "sig": sig, **items})
+    reasons = row.table_reasons(spec.make_inputs(mu, sig, **items))
     assert any("no backward" in r for r in reasons)
     with torch.no_grad():
-        assert w2_scores_not_supported_reasons({"mu": mu, "sig": sig, **items}) == []
-    assert any("float64" in r for r in w2_scores_not_supported_reasons(
-        {"mu": mu.detach().double(), "sig": sig.double(), **{k: v.double() for k, v in items.items()}}))
+        assert row.table_reasons(spec.make_inputs(mu, sig, **items)) == []
+    doubles = spec.make_inputs(mu.detach().double(), sig.double(), **{k: v.double() for k, v in items.items()})
+    assert any("float64" in r for r in row.table_reasons(doubles))

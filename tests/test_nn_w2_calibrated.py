@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from awr_fast.nn.calibrated import CalibratedAttention
-from awr_fast.nn.wasserstein import WassersteinAttention, w2_refine_weight_names
+from awr_fast.nn.wasserstein import WassersteinAttention
+from awr_fast.ops.w2_refined import MECHANISMS as W2_MECHANISMS
+from awr_fast.ops.w2_refined import WEIGHTS as W2_WEIGHTS
 from helpers import left_padding_mask
 
-W2_MECHANISMS = ("none", "simp", "add", "value", "stoc")
 
 
 def _gaussian_inputs(batch=3, n=7, d=8, seed=0, dtype=torch.float64):
@@ -36,7 +37,7 @@ def test_w2_forward_shapes_and_backward_reaches_every_parameter(mechanism, per_h
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     expected = {"w_rq", "w_rk", "w_rv", "w_mu", "w_sigma"} & {n for n, _ in layer.named_parameters()}
-    assert expected == set(w2_refine_weight_names(mechanism))
+    assert expected == set(W2_WEIGHTS[mechanism])
     for name in expected:
         assert getattr(layer, name).shape == ((2, 7, 7) if per_head else (7, 7))
 
@@ -69,7 +70,7 @@ def test_w2_matches_hand_written_stosa_layer():
 def test_w2_init_statistics_follow_stosa(mechanism):
     torch.manual_seed(0)
     layer = WassersteinAttention(64, 4, 50, mechanism, per_head_refine=True)
-    for name in w2_refine_weight_names(mechanism):
+    for name in W2_WEIGHTS[mechanism]:
         w = getattr(layer, name)
         assert abs(w.mean().item() - 0.01) < 0.002 and abs(w.std().item() - 0.02) < 0.002, name
     weights = torch.cat([lin.weight.flatten() for lin in layer.linears()])

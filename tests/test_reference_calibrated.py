@@ -235,7 +235,7 @@ def test_float16_order_term_stays_finite():
     ("q_adv_dtype", TypeError, "q_adv: expected dtype"),
     ("gate_shape", ValueError, "gate_logits: expected shape"),
     ("noise_shape", ValueError, "noise: expected shape"),
-    ("noise_without_adv", ValueError, "noise: only used"),
+    ("noise_without_adv", ValueError, "noise: expected None without the adversarial calibrator"),
     ("mask_shape", ValueError, "key_padding_mask: expected shape"),
     ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
     ("dropout", ValueError, "dropout_p: expected a float in"),

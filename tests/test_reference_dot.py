@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import awr_fast
-from awr_fast.reference import factored
 from awr_fast.reference.dot_refined import dot_refined
 from helpers import left_padding_mask, random_lengths
 
@@ -88,16 +87,6 @@ def test_simp_matches_hand_written_formula():
     expected = torch.softmax(b.masked_fill(~causal, -math.inf), dim=-1) @ v[0, 0]
     out = awr_fast.refined_attention(q, k, v, mechanism="simp", **ws)
     torch.testing.assert_close(out[0, 0], expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
-@pytest.mark.parametrize("per_head", [False, True])
-def test_factored_form_equals_naive(mechanism, per_head):
-    q, k, v, ws = make_inputs(batch=3, n=37, d_h=8, mechanism=mechanism, per_head=per_head)
-    mask = left_padding_mask([37, 20, 0], 37)
-    naive = dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, form="naive", **ws)
-    factored = dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, form="factored", **ws)
-    torch.testing.assert_close(factored, naive, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -227,39 +216,6 @@ def test_bad_input(case, exc, match):
 
 
 
-@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
-@pytest.mark.parametrize("form", ["naive", "factored"])
-@pytest.mark.parametrize("per_head", [False, True])
-def test_window_of_a_longer_model_equals_its_padded_batch(mechanism, form, per_head):
-    """The last n of N positions with the rows W[N-n:, :] of (N, N) projections (and W_RV[N-n:, N-n:])
-    is the padded computation without the padding: outputs and every gradient agree."""
-    big, n = 11, 6
-    q, k, v, ws = make_inputs(batch=3, n=big, mechanism=mechanism, per_head=per_head)
-    mask = left_padding_mask([6, 2, 0], big)
-    grad = torch.randn(3, 2, big, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    off = big - n
-
-    def run(tensors, weights, key_padding_mask, g):
-        leaves = [t.clone().requires_grad_(True) for t in (*tensors, *weights.values())]
-        out = awr_fast.refined_attention(*leaves[:3], mechanism=mechanism, key_padding_mask=key_padding_mask,
-                                         backend="reference", **dict(zip(weights, leaves[3:]))) \
-            if form == "naive" else dot_refined(*leaves[:3], mechanism=mechanism, key_padding_mask=key_padding_mask,
-                                                form="factored", **dict(zip(weights, leaves[3:])))
-        return out, torch.autograd.grad(out, leaves, g)
-
-    full, full_grads = run((q, k, v), ws, mask, grad)
-    window = {name: (w[..., off:, off:] if name == "w_rv" else w[..., off:, :]) for name, w in ws.items()}
-    part, part_grads = run((q[:, :, off:], k[:, :, off:], v[:, :, off:]), window, mask[:, off:],
-                           grad[:, :, off:])
-    torch.testing.assert_close(part, full[:, :, off:], rtol=1e-12, atol=1e-12)
-    for g_part, g_full in zip(part_grads[:3], full_grads[:3]):
-        torch.testing.assert_close(g_part, g_full[:, :, off:], rtol=1e-12, atol=1e-12)
-        assert (g_full[:, :, :off] == 0).all()
-    for name, g_part, g_full in zip(ws, part_grads[3:], full_grads[3:]):
-        rows = g_full[..., off:, off:] if name == "w_rv" else g_full[..., off:, :]
-        torch.testing.assert_close(g_part, rows, rtol=1e-12, atol=1e-12, msg=name)
-        assert torch.count_nonzero(g_full) == torch.count_nonzero(rows), name  # nothing outside the window
-
 def test_explicit_backend_explains_refusal(monkeypatch):
     q, k, v, ws = _good()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -267,13 +223,6 @@ def test_explicit_backend_explains_refusal(monkeypatch):
         awr_fast.refined_attention(q, k, v, mechanism="simp", backend="triton", **ws)
     with pytest.raises(awr_fast.UnsupportedInputError, match="backend='cuda' cannot run dot_refined"):
         awr_fast.refined_attention(q, k, v, mechanism="simp", backend="cuda", **ws)
-
-
-def test_auto_on_cpu_uses_reference():
-    q, k, v, ws = _good()
-    auto = awr_fast.refined_attention(q, k, v, mechanism="simp", **ws)
-    ref = awr_fast.refined_attention(q, k, v, mechanism="simp", backend="reference", **ws)
-    assert torch.equal(auto, ref)
 
 
 def test_lengths_equal_left_padding_mask():
@@ -301,144 +250,3 @@ def test_lengths_and_mask_together_is_an_error():
     with pytest.raises(ValueError, match="lengths: give key_padding_mask or lengths, not both"):
         awr_fast.refined_attention(q, k, v, mechanism="simp", lengths=torch.tensor([9, 3]),
                                    key_padding_mask=left_padding_mask([9, 3], 9), **ws)
-
-
-# ---- the factored form (SPEC §3b): the fast eager path is the same function as the naive oracle ---------
-
-PADDINGS = ("none", "left", "left_short", "arbitrary")
-
-
-def padding_mask(kind, batch, n, seed=0):
-    """None, or bool (batch, n), True = padding. left: lengths n, 0, random..., 1; left_short: every length
-    below n (the path crops to a window); arbitrary: not left padding, a leading run padded everywhere
-    (cropped too) and one fully padded sequence."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "none":
-        return None
-    if kind == "left":
-        return left_padding_mask(random_lengths(batch, n, g), n)
-    if kind == "left_short":
-        lengths = torch.randint(0, max(1, n // 2), (batch,), generator=g)
-        lengths[-1] = 1
-        return left_padding_mask(lengths, n)
-    mask = torch.rand(batch, n, generator=g) < 0.4
-    mask[:, : n // 3] = True
-    mask[1] = True
-    return mask
-
-
-def make_weights(mechanism, kind, heads, n, seed=1):
-    """kind: "shared" (n, n), "per_head" (H, n, n), "mixed" (W_RQ per head, the others shared) or
-    "rectangular" (W_RQ (H, n, 5) and W_RK (n, 5): M = W_RQ W_RK^T needs no square factors; W_RV (n, n))."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"shared": {}, "per_head": {"w_rq": (heads, n, n), "w_rk": (heads, n, n), "w_rv": (heads, n, n)},
-              "mixed": {"w_rq": (heads, n, n)}, "rectangular": {"w_rq": (heads, n, 5), "w_rk": (n, 5)}}[kind]
-    names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
-    return {name: (torch.randn(*shapes.get(name, (n, n)), generator=g, dtype=torch.float64)
-                   / math.sqrt(n)).requires_grad_(True) for name in names}
-
-
-@pytest.fixture(params=["default", "small"])
-def small_blocks(request, monkeypatch):
-    """default: one row block below 75 positions and one length bucket below 32 sequences; small: row
-    blocks of about 3 rows and buckets of single sequences, so every n >= 5 runs the multi-block code and
-    every padded batch the bucketed one."""
-    if request.param == "small":
-        monkeypatch.setattr(factored, "BLOCK_TARGET", 3)
-        monkeypatch.setattr(factored, "BUCKET_MIN", 1)
-    return request.param
-
-
-def _values_and_grads(form, q, k, v, ws, mechanism, mask, refine_input, grad_out):
-    out, weights = dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, refine_input=refine_input,
-                               form=form, return_weights=True, **ws)
-    grads = torch.autograd.grad(out, (q, k, v, *ws.values()), grad_out)
-    return (out, weights["A"], weights["B"], weights["P"]), grads
-
-
-@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
-@pytest.mark.parametrize("weights", ["shared", "per_head", "mixed", "rectangular"])
-@pytest.mark.parametrize("n", [1, 7, 37])
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_factored_equals_naive_values_and_gradients(mechanism, weights, n, padding, small_blocks):
-    q, k, v, _ = make_inputs(batch=4, n=n, d_h=3, mechanism="none", requires_grad=True)
-    ws = make_weights(mechanism, weights, 2, n)
-    mask = padding_mask(padding, 4, n, seed=n)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
-    for refine_input in ("probs", "scores") if n == 7 else ("probs",):
-        naive, naive_grads = _values_and_grads("naive", q, k, v, ws, mechanism, mask, refine_input, grad_out)
-        fact, fact_grads = _values_and_grads("factored", q, k, v, ws, mechanism, mask, refine_input, grad_out)
-        for name, f, nv in zip(("out", "A", "B", "P"), fact, naive):
-            torch.testing.assert_close(f, nv, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
-        for name, f, nv in zip(("q", "k", "v", *ws), fact_grads, naive_grads):
-            torch.testing.assert_close(f, nv, rtol=1e-12, atol=1e-12, msg=lambda m: f"d{name}: {m}")
-
-
-@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
-@pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("padding,refine_input", [("left", "probs"), ("arbitrary", "probs"), ("left", "scores")])
-def test_factored_gradcheck(mechanism, per_head, padding, refine_input, monkeypatch):
-    monkeypatch.setattr(factored, "BLOCK_TARGET", 3)  # n = 7: row blocks (0, 2), (2, 5), (5, 7)
-    monkeypatch.setattr(factored, "BUCKET_MIN", 1)  # and buckets of similar lengths
-    q, k, v, ws = make_inputs(batch=4, heads=2 if per_head else 1, n=7, d_h=2, mechanism=mechanism,
-                              per_head=per_head, requires_grad=True)
-    mask = padding_mask(padding, 4, 7, seed=1)
-    names = list(ws)
-
-    def fn(q, k, v, *w):
-        return dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, refine_input=refine_input,
-                           refine_scale=0.7, form="factored", **dict(zip(names, w)))
-
-    # the full Jacobian with shared weights (and one head); per head, gradcheck's fast mode (random
-    # projections u^T J v of the Jacobians): each case stays near a second on 2 cores
-    assert torch.autograd.gradcheck(fn, (q, k, v, *ws.values()), eps=1e-6, atol=1e-6, fast_mode=per_head)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
-@pytest.mark.parametrize("padding", ["left", "arbitrary"])
-def test_factored_padded_rows_are_zero_and_finite(dtype, mechanism, padding, monkeypatch):
-    monkeypatch.setattr(factored, "BLOCK_TARGET", 4)
-    monkeypatch.setattr(factored, "BUCKET_MIN", 1)
-    n = 9
-    q, k, v, ws = make_inputs(batch=4, n=n, d_h=4, mechanism=mechanism, dtype=dtype, requires_grad=True)
-    mask = padding_mask(padding, 4, n, seed=2)  # sequence 1 is fully padded in both kinds
-    out = dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, form="factored", **ws)
-    assert torch.isfinite(out).all()
-    assert (out.transpose(1, 2)[mask] == 0).all()  # every padded query row, the fully padded sequence too
-    (out.float() * torch.randn(out.shape)).sum().backward()
-    for t in (q, k, v, *ws.values()):
-        assert torch.isfinite(t.grad).all()
-    for t in (q, k, v):
-        assert (t.grad[1] == 0).all()
-        assert (t.grad.transpose(1, 2)[mask] == 0).all()  # padded positions get no gradient
-
-
-def test_factored_dropout_is_random_and_unbiased():
-    q, k, v, ws = make_inputs(batch=2, n=9, d_h=4, mechanism="simp")
-    mask = left_padding_mask([9, 5], 9)
-    torch.manual_seed(0)
-    outs = torch.stack([dot_refined(q, k, v, mechanism="simp", key_padding_mask=mask, dropout_p=0.3,
-                                    form="factored", **ws) for _ in range(300)])
-    plain = dot_refined(q, k, v, mechanism="simp", key_padding_mask=mask, form="factored", **ws)
-    assert not torch.equal(outs[0], outs[1])
-    assert (outs[:, 1, :, :4] == 0).all()  # padded queries stay zero under dropout
-    torch.testing.assert_close(outs.mean(0), plain, atol=0.15, rtol=0)
-
-
-@pytest.mark.parametrize("mechanism", ["none", "value_literal"])
-def test_factored_falls_back_to_naive_where_nothing_is_factored(mechanism):
-    q, k, v, ws = make_inputs(n=7, mechanism=mechanism)
-    with pytest.warns(UserWarning) if mechanism == "value_literal" else _no_warning():
-        naive = dot_refined(q, k, v, mechanism=mechanism, **ws)
-        fact = dot_refined(q, k, v, mechanism=mechanism, form="factored", **ws)
-    assert torch.equal(fact, naive)
-
-
-@pytest.mark.parametrize("length", [1, 2, 7, 50, 74, 76, 200, 333])
-def test_row_blocks_tile_the_window(length):
-    blocks = factored.row_blocks(length, factored.BLOCK_TARGET)
-    assert blocks[0][0] == 0 and blocks[-1][1] == length
-    assert all(e0 == s1 for (_, e0), (s1, _) in zip(blocks[:-1], blocks[1:]))
-    sizes = [e - s for s, e in blocks]
-    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1

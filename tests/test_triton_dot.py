@@ -293,9 +293,9 @@ def test_public_api_selects_triton():
 
 
 @pytest.mark.parametrize("case,match", [
-    ("value_literal", "reference-only"),
-    ("float64", "float64 is the reference's"),
-    ("long", "exceeds the Triton kernels' limit of 256"),
+    ("value_literal", "literal M_value is not causal"),
+    ("float64", "dtype torch.float64 is not supported"),
+    ("long", "n=300 exceeds this backend's limit of 256"),
 ])
 def test_triton_backend_explains_refusals(case, match):
     mechanism, n, dtype = {"value_literal": ("value_literal", 7, torch.float32),

@@ -12,15 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import BACKENDS
-from ..nn.dot import REFINE_SCALES, RefinedMultiheadAttention
-from ..reference.dot_refined import dot_refined
+from ..backends import check_backend
+from ..nn.dot import RefinedMultiheadAttention
+from ..ops import dot_refined as dot_spec
+from ..ops import w2_refined as w2_spec
 from . import losses
 from .negatives import sample_negatives
 
-REFINE_INPUTS = ("probs", "scores")
-REFINE_PARAMS = ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma")
-SASREC_ATTENTIONS = ("none", "simp", "add", "value")
+#: Parameter names of the AWRSR n x n matrices, in every model.
+REFINE_PARAMS = tuple(dict.fromkeys(name for spec in (dot_spec, w2_spec) for names in spec.WEIGHTS.values()
+                                    for name in names))
+SASREC_ATTENTIONS = dot_spec.CAUSAL_MECHANISMS
 SASREC_LAYOUTS = ("original", "post_ln")
 SASREC_LOSSES = ("bce", "ce", "sampled_ce")
 DEFAULT_SAMPLED_CE_NEGATIVES = 100
@@ -63,9 +65,9 @@ def check_common(*, num_items, max_len, d_model, n_layers, n_heads, dropout, att
     check_dropout("attn_dropout", attn_dropout)
     check_choice("attention", attention, attentions)
     check_bool("per_head_refine", per_head_refine)
-    check_choice("refine_input", refine_input, REFINE_INPUTS)
-    check_choice("refine_scale", refine_scale, REFINE_SCALES)
-    check_choice("backend", backend, ("auto", *BACKENDS))
+    check_choice("refine_input", refine_input, dot_spec.REFINE_INPUTS)
+    check_choice("refine_scale", refine_scale, dot_spec.REFINE_SCALES)
+    check_backend("backend", backend)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,22 +310,16 @@ class SASRec(SequentialRecommender):
 
     @torch.no_grad()
     def attention_maps(self, seq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The last layer's attention weights, recomputed by the float reference (return_weights):
-        "A" (first-order P, or the masked logits for refine_input="scores"), "B" (second-order scores,
-        only when attention != "none"), "P" (final weights, before dropout), each (B, H, max_len, max_len)
-        over absolute positions, plus "key_padding_mask" (B, max_len). Follows the module's train/eval
-        mode for the embedding/FFN dropout: call model.eval() first for clean maps."""
+        """The last layer's attention weights (its module's return_weights): "A" (first-order P, or the
+        masked logits for refine_input="scores"), "B" (second-order scores, only when attention != "none"),
+        "P" (final weights, before dropout), each (B, H, max_len, max_len) over absolute positions, plus
+        "key_padding_mask" (B, max_len). Follows the module's train/eval mode for the embedding/FFN dropout:
+        call model.eval() first for clean maps."""
         seq = self._pad_seq(seq)
         key_padding_mask = seq == 0
         block = self.blocks[-1]
         queries, keys = block.attention_inputs(self._encode(seq, upto=len(self.blocks) - 1))
-        attn = block.attn
-        q, k, v = (attn.split_heads(proj(x)) for proj, x in
-                   ((attn.q_proj, queries), (attn.k_proj, keys), (attn.v_proj, keys)))
-        weights = {name: w.to(q.dtype) for name, w in attn.refinement_weights(self.max_len).items()}
-        _, maps = dot_refined(q, k, v, mechanism=attn.mechanism, key_padding_mask=key_padding_mask,
-                              refine_scale=attn.refine_scale, refine_input=attn.refine_input,
-                              return_weights=True, **weights)
+        _, maps = block.attn(queries, keys, key_padding_mask, return_weights=True)
         return {**maps, "key_padding_mask": key_padding_mask}
 
     def extra_repr(self) -> str:

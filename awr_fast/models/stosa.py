@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import w2_scores
-from ..backends import IMPLEMENTATIONS, preload
+from ..backends import capabilities, preload
 from ..nn.wasserstein import STOSA_INIT_MEAN, STOSA_INIT_STD, WassersteinAttention
-from ..reference.w2_refined import w2_refined
+from ..ops import w2_refined as w2_spec
 from . import losses
 from .sasrec import SequentialRecommender, check_bool, check_common
 
-STOSA_ATTENTIONS = ("none", "simp", "add", "value", "stoc")
+STOSA_ATTENTIONS = w2_spec.MECHANISMS
 STOSA_LN_EPS = 1e-12
 
 
@@ -89,9 +89,8 @@ class STOSA(SequentialRecommender):
         check_bool("stosa_compat", stosa_compat)
         self.num_items, self.max_len, self.d_model = num_items, max_len, d_model
         self.attention, self.pvn, self.stosa_compat, self.backend = attention, float(pvn), stosa_compat, backend
-        self.scores_backend = backend if backend in IMPLEMENTATIONS["w2_scores"] else "auto"
-        preload("w2_refined")  # import the backends now, so that torch.compile traces the dispatch
-        preload("w2_scores")
+        self.scores_backend = backend if backend in capabilities("w2_scores") else "auto"
+        preload("w2_scores")  # import the backends now, so that torch.compile traces the dispatch
         self.item_mean_emb = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         self.item_cov_emb = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         self.pos_mean_emb = nn.Embedding(max_len, d_model)
@@ -113,9 +112,8 @@ class STOSA(SequentialRecommender):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
             elif isinstance(module, WassersteinAttention):
-                for name in ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma"):
-                    if hasattr(module, name):
-                        nn.init.normal_(getattr(module, name), mean=STOSA_INIT_MEAN, std=STOSA_INIT_STD)
+                for name in w2_spec.WEIGHTS[module.mechanism]:
+                    nn.init.normal_(getattr(module, name), mean=STOSA_INIT_MEAN, std=STOSA_INIT_STD)
 
     def item_gaussians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of every item, each (num_items + 1, d): E_mu and ELU(E_sig) + 1 (row 0 = padding)."""
@@ -178,20 +176,13 @@ class STOSA(SequentialRecommender):
 
     @torch.no_grad()
     def attention_maps(self, seq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The last layer's W2 attention weights recomputed by the float reference (return_weights):
-        "A", "B" (only when attention != "none"), "P", each (B, H, max_len, max_len) over absolute
-        positions, plus "key_padding_mask" (B, max_len). Call model.eval() first for clean maps."""
+        """The last layer's W2 attention weights (its module's return_weights): "A", "B" (only when
+        attention != "none"), "P", each (B, H, max_len, max_len) over absolute positions, plus
+        "key_padding_mask" (B, max_len). Call model.eval() first for clean maps."""
         seq = self._pad_seq(seq)
         key_padding_mask = seq == 0
         mu, sigma = self._encode(seq, upto=len(self.layers) - 1)
-        attn = self.layers[-1].attention
-        mu_q, mu_k, mu_v = (attn.split_heads(lin(mu)) for lin in (attn.mean_query, attn.mean_key, attn.mean_value))
-        sig_q, sig_k, sig_v = (attn.split_heads(F.elu(lin(sigma)) + 1.0)
-                               for lin in (attn.cov_query, attn.cov_key, attn.cov_value))
-        weights = {name: w.to(mu_q.dtype) for name, w in attn.refinement_weights(self.max_len).items()}
-        _, maps = w2_refined(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=attn.mechanism,
-                             key_padding_mask=key_padding_mask, refine_scale=attn.refine_scale,
-                             refine_input=attn.refine_input, return_weights=True, **weights)
+        _, maps = self.layers[-1].attention(mu, sigma, key_padding_mask, return_weights=True)
         return {**maps, "key_padding_mask": key_padding_mask}
 
     def extra_repr(self) -> str:

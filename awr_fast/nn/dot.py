@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..api import DOT_MECHANISMS, refined_attention
-from ..backends import BACKENDS, preload
+from .. import validation as V
+from ..api import refined_attention
+from ..backends import capabilities, check_backend, preload
+from ..ops import dot_refined as spec
 
-REFINE_SCALES = ("d_h", "d", "n")
 
-
-def refine_scale_value(name: str, d_model: int, n_heads: int, max_len: int) -> float:
-    """c of SPEC §3: 1/sqrt(d_h) by default, 1/sqrt(d) or 1/sqrt(n) as options."""
-    if name not in REFINE_SCALES:
-        raise ValueError(f"refine_scale: expected one of {list(REFINE_SCALES)}, got {name!r}")
-    return 1.0 / math.sqrt({"d_h": d_model // n_heads, "d": d_model, "n": max_len}[name])
+def weights_backend(op: str, backend: str) -> str:
+    """A module's backend for a return_weights call: its own where that stores the weights, else "auto"
+    (which picks the first that does)."""
+    row = capabilities(op).get(backend)
+    return backend if row is not None and row.weights else "auto"
 
 
 def check_window(name: str, x: torch.Tensor, max_len: int, d_model: int) -> None:
@@ -39,10 +37,6 @@ def window_refine_weights(module: nn.Module, names: tuple[str, ...], max_len: in
     return weights
 
 
-def refine_weight_names(mechanism: str) -> tuple[str, ...]:
-    return {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk")}.get(mechanism, ("w_rq", "w_rk", "w_rv"))
-
-
 class RefinedMultiheadAttention(nn.Module):
     """Causal multi-head attention (heads split along channels) whose weights AWRSR refines.
 
@@ -60,20 +54,18 @@ class RefinedMultiheadAttention(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
-        if mechanism not in DOT_MECHANISMS:
-            raise ValueError(f"mechanism: expected one of {list(DOT_MECHANISMS)}, got {mechanism!r}")
+        V.check_choice("mechanism", mechanism, spec.MECHANISMS)
+        check_backend("backend", backend)
         self.d_model, self.n_heads, self.max_len = d_model, n_heads, max_len
-        if backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
         self.mechanism, self.dropout, self.refine_input, self.backend = mechanism, dropout, refine_input, backend
         preload("dot_refined")  # so that torch.compile traces the dispatch without importing
-        self.refine_scale = refine_scale_value(refine_scale, d_model, n_heads, max_len)
+        self.refine_scale = spec.refine_scale_value(refine_scale, d_model, n_heads, max_len)
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias) if out_proj else nn.Identity()
         shape = (n_heads, max_len, max_len) if per_head_refine else (max_len, max_len)
-        for name in refine_weight_names(mechanism):
+        for name in spec.WEIGHTS[mechanism]:
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
@@ -83,7 +75,7 @@ class RefinedMultiheadAttention(nn.Module):
                 nn.init.xavier_normal_(lin.weight)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
-        for name in refine_weight_names(self.mechanism):
+        for name in spec.WEIGHTS[self.mechanism]:
             nn.init.xavier_normal_(getattr(self, name))  # SASRec initialises everything xavier_normal
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +84,12 @@ class RefinedMultiheadAttention(nn.Module):
 
     def refinement_weights(self, n: int) -> dict[str, torch.Tensor]:
         """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
-        return window_refine_weights(self, refine_weight_names(self.mechanism), self.max_len, n)
+        return window_refine_weights(self, spec.WEIGHTS[self.mechanism], self.max_len, n)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, *, return_weights: bool = False):
+        """(B, n, d) -> (B, n, d); with return_weights=True, (out, weights) with the op's weights {"A", "B",
+        "P"} of this call, each (B, H, n, n) (a backend that stores them runs: eager or reference)."""
         keys = queries if keys is None else keys
         check_window("queries", queries, self.max_len, self.d_model)
         q = self.split_heads(self.q_proj(queries))
@@ -103,10 +97,13 @@ class RefinedMultiheadAttention(nn.Module):
         v = self.split_heads(self.v_proj(keys))
         out = refined_attention(
             q, k, v, mechanism=self.mechanism, **self.refinement_weights(queries.shape[1]),
-            key_padding_mask=key_padding_mask, refine_scale=self.refine_scale,
-            refine_input=self.refine_input, dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+            key_padding_mask=key_padding_mask, refine_scale=self.refine_scale, refine_input=self.refine_input,
+            dropout_p=self.dropout if self.training else 0.0, return_weights=return_weights,
+            backend=weights_backend("dot_refined", self.backend) if return_weights else self.backend)
+        out, weights = out if return_weights else (out, None)
         batch, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.d_model))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.d_model))
+        return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "

@@ -6,15 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import W2_MECHANISMS, wasserstein_attention
-from .dot import check_window, refine_scale_value, window_refine_weights
+from .. import validation as V
+from ..api import wasserstein_attention
+from ..backends import check_backend, preload
+from ..ops import w2_refined as spec
+from ..ops.dot_refined import refine_scale_value
+from .dot import check_window, weights_backend, window_refine_weights
 
 STOSA_INIT_MEAN, STOSA_INIT_STD = 0.01, 0.02
-
-
-def w2_refine_weight_names(mechanism: str) -> tuple[str, ...]:
-    return {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk"), "value": ("w_rq", "w_rk", "w_rv"),
-            "stoc": ("w_mu", "w_sigma")}[mechanism]
 
 
 class WassersteinAttention(nn.Module):
@@ -36,11 +35,12 @@ class WassersteinAttention(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
-        if mechanism not in W2_MECHANISMS:
-            raise ValueError(f"mechanism: expected one of {list(W2_MECHANISMS)}, got {mechanism!r}")
+        V.check_choice("mechanism", mechanism, spec.MECHANISMS)
+        check_backend("backend", backend)
         self.d_model, self.n_heads, self.max_len = d_model, n_heads, max_len
         self.mechanism, self.attn_dropout, self.refine_input = mechanism, attn_dropout, refine_input
         self.backend = backend
+        preload("w2_refined")  # so that torch.compile traces the dispatch without importing
         self.refine_scale = refine_scale_value(refine_scale, d_model, n_heads, max_len)
         self.mean_query = nn.Linear(d_model, d_model)
         self.mean_key = nn.Linear(d_model, d_model)
@@ -53,7 +53,7 @@ class WassersteinAttention(nn.Module):
         self.out_dropout = nn.Dropout(hidden_dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
         shape = (n_heads, max_len, max_len) if per_head_refine else (max_len, max_len)
-        for name in w2_refine_weight_names(mechanism):
+        for name in spec.WEIGHTS[mechanism]:
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
@@ -66,7 +66,7 @@ class WassersteinAttention(nn.Module):
             nn.init.normal_(lin.weight, mean=STOSA_INIT_MEAN, std=STOSA_INIT_STD)
             nn.init.zeros_(lin.bias)
         self.layer_norm.reset_parameters()
-        for name in w2_refine_weight_names(self.mechanism):
+        for name in spec.WEIGHTS[self.mechanism]:
             nn.init.normal_(getattr(self, name), mean=STOSA_INIT_MEAN, std=STOSA_INIT_STD)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,12 @@ class WassersteinAttention(nn.Module):
 
     def refinement_weights(self, n: int) -> dict[str, torch.Tensor]:
         """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
-        return window_refine_weights(self, w2_refine_weight_names(self.mechanism), self.max_len, n)
+        return window_refine_weights(self, spec.WEIGHTS[self.mechanism], self.max_len, n)
 
-    def forward(self, mu: torch.Tensor, sigma: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, mu: torch.Tensor, sigma: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
+                return_weights: bool = False):
+        """-> (mu', sigma'); with return_weights=True, ((mu', sigma'), weights) with the op's weights {"A",
+        "B", "P"} of this call, each (B, H, n, n)."""
         check_window("mu", mu, self.max_len, self.d_model)
         if sigma.shape != mu.shape:
             raise ValueError(f"sigma: expected shape {tuple(mu.shape)} (that of mu), got {tuple(sigma.shape)}")
@@ -90,13 +92,15 @@ class WassersteinAttention(nn.Module):
         sig_q, sig_k, sig_v = (self.split_heads(F.elu(lin(sigma)) + 1.0)
                                for lin in (self.cov_query, self.cov_key, self.cov_value))
         weights = self.refinement_weights(mu.shape[1])
-        ctx_mu, ctx_sig = wasserstein_attention(
+        out = wasserstein_attention(
             mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=self.mechanism, key_padding_mask=key_padding_mask,
             refine_scale=self.refine_scale, refine_input=self.refine_input,
-            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.backend, **weights)
+            dropout_p=self.attn_dropout if self.training else 0.0, return_weights=return_weights,
+            backend=weights_backend("w2_refined", self.backend) if return_weights else self.backend, **weights)
+        (ctx_mu, ctx_sig), maps = out if return_weights else (out, None)
         mu_out = self.layer_norm(self.out_dropout(self.mean_dense(self.merge_heads(ctx_mu))) + mu)
         sig_out = self.layer_norm(self.out_dropout(self.cov_dense(self.merge_heads(ctx_sig))) + sigma)
-        return mu_out, sig_out
+        return ((mu_out, sig_out), maps) if return_weights else (mu_out, sig_out)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "

@@ -1,19 +1,18 @@
 """Readable PyTorch reference: causal dot-product attention with AWRSR refinement (SPEC §2, §3, §3b).
 
 Layout (B, H, n, d_h) like SDPA. This is the float64 oracle every fast backend is checked against, so
-it is written for clarity: every n x n product is spelled out. form="factored" instead runs the same
-function through factored.py, the fast eager path (A M A^T, triangular blocks, length buckets).
+it is written for clarity: every n x n product is spelled out. The fast eager form of the same function
+(A M A^T, triangular blocks, length buckets) is the eager backend, awr_fast.eager.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import factored
+from ..ops.dot_refined import default_scale
 from .masking import masked_softmax, visible_mask, zero_padded_queries
 
 
@@ -29,22 +28,19 @@ def refinement_input(scores: torch.Tensor, probs: torch.Tensor, visible: torch.T
     return torch.where(visible, scores, torch.zeros_like(scores))
 
 
-def second_order_scores(a, w_rq, w_rk, c, form):
-    """c (A W_RQ)(A W_RK)^T, literally ("naive") or as c A (W_RQ W_RK^T) A^T ("factored", SPEC §3b)."""
-    if form == "factored":
-        m = w_rq @ w_rk.transpose(-1, -2)
-        return c * (a @ expand_refine_weight(m)) @ a.transpose(-1, -2)
+def second_order_scores(a, w_rq, w_rk, c):
+    """c (A W_RQ)(A W_RK)^T, spelled out."""
     return c * (a @ expand_refine_weight(w_rq)) @ (a @ expand_refine_weight(w_rk)).transpose(-1, -2)
 
 
-def refine_scores(a, visible, *, mechanism, w_rq, w_rk, w_rv, c, form="naive"):
+def refine_scores(a, visible, *, mechanism, w_rq, w_rk, w_rv, c):
     """B of SPEC §3 for the dot-product family (not yet masked)."""
     if mechanism == "simp":
-        return second_order_scores(a, w_rq, w_rk, c, form)
+        return second_order_scores(a, w_rq, w_rk, c)
     if mechanism == "add":
-        return 0.5 * (second_order_scores(a, w_rk, w_rq, c, form) + a)
+        return 0.5 * (second_order_scores(a, w_rk, w_rq, c) + a)
     if mechanism == "value":
-        inner = masked_softmax(second_order_scores(a, w_rq, w_rk, c, form), visible)
+        inner = masked_softmax(second_order_scores(a, w_rq, w_rk, c), visible)
         return inner @ (a @ expand_refine_weight(w_rv))
     if mechanism == "value_literal":
         # B = (W_RV A) softmax((W_RK A)^T (W_RQ A)): mixes rows of future positions on purpose.
@@ -68,32 +64,16 @@ def dot_refined(
     refine_scale: float | None = None,
     refine_input: str = "probs",
     dropout_p: float = 0.0,
-    form: str = "naive",
     return_weights: bool = False,
 ):
     """Causal multi-head attention, optionally AWRSR-refined. Inputs are assumed validated.
-
-    form="naive" spells every product out (the float64 oracle); form="factored" computes the same function
-    through the fast eager path of factored.py (SPEC §3b) for simp, add and value.
 
     Returns out (B, H, n, d_h), or (out, weights) with weights = {"A": first-order input to the
     refinement (or P), "B": second-order scores, "P": final weights before dropout}.
     """
     n, d_h = q.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(d_h) if scale is None else scale
-    c = 1.0 / math.sqrt(d_h) if refine_scale is None else refine_scale
-    if form == "factored" and mechanism in ("simp", "add", "value"):
-        given = {"w_rq": w_rq, "w_rk": w_rk, "w_rv": w_rv}
-        weights = {name: given[name] for name in factored.WEIGHT_NAMES[mechanism]}
-        out, weights_fn = factored.dot_refined_factored(q, k, v, mechanism=mechanism, weights=weights,
-                                                        key_padding_mask=key_padding_mask, scale=scale, c=c,
-                                                        refine_input=refine_input, dropout_p=dropout_p)
-        if not return_weights:
-            return out
-        weights = weights_fn()
-        weights["B"] = refine_scores(weights["A"], visible_mask(n, key_padding_mask, q.device), mechanism=mechanism,
-                                     w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c, form=form)
-        return out, weights
+    scale = default_scale(d_h) if scale is None else scale
+    c = default_scale(d_h) if refine_scale is None else refine_scale
     visible = visible_mask(n, key_padding_mask, q.device)
 
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -104,7 +84,7 @@ def dot_refined(
             warnings.warn("mechanism='value_literal' mixes rows of future positions (it is not causal); "
                           "use mechanism='value' for the causal-safe reading", stacklevel=2)
         a = refinement_input(scores, probs, visible, refine_input)
-        b = refine_scores(a, visible, mechanism=mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c, form=form)
+        b = refine_scores(a, visible, mechanism=mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c)
         probs = masked_softmax(b, visible)
         weights.update(A=a, B=b)
     weights["P"] = probs

@@ -36,9 +36,3 @@ def zero_padded_queries(x: torch.Tensor, key_padding_mask: torch.Tensor | None) 
         return x
     return x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
 
-
-def lengths_from_padding(key_padding_mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor:
-    """Number of non-padding positions per sequence (int32, (B,))."""
-    if key_padding_mask is None:
-        return torch.full((batch,), n, dtype=torch.int32, device=device)
-    return (~key_padding_mask).sum(dim=-1).to(torch.int32)

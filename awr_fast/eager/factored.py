@@ -1,6 +1,7 @@
-"""The fast eager form of the AWRSR refinement (SPEC §3b), behind form="factored" of dot_refined and w2_refined.
+"""The core of the eager backend: the AWRSR refinement in its factored form (SPEC §3b), shared by
+eager.dot_refined and eager.w2_refined.
 
-The naive form stays the readable oracle; this is the same function, organised for speed on the CPU:
+The reference stays the readable oracle; this is the same function, organised for speed on the CPU:
 
 - B = A (c M) A^T with M = W_RQ W_RK^T (M_add uses M^T, M_value's inner scores are the same, M_stoc's mean
   part is the Gram matrix A W_mu W_mu^T A^T), so each head needs two n x n products with A instead of three;
@@ -29,9 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-MECHANISMS = ("simp", "add", "value", "stoc")
-WEIGHT_NAMES = {"simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk"), "value": ("w_rq", "w_rk", "w_rv"),
-                "stoc": ("w_mu", "w_sigma")}
 BLOCK_TARGET = 50  # rows per block: smaller blocks skip more zeros, larger ones make more efficient GEMMs
 BUCKET_RATIO = 0.7  # a length bucket holds sequences down to this fraction of its longest one ...
 BUCKET_MIN = 16  # ... and at least this many
@@ -398,13 +396,42 @@ def run_buckets(key_padding_mask, inputs: dict, weights: dict, core):
     return outs, weights_fn
 
 
-def dot_refined_factored(q, k, v, *, mechanism, weights, key_padding_mask, scale, c, refine_input, dropout_p):
-    """dot_refined(form="factored") for simp, add and value: (out, weights_fn), where weights_fn() builds
-    {"A", "P"} as (B, H, n, n) (for return_weights)."""
-    def core(window, x):
-        a, probs, plan = refine(window, window.group(x["q"]) * scale, window.group(x["k"]), mechanism=mechanism,
-                                weights=weights, c=c, refine_input=refine_input)
-        return [apply_probs(dropout_blocks(probs, dropout_p), plan, window.group(x["v"]))], a, probs, plan
+def expand(w: torch.Tensor) -> torch.Tensor:
+    """(n, r) shared or (H, n, r) per head -> broadcastable against (B, H, n, r)."""
+    return w[None, None] if w.dim() == 2 else w[None]
 
-    (out,), weights_fn = run_buckets(key_padding_mask, {"q": q, "k": k, "v": v}, weights, core)
-    return out, weights_fn
+
+def visible_mask(n: int, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """(B | 1, 1, n, n) bool: key j is visible to query i (SPEC §1)."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()[None, None]
+    if key_padding_mask is None:
+        return causal
+    keep = ~key_padding_mask
+    return causal & keep[:, None, :, None] & keep[:, None, None, :]
+
+
+def dense_masked_softmax(x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    empty = ~visible.any(-1, keepdim=True)
+    x = x.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
+    return torch.softmax(x, dim=-1).masked_fill(empty, 0.0)
+
+
+def dense_second_order(a: torch.Tensor, mechanism: str, weights: dict, c: float, key_padding_mask, sqrt_clamp=1e-24):
+    """B of SPEC §3 (not yet masked) as (B, H, n, n) from the dense A, through the factored weights: what
+    return_weights reports. Never on the training path, so plainly dense."""
+    if mechanism == "stoc":
+        w_mu = expand(weights["w_mu"])
+        gram = (a @ (w_mu @ w_mu.transpose(-1, -2))) @ a.transpose(-1, -2)
+        sq = gram.diagonal(dim1=-2, dim2=-1)
+        sig = F.elu(a @ expand(weights["w_sigma"])) + 1.0
+        root = sig.clamp(min=sqrt_clamp).sqrt()
+        total = sq + sig.sum(-1)
+        w2 = total[..., :, None] + total[..., None, :] - 2.0 * (gram + root @ root.transpose(-1, -2))
+        return -c * w2
+    m, w_rv = refinement_weights(mechanism, weights, c, 0)
+    b = (a @ expand(m)) @ a.transpose(-1, -2)
+    if mechanism == "add":
+        return b + 0.5 * a
+    if mechanism == "value":
+        return dense_masked_softmax(b, visible_mask(a.shape[-1], key_padding_mask, a.device)) @ (a @ expand(w_rv))
+    return b

@@ -1,0 +1,131 @@
+"""Host cost of one attention call: forward+backward at a tiny shape on the CPU, where the arithmetic is
+negligible and what remains is Python (argument checks, dispatch, autograd bookkeeping, launches).
+
+    python bench/host_overhead.py                     # every backend that runs here, none and simp
+    python bench/host_overhead.py --label before      # tag the rows (e.g. an older checkout on PYTHONPATH)
+
+For each (mechanism, backend) it times one forward+backward through the public API (median and 20/80
+quantiles over --repeats blocks of --calls calls), the same through the nn module (projections included),
+and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch attention call. Rows are
+appended to bench/results/host_overhead.csv and .jsonl. Backends this checkout lacks are skipped with the
+error they raise, so the same script measures an older checkout for a before/after comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+COLUMNS = ["run_id", "date", "label", "git_commit", "torch", "python", "threads", "path", "mechanism", "backend",
+           "backend_ran", "batch", "heads", "n", "d_h", "calls", "us_median", "us_p20", "us_p80", "status", "reason"]
+BACKENDS = ("reference", "eager", "auto")
+
+
+def _time(fn, calls: int, repeats: int) -> np.ndarray:
+    for _ in range(10):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - start) / calls * 1e6)
+    return np.array(out)
+
+
+def _cases(args):
+    import awr_fast
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = args.batch, args.heads, args.n, args.d_h
+    q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_(True) for _ in range(3))
+    w = {name: torch.randn(n, n, generator=g).requires_grad_(True) for name in ("w_rq", "w_rk")}
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[0, : n // 2] = True
+    for mechanism in ("none", "simp"):
+        weights = w if mechanism == "simp" else {}
+        for backend in BACKENDS:
+            def api_call(backend=backend, weights=weights, mechanism=mechanism):
+                out = awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask, backend=backend,
+                                                 **weights)
+                out.sum().backward()
+            yield "api", mechanism, backend, api_call
+        for backend in BACKENDS:
+            try:
+                layer = awr_fast.nn.dot.RefinedMultiheadAttention(h * d, h, n, mechanism, backend=backend)
+            except ValueError as exc:
+                yield "module", mechanism, backend, exc
+                continue
+            x = torch.randn(b, n, h * d, generator=g)
+
+            def module_call(layer=layer, x=x):
+                layer(x, key_padding_mask=mask).sum().backward()
+            yield "module", mechanism, backend, module_call
+
+    def sdpa_call():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    yield "api", "causal", "sdpa", sdpa_call
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", default="", help="free text stored with every row (e.g. before, after)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--d-h", type=int, default=8)
+    p.add_argument("--calls", type=int, default=200, help="calls per timed block")
+    p.add_argument("--repeats", type=int, default=15, help="timed blocks (median and 20/80 quantiles over them)")
+    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR, help="results folder")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # the host path is single-threaded; more threads only add noise here
+    import awr_fast
+    import awr_fast.nn.dot  # noqa: F401
+
+    env = common.env_info(torch.device("cpu"))
+    rid = common.run_id(env)
+    rows = []
+    for path, mechanism, backend, fn in _cases(args):
+        row = {"run_id": rid, "date": env["date"], "label": args.label, "git_commit": env["git_commit"],
+               "torch": env["torch"], "python": env["python"], "threads": 1, "path": path, "mechanism": mechanism,
+               "backend": backend, "batch": args.batch, "heads": args.heads, "n": args.n, "d_h": args.d_h,
+               "calls": args.calls}
+        if isinstance(fn, Exception):
+            rows.append({**row, "status": "skipped", "reason": common.describe(fn)})
+            continue
+        used = getattr(getattr(awr_fast, "backends", None), "USED", None)
+        if used is not None:
+            used.clear()
+        try:
+            t = _time(fn, args.calls, args.repeats)
+        except (ValueError, RuntimeError) as exc:
+            rows.append({**row, "status": "skipped", "reason": common.describe(exc)})
+            continue
+        ran = "+".join(sorted({b for (_, b) in used})) if used else ("sdpa" if backend == "sdpa" else "")
+        rows.append({**row, "backend_ran": ran, "us_median": float(np.median(t)),
+                     "us_p20": float(np.quantile(t, 0.2)), "us_p80": float(np.quantile(t, 0.8)), "status": "ok"})
+    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80"]
+    table = [[r["path"], r["mechanism"], r["backend"], r.get("backend_ran", ""),
+              f"{r['us_median']:.0f}" if r["status"] == "ok" else r["status"],
+              f"{r['us_p20']:.0f}-{r['us_p80']:.0f}" if r["status"] == "ok" else r["reason"][:60]] for r in rows]
+    print(f"host cost of one forward+backward, B={args.batch} H={args.heads} n={args.n} d_h={args.d_h}, CPU, "
+          f"1 thread, {env['git_commit']} {args.label}")
+    print(common.fmt_table(header, table, [False] * 4 + [True, True]))
+    if not args.no_save:
+        csv_path, _ = common.append_results(args.out, "host_overhead", rows, COLUMNS)
+        print(f"appended {len(rows)} rows to {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
