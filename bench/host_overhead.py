@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--d-h", type=int, default=8)
     p.add_argument("--calls", type=int, default=200, help="calls per timed block")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks (median and 20/80 quantiles over them)")
-    p.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR, help="results folder")
+    p.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR,
+                   help="where host_overhead.csv/.jsonl go")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the host path is single-threaded; more threads only add noise here
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
           f"1 thread, {env['git_commit']} {args.label}")
     print(common.fmt_table(header, table, [False] * 4 + [True, True]))
     if not args.no_save:
-        csv_path, _ = common.append_results(args.out, "host_overhead", rows, COLUMNS)
+        csv_path, _ = common.append_results(args.results_dir, "host_overhead", rows, COLUMNS)
         print(f"appended {len(rows)} rows to {csv_path}")
     return 0
 

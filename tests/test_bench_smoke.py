@@ -163,3 +163,22 @@ def test_breakdown_quick(tmp_path):
     for r in rows:
         wall, host = float(r[4]), float(r[5])
         assert 0 < host <= wall * 1.05, r  # the host part of a step cannot exceed the whole step
+
+
+def test_host_overhead(tmp_path):
+    """bench/host_overhead.py: one row per (path, mechanism, backend); on the CPU "auto" runs eager for simp
+    and the reference for none, and every timed row is positive."""
+    host = _load("host_overhead")
+    _run("host_overhead.py", ["--calls", "3", "--repeats", "2", "--label", "smoke"], tmp_path)
+    header, rows, _ = _rows(tmp_path, "host_overhead")
+    assert header == host.COLUMNS
+    by = {(r["path"], r["mechanism"], r["backend"]): r for r in rows}
+    assert by[("api", "simp", "auto")]["backend_ran"] == "eager"
+    assert by[("api", "none", "auto")]["backend_ran"] == "reference"
+    assert by[("api", "none", "eager")]["status"] == "skipped"
+    assert "nothing to factor" in by[("api", "none", "eager")]["reason"]
+    assert by[("api", "causal", "sdpa")]["status"] == "ok"
+    for r in rows:
+        assert r["label"] == "smoke"
+        if r["status"] == "ok":
+            assert 0 < float(r["us_p20"]) <= float(r["us_median"]) <= float(r["us_p80"]), r

@@ -15,8 +15,14 @@ from .config import TrainConfig, build_parser, config_from_args, load_config
 from .distributed import DistInfo, init_distributed
 from .evaluate import PROTOCOLS, evaluate, evaluate_popularity, evaluate_scores, selection_key
 from .loop import EarlyStopping, LossModule, autocast, make_optimizer, make_scaler, train_epoch
-from .sampler import (LengthBucketBatchSampler, RandomBatchSampler, epoch_generator, epoch_seed,
-                      make_batch_sampler, shard_batch)
+from .sampler import (
+    LengthBucketBatchSampler,
+    RandomBatchSampler,
+    epoch_generator,
+    epoch_seed,
+    make_batch_sampler,
+    shard_batch,
+)
 
 __all__ = [
     "PROTOCOLS", "DistInfo", "EarlyStopping", "LengthBucketBatchSampler", "LossModule",

@@ -1,9 +1,13 @@
 """Training configuration: one dataclass, its command-line flags, and the resume rules.
 
 :class:`TrainConfig` holds every knob of a run; ``config.json`` in the run directory is its
-``to_dict()``. The command line (:func:`build_parser`) has one flag per field; flags that are not
-given keep the dataclass default, or, with ``--resume RUN_DIR``, the value stored in that run's
-``config.json`` (only the fields in :data:`RESUME_MUTABLE` may then change, e.g. ``--epochs``).
+``to_dict()``. Each field carries its CLI face in ``field(metadata=...)`` (group, help text,
+choices, the flag when it is not ``--field-name``), and :func:`build_parser` derives one flag per
+field from that and the field's type (bool fields get ``--x/--no-x``). The choices come from the
+specs: attention mechanisms from :mod:`awr_fast.ops.dot_refined` / :mod:`awr_fast.ops.w2_refined`,
+backends from :data:`awr_fast.backends.CHOICES`. Flags that are not given keep the dataclass
+default, or, with ``--resume RUN_DIR``, the value stored in that run's ``config.json`` (only the
+fields in :data:`RESUME_MUTABLE` may then change, e.g. ``--epochs``).
 
 Defaults are sized so that ``python -m awr_fast.train`` finishes in a few minutes on two CPU cores
 with the embedded synthetic data set; the paper's settings are flags (SPEC §6: d in {64, 128},
@@ -15,24 +19,60 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import numbers
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
-__all__ = ["ARCH_FIELDS", "MODELS", "RESUME_MUTABLE", "TrainConfig", "build_parser", "config_from_args",
-           "load_config"]
+from ..backends import CHOICES as BACKENDS
+from ..data.dataset import KNOWN_DATASETS
+from ..data.preprocess import KCORE_MODES
+from ..models.sasrec import SASREC_LAYOUTS, SASREC_LOSSES
+from ..ops import dot_refined as dot_spec
+from ..ops import w2_refined as w2_spec
+from .evaluate import PROTOCOLS
 
+__all__ = ["MODELS", "PROG", "RESUME_MUTABLE", "TrainConfig", "build_parser", "cli_fields",
+           "config_from_args", "flag_of", "load_config"]
+
+#: The command line's program name (argparse usage and error lines).
+PROG = "python -m awr_fast.train"
 MODELS = ("sasrec", "stosa")
-ATTENTIONS = {"sasrec": ("none", "simp", "add", "value"), "stosa": ("none", "simp", "add", "value", "stoc")}
+#: The attention mechanisms each model offers (the op specs' causal mechanisms).
+ATTENTIONS = {"sasrec": dot_spec.CAUSAL_MECHANISMS, "stosa": w2_spec.MECHANISMS}
+ALL_ATTENTIONS = tuple(dict.fromkeys(a for mechanisms in ATTENTIONS.values() for a in mechanisms))
+STOSA_ONLY = tuple(a for a in ATTENTIONS["stosa"] if a not in ATTENTIONS["sasrec"])
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
 
 #: Fields that may differ between a run and its resumption (everything else must match).
 RESUME_MUTABLE = frozenset({"epochs", "patience", "eval_every", "quiet", "tensorboard", "device", "resume",
                             "eval_batch_size", "num_threads", "backend", "out"})
-#: Fields that change the parameters' shapes (checked when loading a checkpoint into a model).
-ARCH_FIELDS = ("model", "attention", "d_model", "n_layers", "n_heads", "max_len", "per_head_refine",
-               "refine_input", "layout", "loss")
+#: Integer fields that must be >= 1.
+_POSITIVE = ("d_model", "n_layers", "n_heads", "max_len", "batch_size", "epochs", "eval_every", "eval_batch_size",
+             "bucket_batches")
+
+
+def _option(group: str):
+    """A maker of dataclass fields of the CLI group ``group``. The field's metadata says how
+    :func:`build_parser` shows it: ``help``, ``choices`` (also checked by ``validate``), ``flag`` (when it
+    is not ``--field-name``), ``default_text`` (shown instead of the default value) and ``cli=False`` for
+    fields without a flag."""
+
+    def option(default: Any, help: str, *, choices=None,
+               flag: str | None = None, default_text: str | None = None, cli: bool = True):
+        metadata = {"group": group, "help": help, "choices": tuple(choices) if choices is not None else None,
+                    "flag": flag, "default_text": default_text, "cli": cli}
+        return field(default=default, metadata=metadata)
+
+    return option
+
+
+_model, _optimisation, _data, _evaluation, _run = (_option(g) for g in ("model", "optimisation", "data",
+                                                                          "evaluation", "run"))
 
 
 @dataclass
@@ -40,80 +80,101 @@ class TrainConfig:
     """Every setting of a training run (see ``python -m awr_fast.train --help``)."""
 
     # model
-    model: str = "sasrec"
-    attention: str = "simp"
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 1
-    max_len: int = 50
-    dropout: float = 0.2
-    attn_dropout: Optional[float] = None  # None: same as dropout (sasrec), 0.0 (stosa, as released)
-    per_head_refine: bool = False
-    refine_input: str = "probs"
-    refine_scale: str = "d_h"
-    backend: str = "auto"
-    layout: str = "original"  # sasrec
-    loss: str = "bce"  # sasrec
-    num_negatives: Optional[int] = None  # sasrec: None = the model's default (1 for bce, 100 for sampled_ce)
-    pvn: float = 0.005  # stosa
-    stosa_compat: bool = False  # stosa
+    model: str = _model("sasrec", "backbone", choices=MODELS)
+    attention: str = _model("simp", f"AWRSR refinement mechanism ({', '.join(STOSA_ONLY)}: stosa only)",
+                            choices=ALL_ATTENTIONS)
+    d_model: int = _model(64, "embedding width d")
+    n_layers: int = _model(2, "attention blocks")
+    n_heads: int = _model(1, "attention heads")
+    max_len: int = _model(50, "padded sequence length n")
+    dropout: float = _model(0.2, "dropout rate")
+    attn_dropout: float | None = _model(None, "attention-weight dropout",
+                                        default_text="--dropout for sasrec, 0 for stosa as released")
+    per_head_refine: bool = _model(False, "one set of refinement matrices per head")
+    refine_input: str = _model("probs", "refinement input A: post-softmax probabilities or masked scores",
+                               choices=dot_spec.REFINE_INPUTS)
+    refine_scale: str = _model("d_h", "refinement scale c = 1/sqrt(d_h | d | n)", choices=dot_spec.REFINE_SCALES)
+    backend: str = _model("auto", "attention backend; auto runs the first of " + ", ".join(BACKENDS[1:])
+                          + " that takes the inputs (cuda and triton only for CUDA tensors)", choices=BACKENDS)
+    layout: str = _model("original", "sasrec block layout", choices=SASREC_LAYOUTS)
+    loss: str = _model("bce", "sasrec loss", choices=SASREC_LOSSES)
+    num_negatives: int | None = _model(None, "sasrec negatives per position",
+                                       default_text="1 for bce, 100 for sampled_ce")
+    pvn: float = _model(0.005, "stosa positive-vs-negative loss weight")
+    stosa_compat: bool = _model(False, "stosa: the released encoder's behaviour (mean stream not updated)")
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 5e-3  # sized for the synthetic default; the paper's grid is {1e-3, 1e-4}
-    l2: float = 0.0
-    betas: Tuple[float, float] = (0.9, 0.98)
-    clip_grad: float = 0.0  # 0: no clipping (the global norm is still logged)
-    batch_size: int = 128
-    epochs: int = 30
-    patience: int = 20
-    seed: int = 42
-    amp: str = "none"
+    optimizer: str = _optimisation("adam", "Adam (L2 added to the gradient) or AdamW (decoupled decay)",
+                                   choices=OPTIMIZERS)
+    lr: float = _optimisation(5e-3, "learning rate (the default is sized for the synthetic data; the paper's "
+                                    "grid is 1e-3, 1e-4)")
+    l2: float = _optimisation(0.0, "weight decay (L2)")
+    betas: tuple[float, float] = _optimisation((0.9, 0.98), "Adam betas")
+    clip_grad: float = _optimisation(0.0, "clip the global gradient norm to this value (0: off; the norm is "
+                                          "logged either way)")
+    batch_size: int = _optimisation(128, "training rows per step (global, over all processes)")
+    epochs: int = _optimisation(30, "maximum epochs")
+    patience: int = _optimisation(20, "early stopping: evaluations without a better valid NDCG@5 (sampled100: "
+                                      "sampled_ndcg@5); 0: never stop early")
+    seed: int = _optimisation(42, "seed (model init, epoch order, negatives, dropout)")
+    amp: str = _optimisation("none", "mixed precision: bf16, or fp16 with a GradScaler", choices=AMP_MODES)
     # data
-    dataset: str = "synthetic"
-    data: Optional[str] = None  # a file path; wins over dataset
-    kcore: str = "iterative"
-    synthetic: Dict[str, Any] = field(default_factory=dict)  # make_synthetic arguments (dataset "synthetic")
-    length_bucketing: bool = True
-    bucket_batches: int = 50
-    trim_padding: bool = True  # drop a batch's all-padding columns: the same model function, less work
+    dataset: str = _data("synthetic", "named data set: synthetic (embedded), " + ", ".join(KNOWN_DATASETS))
+    data: str | None = _data(None, "path of a data file (wins over --dataset)")
+    kcore: str = _data("iterative", "k-core filter", choices=KCORE_MODES)
+    synthetic: dict[str, Any] = field(default_factory=dict, metadata={
+        "cli": False, "help": "make_synthetic arguments (dataset 'synthetic'); not a flag"})
+    length_bucketing: bool = _data(True, "group training rows of similar length into batches")
+    bucket_batches: int = _data(50, "length bucketing pool size, in batches")
+    trim_padding: bool = _data(True, "drop the columns that are padding in every row of a batch (training and "
+                                     "evaluation), so the work follows the batch's longest sequence; the model "
+                                     "computes the same function")
     # evaluation
-    eval_every: int = 1
-    eval_batch_size: int = 256
-    exclude_history: bool = False
-    protocol: str = "full"
+    eval_every: int = _evaluation(1, "evaluate on valid every this many epochs")
+    eval_batch_size: int = _evaluation(256, "users scored per chunk")
+    exclude_history: bool = _evaluation(False, "drop the user's past items from the ranking (STOSA's protocol)")
+    protocol: str = _evaluation("full", "full ranking, or sampled100 (target + 100 negatives; keys 'sampled_*', "
+                                        "which then select the best epoch)", choices=PROTOCOLS)
     # run
-    device: str = "auto"
-    out: Optional[str] = None
-    resume: Optional[str] = None
-    tensorboard: bool = False
-    quiet: bool = False
-    num_threads: Optional[int] = None
-    ddp_find_unused: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)  # further model keyword arguments
+    device: str = _run("auto", "auto, cpu, cuda, cuda:1, ...")
+    out: str | None = _run(None, "run directory", default_text="runs/<timestamp>-<model>-<attention>")
+    resume: str | None = _run(None, "continue the run in this directory from its last.pt")
+    tensorboard: bool = _run(False, "also log to TensorBoard (RUN_DIR/tb), if installed")
+    quiet: bool = _run(False, "no progress bars or per-epoch lines")
+    num_threads: int | None = _run(None, "torch CPU threads", default_text="torch's choice")
+    ddp_find_unused: bool = _run(False, "DDP find_unused_parameters")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        """Check every field; a ValueError names the field: ``"name: expected ..., got ..."``."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name}: expected one of {list(choices)}, got {value!r}")
         if self.attention not in ATTENTIONS[self.model]:
-            raise ValueError(f"attention for {self.model} must be one of {ATTENTIONS[self.model]}, "
+            raise ValueError(f"attention: expected one of {list(ATTENTIONS[self.model])} for model {self.model!r}, "
                              f"got {self.attention!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.protocol not in ("full", "sampled100"):
-            raise ValueError(f"protocol must be 'full' or 'sampled100', got {self.protocol!r}")
-        for name in ("d_model", "n_layers", "n_heads", "max_len", "batch_size", "epochs", "eval_every",
-                     "eval_batch_size", "bucket_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, numbers.Integral) or self.patience < 0:
+            raise ValueError(f"patience: expected an int >= 0, got {self.patience!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+            raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not 0.0 <= value < 1.0):
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+        for name in ("num_negatives", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
+        if len(tuple(self.betas)) != 2:
+            raise ValueError(f"betas: expected two floats, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
 
     # ------------------------------------------------------------------------------------------
@@ -126,37 +187,38 @@ class TrainConfig:
             return float(self.attn_dropout)
         return 0.0 if self.model == "stosa" else float(self.dropout)
 
-    def model_kwargs(self, num_items: int) -> Dict[str, Any]:
+    def model_kwargs(self, num_items: int) -> dict[str, Any]:
         """Keyword arguments of :func:`awr_fast.models.build_model` (besides the name)."""
-        kw: Dict[str, Any] = dict(num_items=int(num_items), max_len=self.max_len, d_model=self.d_model,
-                                  n_layers=self.n_layers, n_heads=self.n_heads, dropout=self.dropout,
-                                  attn_dropout=self.resolved_attn_dropout(), attention=self.attention,
-                                  per_head_refine=self.per_head_refine, refine_input=self.refine_input,
-                                  refine_scale=self.refine_scale, backend=self.backend)
+        kw: dict[str, Any] = {"num_items": int(num_items), "max_len": self.max_len, "d_model": self.d_model,
+                              "n_layers": self.n_layers, "n_heads": self.n_heads, "dropout": self.dropout,
+                              "attn_dropout": self.resolved_attn_dropout(), "attention": self.attention,
+                              "per_head_refine": self.per_head_refine, "refine_input": self.refine_input,
+                              "refine_scale": self.refine_scale, "backend": self.backend}
         if self.model == "sasrec":
             kw.update(layout=self.layout, loss=self.loss, num_negatives=self.num_negatives)
         else:
             kw.update(pvn=self.pvn, stosa_compat=self.stosa_compat)
-        kw.update(self.extra)
         return kw
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if d.get("extra") == {}:  # config.json of runs written before the field was removed
+            del d["extra"]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
-        d = dict(d)
+            raise ValueError(f"config: expected only TrainConfig fields, got unknown keys {unknown}")
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -170,111 +232,105 @@ def load_config(run_dir) -> TrainConfig:
 # command line
 
 
-def build_parser(prog: str = "python -m awr_fast.train") -> argparse.ArgumentParser:
-    """The training CLI. Every flag defaults to "not given" (argparse.SUPPRESS) so that
-    :func:`config_from_args` can tell given flags from defaults (needed by --resume)."""
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a TrainConfig field (``--field-name`` unless its metadata names another)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields that have a flag, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def _argparse_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """``type`` / ``nargs`` / ``action`` / ``choices`` for a field, from its annotation and metadata."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:  # X | None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    kw: dict[str, Any] = {}
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        kw.update(type=items[0], nargs=len(items))
+    elif hint in (int, float):
+        kw["type"] = hint
+    elif hint is not str:
+        raise TypeError(f"{f.name}: expected a field type the CLI can parse (bool, int, float, str, a tuple of "
+                        f"them, or Optional of one), got {hint!r}; give it metadata cli=False")
+    if f.metadata.get("choices") is not None:
+        kw["choices"] = f.metadata["choices"]
+    return kw
+
+
+def _help(f: dataclasses.Field) -> str:
+    shown = f.metadata.get("default_text")
+    if shown is None:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = " ".join(str(v) for v in default) if isinstance(default, tuple) else str(default)
+    return f"{f.metadata['help']} (default: {shown})"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The training CLI, one flag per :func:`cli_fields` field, grouped as the dataclass is (its
+    metadata gives the help text and choices). Every flag defaults to "not given" (argparse.SUPPRESS)
+    so that :func:`config_from_args` can tell given flags from defaults (needed by --resume)."""
     p = argparse.ArgumentParser(
-        prog=prog, argument_default=argparse.SUPPRESS,
+        prog=prog, usage="%(prog)s [options]  (all listed below, by group)", argument_default=argparse.SUPPRESS,
         description="Train SASRec / STOSA with AWRSR attention refinement; writes a run directory "
                     "(config.json, metrics.jsonl, best.pt, last.pt, final.json). Also runs under "
                     "torchrun --nproc_per_node=N for data parallelism.",
         )
-    d = TrainConfig()
-    BOOL = argparse.BooleanOptionalAction
-
-    def add(group, flag, help, **kw):
-        dest = flag.lstrip("-").replace("-", "_")
-        default = getattr(d, dest, None)
-        group.add_argument(flag, help=f"{help} (default: {default})", **kw)
-
-    g = p.add_argument_group("model")
-    add(g, "--model", "backbone", choices=MODELS)
-    add(g, "--attention", "AWRSR refinement mechanism (stoc: stosa only)",
-        choices=sorted({a for v in ATTENTIONS.values() for a in v}))
-    add(g, "--d-model", "embedding width d", type=int)
-    add(g, "--n-layers", "attention blocks", type=int)
-    add(g, "--n-heads", "attention heads", type=int)
-    add(g, "--max-len", "padded sequence length n", type=int)
-    add(g, "--dropout", "dropout rate", type=float)
-    add(g, "--attn-dropout", "attention-weight dropout (None: --dropout for sasrec, 0 for stosa)", type=float)
-    add(g, "--per-head-refine", "one set of refinement matrices per head", action=BOOL)
-    add(g, "--refine-input", "refinement input A: post-softmax probabilities or masked scores",
-        choices=("probs", "scores"))
-    add(g, "--refine-scale", "refinement scale c = 1/sqrt(d_h | d | n)", choices=("d_h", "d", "n"))
-    add(g, "--backend", "attention backend: auto, reference, triton, cuda")
-    add(g, "--layout", "sasrec block layout", choices=("original", "post_ln"))
-    add(g, "--loss", "sasrec loss", choices=("bce", "ce", "sampled_ce"))
-    add(g, "--num-negatives", "sasrec negatives per position (None: 1 for bce, 100 for sampled_ce)", type=int)
-    add(g, "--pvn", "stosa positive-vs-negative loss weight", type=float)
-    add(g, "--stosa-compat", "stosa: the released encoder's behaviour (mean stream not updated)", action=BOOL)
-
-    g = p.add_argument_group("optimisation")
-    add(g, "--optimizer", "Adam (L2 added to the gradient) or AdamW (decoupled decay)", choices=OPTIMIZERS)
-    add(g, "--lr", "learning rate", type=float)
-    add(g, "--l2", "weight decay (L2)", type=float)
-    add(g, "--betas", "Adam betas", type=float, nargs=2)
-    add(g, "--clip-grad", "clip the global gradient norm to this value (0: off)", type=float)
-    add(g, "--batch-size", "training rows per step (global, over all processes)", type=int)
-    add(g, "--epochs", "maximum epochs", type=int)
-    add(g, "--patience", "early stopping: evaluations without a better valid NDCG@5", type=int)
-    add(g, "--seed", "seed (model init, epoch order, negatives, dropout)", type=int)
-    add(g, "--amp", "mixed precision: bf16, or fp16 with a GradScaler", choices=AMP_MODES)
-
-    g = p.add_argument_group("data")
-    add(g, "--dataset", "named data set: synthetic (embedded), ml-1m, ml-100k, beauty")
-    add(g, "--data", "path of a data file (wins over --dataset)")
-    add(g, "--kcore", "k-core filter", choices=("iterative", "single", "none"))
-    add(g, "--length-bucketing", "group training rows of similar length into batches", action=BOOL)
-    add(g, "--bucket-batches", "length bucketing pool size, in batches", type=int)
-    add(g, "--trim-padding", "drop the columns that are padding in every row of a batch (training and "
-        "evaluation), so the work follows the batch's longest sequence; the model computes the same function",
-        action=BOOL)
-
-    g = p.add_argument_group("evaluation")
-    add(g, "--eval-every", "evaluate on valid every this many epochs", type=int)
-    add(g, "--eval-batch-size", "users scored per chunk", type=int)
-    add(g, "--exclude-history", "drop the user's past items from the ranking (STOSA's protocol)", action=BOOL)
-    add(g, "--protocol", "full ranking, or sampled100 (target + 100 negatives; keys 'sampled_*')",
-        choices=("full", "sampled100"))
-
-    g = p.add_argument_group("run")
-    add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
-    add(g, "--out", "run directory (default: runs/<timestamp>-<model>-<attention>)")
-    add(g, "--resume", "continue the run in this directory from its last.pt")
-    add(g, "--tensorboard", "also log to TensorBoard (RUN_DIR/tb), if installed", action=BOOL)
-    add(g, "--quiet", "no progress bars or per-epoch lines", action=BOOL)
-    add(g, "--num-threads", "torch CPU threads (default: torch's choice)", type=int)
-    add(g, "--ddp-find-unused", "DDP find_unused_parameters", action=BOOL)
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in cli_fields():
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        groups[group].add_argument(flag_of(f), dest=f.name, help=_help(f), **_argparse_kwargs(f, hints[f.name]))
     return p
 
 
-def _given(ns: argparse.Namespace) -> Dict[str, Any]:
+def _given(ns: argparse.Namespace) -> dict[str, Any]:
     given = dict(vars(ns))
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
     return given
 
 
-def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def _flags(names) -> str:
+    by_name = {f.name: flag_of(f) for f in cli_fields()}
+    return ", ".join(by_name.get(n, n) for n in sorted(names))
+
+
+def _cli_message(message: str) -> str:
+    """A TrainConfig error (``"field: ..."``) worded with the field's flag (``"--field: ..."``)."""
+    name, sep, rest = message.partition(":")
+    return f"{_flags([name])}:{rest}" if sep and name in {f.name for f in cli_fields()} else message
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse the command line into a :class:`TrainConfig` (with --resume: the stored config plus
     the given flags, which must be in :data:`RESUME_MUTABLE`)."""
     parser = build_parser()
     given = _given(parser.parse_args(argv))
     resume = given.get("resume")
-    if resume:
-        base = load_config(resume).to_dict()
-        changed: List[str] = [k for k, v in given.items()
-                              if k not in RESUME_MUTABLE and _norm(base.get(k)) != _norm(v)]
-        if changed:
-            parser.error(f"--resume: these settings differ from the stored run and cannot change: "
-                         f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
-        base.update(given)
-        base["out"] = str(resume)
-        return TrainConfig.from_dict(base)
     try:
+        if resume:
+            if not (Path(resume) / "config.json").is_file():
+                parser.error(f"--resume: expected a run directory (with config.json and last.pt), got {resume!r}")
+            base = load_config(resume).to_dict()
+            changed: list[str] = [k for k, v in given.items()
+                                  if k not in RESUME_MUTABLE and _norm(base.get(k)) != _norm(v)]
+            if changed:
+                parser.error(f"--resume: expected only {_flags(RESUME_MUTABLE)} to differ from the stored run, "
+                             f"got {_flags(changed)}")
+            base.update(given)
+            base["out"] = str(resume)
+            return TrainConfig.from_dict(base)
         return TrainConfig(**given)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(_cli_message(str(exc)))
         raise  # unreachable
 
 

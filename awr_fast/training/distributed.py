@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any
 
 import torch
 
@@ -91,11 +91,11 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out / info.world_size
 
 
-def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` in rank order (``[obj]`` when not distributed)."""
     if not info.distributed:
         return [obj]
-    out: List[Any] = [None] * info.world_size
+    out: list[Any] = [None] * info.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
 

@@ -17,7 +17,7 @@ results do not depend on the number of processes.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from ..metrics import DEFAULT_KS, metrics_from_ranks, popularity_scores, rank_of
 from .distributed import DistInfo, all_gather_objects
 from .loop import trailing_widths
 
-__all__ = ["PROTOCOLS", "evaluate", "evaluate_popularity", "evaluate_scores", "selection_key"]
+__all__ = ["HEADLINE_METRICS", "PROTOCOLS", "evaluate", "evaluate_popularity", "evaluate_scores", "headline_keys",
+           "metric_prefix", "selection_key"]
 
 PROTOCOLS = ("full", "sampled100")
 SAMPLED_NEGATIVES = 100
@@ -34,23 +35,38 @@ SAMPLED_NEGATIVES = 100
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def metric_prefix(protocol: str) -> str:
+    """The prefix of the metric keys a protocol is judged by: ``""`` (full) or ``"sampled_"`` (sampled100)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
+    return "" if protocol == "full" else "sampled_"
+
+
 def selection_key(protocol: str, k: int = 5) -> str:
     """The metric early stopping watches: ``ndcg@5`` (full) or ``sampled_ndcg@5`` (sampled100)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return f"ndcg@{k}" if protocol == "full" else f"sampled_ndcg@{k}"
+    return f"{metric_prefix(protocol)}ndcg@{k}"
 
 
-def _split_arrays(dataset, split: str) -> Tuple[np.ndarray, np.ndarray]:
+#: The metrics of the per-epoch progress lines (the first one is the selection metric).
+HEADLINE_METRICS = ("ndcg@5", "ndcg@10", "recall@10")
+
+
+def headline_keys(protocol: str) -> tuple[str, ...]:
+    """:data:`HEADLINE_METRICS` under ``protocol``'s keys (``sampled_ndcg@5``, ... for sampled100): the
+    metrics that select the best epoch, and so the ones the progress lines show."""
+    return tuple(metric_prefix(protocol) + k for k in HEADLINE_METRICS)
+
+
+def _split_arrays(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in ("valid", "test"):
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        raise ValueError(f"split: expected 'valid' or 'test', got {split!r}")
     return getattr(dataset, f"{split}_input"), getattr(dataset, f"{split}_target")
 
 
 @torch.no_grad()
 def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int = 256, exclude_history: bool = False,
-                    protocol: str = "full", device=None, sampled_seed: int = 0, dist: Optional[DistInfo] = None,
-                    ks=DEFAULT_KS, trim_padding: bool = True) -> Dict[str, float]:
+                    protocol: str = "full", device=None, sampled_seed: int = 0, dist: DistInfo | None = None,
+                    ks=DEFAULT_KS, trim_padding: bool = True) -> dict[str, float]:
     """Metrics of ``score_fn`` (``(B, n) LongTensor -> (B, num_items + 1)`` scores) on ``split``.
 
     trim_padding: hand each chunk to ``score_fn`` without its all-padding columns (the last
@@ -61,13 +77,13 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
         ``protocol == "sampled100"``; floats, means over the split's users.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {protocol!r}")
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else torch.device("cpu")
     inputs, targets = _split_arrays(dataset, split)
     num_rows = int(inputs.shape[0])
     num_chunks = -(-num_rows // batch_size)
-    mine: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
+    mine: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     for chunk in range(dist.rank, num_chunks, dist.world_size):
         lo, hi = chunk * batch_size, min(num_rows, (chunk + 1) * batch_size)
         chunk_inputs = inputs[lo:hi]
@@ -84,7 +100,7 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
             sampled = sampled_rank_of_target(scores, tgt, exclude, num_negatives=SAMPLED_NEGATIVES,
                                              generator=g).cpu().numpy()
         mine[chunk] = (full, sampled)
-    merged: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
+    merged: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     for part in all_gather_objects(mine, dist):
         merged.update(part)
     order = sorted(merged)
@@ -97,7 +113,7 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
     return out
 
 
-def evaluate(model, dataset, split: str, **kwargs) -> Dict[str, float]:
+def evaluate(model, dataset, split: str, **kwargs) -> dict[str, float]:
     """:func:`evaluate_scores` of ``model.score_all`` (model put in eval mode, then restored).
 
     Keyword arguments are those of :func:`evaluate_scores` (``batch_size``, ``exclude_history``,
@@ -111,7 +127,7 @@ def evaluate(model, dataset, split: str, **kwargs) -> Dict[str, float]:
         model.train(was_training)
 
 
-def evaluate_popularity(dataset, split: str, **kwargs) -> Dict[str, float]:
+def evaluate_popularity(dataset, split: str, **kwargs) -> dict[str, float]:
     """Metrics of the popularity baseline (training counts, see
     :func:`awr_fast.metrics.popularity_scores`) under the same protocol."""
     device = kwargs.get("device")

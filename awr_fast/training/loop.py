@@ -12,12 +12,12 @@ reproducible on its own: this is what makes ``--resume`` exact without replaying
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ __all__ = ["EarlyStopping", "LossModule", "autocast", "make_optimizer", "make_sc
            "resolve_device", "seed_epoch", "train_epoch"]
 
 
-def resolve_device(device: str = "auto", dist: Optional[DistInfo] = None) -> torch.device:
+def resolve_device(device: str = "auto", dist: DistInfo | None = None) -> torch.device:
     """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     local = dist.local_rank if dist is not None else 0
     if device in ("auto", None, ""):
@@ -50,46 +50,43 @@ def autocast(device: torch.device, amp: str):
     """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a null context for "none"."""
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp: expected one of {['none', *dtypes]}, got {amp!r}")
+    dtype = dtypes[amp]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_scaler(device: torch.device, amp: str) -> Optional[torch.amp.GradScaler]:
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, l2: float, betas=(0.9, 0.98)) -> torch.optim.Optimizer:
     """Adam (``l2`` as coupled L2 via weight_decay) or AdamW (``l2`` as decoupled decay)."""
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in classes:
+        raise ValueError(f"optimizer: expected one of {list(classes)}, got {name!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    cls = classes[name]
     return cls(params, lr=lr, betas=tuple(betas), weight_decay=l2)
 
 
 class LossModule(nn.Module):
-    """``forward(seq, pos, generator) = model.loss(seq, pos, generator=generator)``: what
+    """``forward(seq, pos, generator) = model.loss(seq, pos, None, generator=generator)``: what
     DistributedDataParallel wraps, since DDP only synchronises through ``forward``.
 
-    The model draws its own negatives (``neg=None``); when its ``loss`` takes a ``generator``
-    keyword (the awr_fast models do) the epoch's negative generator is passed, otherwise it
-    draws from the global RNG, which :func:`seed_epoch` seeds per epoch. Either way the
-    negatives depend only on ``(seed, epoch)``.
+    The model draws its own negatives (``neg=None``) from ``generator``, the epoch's negative
+    generator (every awr_fast model's ``loss`` takes it), so the negatives depend only on
+    ``(seed, epoch)`` and the batches.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        try:
-            params = inspect.signature(model.loss).parameters
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            params = {}
-        self.takes_generator = "generator" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
-    def forward(self, seq, pos, generator: Optional[torch.Generator] = None):
-        if self.takes_generator:
-            return self.model.loss(seq, pos, None, generator=generator)
-        return self.model.loss(seq, pos, None)
+    def forward(self, seq, pos, generator: torch.Generator | None = None):
+        return self.model.loss(seq, pos, None, generator=generator)
 
 
 @dataclass
@@ -103,7 +100,7 @@ class EarlyStopping:
 
     def update(self, value: float, epoch: int) -> bool:
         """Record an evaluation; True when it is the new best (NaN never is)."""
-        if value == value and value > self.best_metric:
+        if not math.isnan(value) and value > self.best_metric:
             self.best_metric, self.best_epoch, self.bad_evals = float(value), int(epoch), 0
             return True
         self.bad_evals += 1
@@ -113,10 +110,10 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_evals >= self.patience
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_evals = int(state["bad_evals"])
@@ -132,7 +129,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def progress_enabled(quiet: bool, dist: Optional[DistInfo] = None) -> bool:
+def progress_enabled(quiet: bool, dist: DistInfo | None = None) -> bool:
     """Progress bars only on an interactive terminal, on rank 0, and without --quiet."""
     return not quiet and (dist is None or dist.is_main) and sys.stderr.isatty()
 
@@ -147,7 +144,7 @@ def trailing_widths(*arrays: np.ndarray) -> np.ndarray:
     return np.where(nonzero.any(axis=1), n - nonzero.argmax(axis=1), 0).astype(np.int64)
 
 
-def batch_width(widths: Optional[np.ndarray], rows: np.ndarray, n: int) -> int:
+def batch_width(widths: np.ndarray | None, rows: np.ndarray, n: int) -> int:
     """The columns a batch needs: its longest row (at least 1), or all n without widths."""
     if widths is None or len(rows) == 0:
         return n
@@ -156,10 +153,10 @@ def batch_width(widths: Optional[np.ndarray], rows: np.ndarray, n: int) -> int:
 
 def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.Tensor, train_pos: torch.Tensor,
                 batches: Sequence[np.ndarray], optimizer: torch.optim.Optimizer,
-                scaler: Optional[torch.amp.GradScaler], neg_generator: Optional[torch.Generator] = None,
+                scaler: torch.amp.GradScaler | None, neg_generator: torch.Generator | None = None,
                 seed: int, epoch: int, device: torch.device, amp: str = "none", clip_grad: float = 0.0,
-                dist: Optional[DistInfo] = None, show_progress: bool = False,
-                row_widths: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                dist: DistInfo | None = None, show_progress: bool = False,
+                row_widths: np.ndarray | None = None) -> dict[str, Any]:
     """One pass over ``batches`` (global batches of training-row indices).
 
     Args:
@@ -184,7 +181,7 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
     # negatives are drawn on the training device (no host round trip), reseeded for this epoch
     neg_gen = neg_generator if neg_generator is not None else torch.Generator(device=device)
     neg_gen.manual_seed(epoch_generator(seed, epoch, stream=1).initial_seed())
-    params: List[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)
     finite_steps = torch.zeros((), dtype=torch.float64, device=device)
@@ -232,6 +229,6 @@ def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.
         "loss": loss_mean,
         "grad_norm": float(stats[1]) / finite_mean if finite_mean > 0 else math.nan,
         "steps": steps,
-        "skipped_steps": int(round(steps - finite_mean)),
+        "skipped_steps": round(steps - finite_mean),
         "seconds": time.perf_counter() - t0,
     }

@@ -1,29 +1,37 @@
-"""Epoch order, batch grouping and negative sampling, all a pure function of ``(seed, epoch)``.
+"""Training batches and the per-epoch seeds: batch order is a pure function of ``(seed, epoch)``.
 
-Everything random in an epoch draws from generators seeded by :func:`epoch_seed` ``(seed, epoch)``
-(``seed * 1000 + epoch``), never from state carried over from earlier epochs. A run resumed from
-the checkpoint of epoch ``e`` therefore replays epoch ``e + 1`` exactly, without replaying the
+:func:`epoch_seed` ``(seed, epoch)`` (``seed * 1000 + epoch``) seeds everything random in an
+epoch, never state carried over from earlier epochs: :func:`epoch_generator` gives the stream-0
+generator that orders and groups the batches here and the stream-1 seed from which
+:func:`awr_fast.training.loop.train_epoch` reseeds the negative-sampling generator;
+:func:`awr_fast.training.loop.seed_epoch` reseeds the global torch RNG (dropout). A run resumed
+from the checkpoint of epoch ``e`` therefore replays epoch ``e + 1`` exactly, without replaying the
 earlier epochs (see :mod:`awr_fast.training.checkpoint`).
 
 **Length bucketing** (:class:`LengthBucketBatchSampler`, on by default): the epoch's random
 permutation of the training rows is cut into pools of ``bucket_batches`` batches; inside a pool
-the rows are ordered by sequence length (ties keep the random order) and cut into batches; the
-batches of all pools are then shuffled. Compared with plain shuffled batches:
+the rows are ordered by sequence length, longest first (ties keep the random order), and cut into
+batches; the batches of all pools are then shuffled. Compared with plain shuffled batches
+(:class:`RandomBatchSampler`, ``--no-length-bucketing``):
 
 * unchanged: the set of rows of an epoch (every row exactly once), each row's data (input,
   positives; negatives are drawn per batch from the same distribution), the batch size (only
   the last batch of a pool can be smaller), the number of batches (up to one extra per pool);
 * changed: which rows share a batch and the order of the batches.
 
-With left padding the kernels skip key blocks that are all padding, so the work of a batch
-follows its longest sequence; grouping rows of similar length is what turns that into speed.
-Sequences keep their full padded length ``max_len`` (the refinement matrices are indexed by
-absolute position), only the grouping changes.
+Rows are left-padded to ``max_len``. With ``trim_padding`` (the default) the trainer keeps only a
+batch's last ``max(length)`` columns (:func:`awr_fast.training.loop.batch_width`; the models
+compute the same function on the narrower batch), so the work of a batch follows its longest
+sequence and grouping rows of similar length is what turns that into speed. Without it every
+batch keeps all ``max_len`` columns.
+
+Under data parallelism every rank builds the same global batches and takes its share with
+:func:`shard_batch`.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -55,10 +63,10 @@ class RandomBatchSampler:
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, *, drop_last: bool = False):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         self.num_rows, self.batch_size, self.seed, self.drop_last = int(num_rows), int(batch_size), int(seed), drop_last
 
-    def batches(self, epoch: int) -> List[np.ndarray]:
+    def batches(self, epoch: int) -> list[np.ndarray]:
         perm = torch.randperm(self.num_rows, generator=epoch_generator(self.seed, epoch)).numpy()
         out = [perm[i:i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
         if self.drop_last and out and len(out[-1]) < self.batch_size:
@@ -84,18 +92,18 @@ class LengthBucketBatchSampler:
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, bucket_batches: int = 50):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         if bucket_batches < 1:
-            raise ValueError(f"bucket_batches must be >= 1, got {bucket_batches}")
+            raise ValueError(f"bucket_batches: expected an int >= 1, got {bucket_batches!r}")
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         self.num_rows = int(self.lengths.shape[0])
         self.batch_size, self.seed, self.bucket_batches = int(batch_size), int(seed), int(bucket_batches)
 
-    def batches(self, epoch: int) -> List[np.ndarray]:
+    def batches(self, epoch: int) -> list[np.ndarray]:
         g = epoch_generator(self.seed, epoch)
         perm = torch.randperm(self.num_rows, generator=g).numpy()
         pool = self.batch_size * self.bucket_batches
-        out: List[np.ndarray] = []
+        out: list[np.ndarray] = []
         for start in range(0, self.num_rows, pool):
             rows = perm[start:start + pool]
             # longest first inside a pool; a stable sort keeps the random order among equal lengths
