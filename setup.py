@@ -30,7 +30,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 STATUS_FILE = ROOT / "awr_fast" / "_build_status.json"  # read by awr_fast/_ext.py; not tracked by git
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def _flag(name: str) -> bool:
@@ -64,7 +64,9 @@ def write_status(built: bool | None, reason: str, **extra) -> None:
 
 def no_cuda(reason: str) -> None:
     if FORCE_CUDA:
-        raise SystemExit(f"awr_fast setup: AWR_FAST_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}")
+        raise SystemExit(
+            f"awr_fast setup: AWR_FAST_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}"
+        )
     log(f"NOT building the CUDA extension awr_fast._C: {reason}. Installing the pure-Python + Triton package.")
     write_status(False, reason)
 
@@ -73,8 +75,11 @@ def no_cuda(reason: str) -> None:
 
 
 def _is_toolkit(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and \
-        os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    )
 
 
 def find_cuda_home() -> tuple[str | None, str]:
@@ -92,8 +97,7 @@ def find_cuda_home() -> tuple[str | None, str]:
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
-        candidates += [os.path.dirname(os.path.dirname(nvcc)),
-                       os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+        candidates += [os.path.dirname(os.path.dirname(nvcc)), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
     candidates.append("/usr/local/cuda")
     for cand in candidates:
         if _is_toolkit(cand):
@@ -103,8 +107,9 @@ def find_cuda_home() -> tuple[str | None, str]:
 
 def nvcc_version(cuda_home: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
-                             text=True, timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+)\.(\d+)", out)
@@ -166,12 +171,15 @@ def cuda_extension():
         no_cuda(f"could not read the version of {cuda_home}/bin/nvcc")
         return [], {}
     if found[0] != torch_major:
-        no_cuda(f"nvcc in {cuda_home} is CUDA {found[0]}.{found[1]} but torch {torch.__version__} was built "
-                f"with CUDA {torch.version.cuda} (the major versions must match; set CUDA_HOME)")
+        no_cuda(
+            f"nvcc in {cuda_home} is CUDA {found[0]}.{found[1]} but torch {torch.__version__} was built "
+            f"with CUDA {torch.version.cuda} (the major versions must match; set CUDA_HOME)"
+        )
         return [], {}
 
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     from torch.utils import cpp_extension
+
     cpp_extension.CUDA_HOME = cuda_home  # in case it was imported (and guessed) before
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -179,11 +187,18 @@ def cuda_extension():
     if not os.environ.get("MAX_JOBS"):
         os.environ["MAX_JOBS"] = str(default_max_jobs())
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPU's"
-    build_info = dict(torch=torch.__version__, torch_cuda=torch.version.cuda, nvcc=f"{found[0]}.{found[1]}",
-                      cuda_home=cuda_home, arch_list=arch)
-    log(f"building the CUDA extension awr_fast._C: CUDA_HOME={cuda_home} ({why}), nvcc {found[0]}.{found[1]}, "
+    build_info = dict(
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        nvcc=f"{found[0]}.{found[1]}",
+        cuda_home=cuda_home,
+        arch_list=arch,
+    )
+    log(
+        f"building the CUDA extension awr_fast._C: CUDA_HOME={cuda_home} ({why}), nvcc {found[0]}.{found[1]}, "
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), TORCH_CUDA_ARCH_LIST={arch}, "
-        f"MAX_JOBS={os.environ['MAX_JOBS']}")
+        f"MAX_JOBS={os.environ['MAX_JOBS']}"
+    )
     write_status(None, "the build of the CUDA extension did not finish", **build_info)
 
     # Lowest-priority include dirs: only fill in headers the toolkit lacks (cuBLAS/cuSPARSE of the wheels).
@@ -209,10 +224,14 @@ def cuda_extension():
             except BaseException as exc:
                 if FORCE_CUDA or isinstance(exc, KeyboardInterrupt):
                     raise
-                reason = (f"compiling it failed ({type(exc).__name__}: {str(exc).strip()[:300]}); the compiler output is "
-                          "shown by pip install -v")
-                log(f"NOT building the CUDA extension awr_fast._C: {reason}. "
-                    "Installing the pure-Python + Triton package; AWR_FAST_FORCE_CUDA_BUILD=1 makes this an error.")
+                reason = (
+                    f"compiling it failed ({type(exc).__name__}: {str(exc).strip()[:300]}); the compiler output is "
+                    "shown by pip install -v"
+                )
+                log(
+                    f"NOT building the CUDA extension awr_fast._C: {reason}. "
+                    "Installing the pure-Python + Triton package; AWR_FAST_FORCE_CUDA_BUILD=1 makes this an error."
+                )
                 write_status(False, reason, **build_info)
                 self._failed = getattr(self, "_failed", set()) | {extension.name}
                 extension.optional = True  # setuptools then skips copying it into the source tree (editable)
@@ -243,7 +262,7 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 
-TEST = ["pytest", "hypothesis", "pytest-benchmark", "matplotlib"]
+TEST = ["pytest", "hypothesis", "pytest-benchmark", "matplotlib", "ruff==0.17.6"]
 PLOTS = ["matplotlib"]
 
 setup(

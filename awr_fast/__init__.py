@@ -21,7 +21,15 @@ from .ops.dot_refined import MECHANISMS as DOT_MECHANISMS  # noqa: E402
 from .ops.w2_refined import MECHANISMS as W2_MECHANISMS  # noqa: E402
 
 __all__ = [
-    "DOT_MECHANISMS", "W2_MECHANISMS", "CalibratedOutput", "UnsupportedInputError", "backend_status",
-    "calibrated_attention", "refined_attention", "used_backends", "w2_scores", "wasserstein_attention",
+    "DOT_MECHANISMS",
+    "W2_MECHANISMS",
+    "CalibratedOutput",
+    "UnsupportedInputError",
+    "backend_status",
+    "calibrated_attention",
+    "refined_attention",
+    "used_backends",
+    "w2_scores",
+    "wasserstein_attention",
     "__version__",
 ]

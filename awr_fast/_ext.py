@@ -31,8 +31,10 @@ def _not_built_reason() -> str:
     status = build_status()
     if status.get("cuda_extension_built") is False and status.get("reason"):
         return f"the CUDA extension awr_fast._C was not built: {status['reason']}"
-    return ("the CUDA extension awr_fast._C is not installed (reinstall with a CUDA build of torch and nvcc "
-            "present, e.g. AWR_FAST_FORCE_CUDA_BUILD=1 pip install -e . -v, to see why)")
+    return (
+        "the CUDA extension awr_fast._C is not installed (reinstall with a CUDA build of torch and nvcc "
+        "present, e.g. AWR_FAST_FORCE_CUDA_BUILD=1 pip install -e . -v, to see why)"
+    )
 
 
 def _register_fake() -> None:
@@ -59,13 +61,20 @@ def load_cuda_extension():
     except Exception as exc:  # ImportError/OSError: undefined symbols, a library built for another torch
         status = build_status()
         if status.get("cuda_extension_built") is False:  # a library left in the tree by an earlier build
-            return None, (f"awr_fast._C failed to load ({type(exc).__name__}: {exc}); it is left over from an "
-                          f"earlier build: the last install did not build it ({status.get('reason')})")
+            return None, (
+                f"awr_fast._C failed to load ({type(exc).__name__}: {exc}); it is left over from an "
+                f"earlier build: the last install did not build it ({status.get('reason')})"
+            )
         built = status.get("torch")
-        against = (f" It was built against torch {built}, this is torch {torch.__version__}."
-                   if built and built != torch.__version__ else "")
-        return None, (f"awr_fast._C failed to load ({type(exc).__name__}: {exc}).{against} Rebuild it with "
-                      "pip install -e . (the same torch at build and run time)")
+        against = (
+            f" It was built against torch {built}, this is torch {torch.__version__}."
+            if built and built != torch.__version__
+            else ""
+        )
+        return None, (
+            f"awr_fast._C failed to load ({type(exc).__name__}: {exc}).{against} Rebuild it with "
+            "pip install -e . (the same torch at build and run time)"
+        )
     if not hasattr(torch.ops.awr_fast, "w2_scores_cuda"):
         return None, f"awr_fast._C loaded from {module.__file__} but registered no op {_OP}"
     try:
@@ -94,8 +103,9 @@ def w2_scores_cuda(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, i
     module, reason = load_cuda_extension()
     if module is None:
         raise RuntimeError(f"w2_scores_cuda: {reason}")
-    return torch.ops.awr_fast.w2_scores_cuda(mu.contiguous(), sig.contiguous(), item_mu.contiguous(),
-                                             item_sig.contiguous())
+    return torch.ops.awr_fast.w2_scores_cuda(
+        mu.contiguous(), sig.contiguous(), item_mu.contiguous(), item_sig.contiguous()
+    )
 
 
 # The dispatcher (awr_fast.backends) looks every backend's op up by the op's name.

@@ -51,10 +51,22 @@ def refined_attention(
     second-order scores (refined mechanisms), "P": the final weights before dropout}, each (B, H, n, n):
     the eager and reference backends store them, the fused kernels do not.
     """
-    inputs = ops.dot_refined.make_inputs(q, k, v, mechanism=mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv,
-                                         key_padding_mask=key_padding_mask, lengths=lengths, scale=scale,
-                                         refine_scale=refine_scale, refine_input=refine_input, dropout_p=dropout_p,
-                                         return_weights=return_weights)
+    inputs = ops.dot_refined.make_inputs(
+        q,
+        k,
+        v,
+        mechanism=mechanism,
+        w_rq=w_rq,
+        w_rk=w_rk,
+        w_rv=w_rv,
+        key_padding_mask=key_padding_mask,
+        lengths=lengths,
+        scale=scale,
+        refine_scale=refine_scale,
+        refine_input=refine_input,
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+    )
     return dispatch("dot_refined", backend, inputs)
 
 
@@ -88,16 +100,33 @@ def wasserstein_attention(
     (each (n, r) or (H, n, r), the same r) instead of w_rq/w_rk. return_weights=True gives
     ((mu_out, sig_out), weights), as refined_attention.
     """
-    inputs = ops.w2_refined.make_inputs(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=mechanism, w_rq=w_rq,
-                                        w_rk=w_rk, w_rv=w_rv, w_mu=w_mu, w_sigma=w_sigma,
-                                        key_padding_mask=key_padding_mask, lengths=lengths, scale=scale,
-                                        refine_scale=refine_scale, refine_input=refine_input, dropout_p=dropout_p,
-                                        return_weights=return_weights)
+    inputs = ops.w2_refined.make_inputs(
+        mu_q,
+        sig_q,
+        mu_k,
+        sig_k,
+        mu_v,
+        sig_v,
+        mechanism=mechanism,
+        w_rq=w_rq,
+        w_rk=w_rk,
+        w_rv=w_rv,
+        w_mu=w_mu,
+        w_sigma=w_sigma,
+        key_padding_mask=key_padding_mask,
+        lengths=lengths,
+        scale=scale,
+        refine_scale=refine_scale,
+        refine_input=refine_input,
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+    )
     return dispatch("w2_refined", backend, inputs)
 
 
-def w2_scores(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, item_sig: torch.Tensor, *,
-              backend: str = "auto") -> torch.Tensor:
+def w2_scores(
+    mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, item_sig: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
     """Squared 2-Wasserstein distance between B query Gaussians and |V| item Gaussians, (B, |V|).
 
     A distance: rank items by ascending value (STOSA's full-ranking evaluation).
@@ -108,6 +137,7 @@ def w2_scores(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, item_s
 class CalibratedOutput(NamedTuple):
     """out_cal feeds the next layer; out_att (perturbed) and perturb (the mask M) exist only when the
     adversarial calibrator is used (q_adv/k_adv given)."""
+
     out_cal: torch.Tensor
     out_att: torch.Tensor | None
     perturb: torch.Tensor | None
@@ -142,8 +172,24 @@ def calibrated_attention(
     as (B, H, n, d_h), gate_logits = Linear(d -> n)(Q) as (B, n, n), noise the N(0, 1) draw (B, H, n, n)
     (drawn here when None).
     """
-    inputs = ops.calibrated.make_inputs(q, k, v, w_oq=w_oq, w_ok=w_ok, b_o=b_o, w_dq=w_dq, w_dk=w_dk, b_d=b_d,
-                                        dist_scale=dist_scale, q_adv=q_adv, k_adv=k_adv, gate_logits=gate_logits,
-                                        noise=noise, key_padding_mask=key_padding_mask, scale=scale,
-                                        dropout_p=dropout_p, perturb_dropout_p=perturb_dropout_p)
+    inputs = ops.calibrated.make_inputs(
+        q,
+        k,
+        v,
+        w_oq=w_oq,
+        w_ok=w_ok,
+        b_o=b_o,
+        w_dq=w_dq,
+        w_dk=w_dk,
+        b_d=b_d,
+        dist_scale=dist_scale,
+        q_adv=q_adv,
+        k_adv=k_adv,
+        gate_logits=gate_logits,
+        noise=noise,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        perturb_dropout_p=perturb_dropout_p,
+    )
     return CalibratedOutput(*dispatch("calibrated", backend, inputs))

@@ -103,8 +103,10 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     """backend name -> (usable on this machine, reason)."""
     import torch
 
-    status = {"eager": (True, "PyTorch eager, factored fast form (SPEC §3b); runs anywhere"),
-              "reference": (True, "PyTorch eager, the readable float64 oracle; runs anywhere")}
+    status = {
+        "eager": (True, "PyTorch eager, factored fast form (SPEC §3b); runs anywhere"),
+        "reference": (True, "PyTorch eager, the readable float64 oracle; runs anywhere"),
+    }
     ok, why = _triton_import_status()
     if not ok:
         status["triton"] = (False, why)

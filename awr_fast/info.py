@@ -22,10 +22,12 @@ def _version(module_name: str) -> tuple[str | None, str]:
 def _awr_fast_version() -> str:
     try:
         from awr_fast import __version__
+
         return __version__
     except Exception as exc:
         try:
             from importlib.metadata import version
+
             return f"{version('awr_fast')} (import awr_fast failed: {type(exc).__name__}: {exc})"
         except Exception:
             return f"unknown (import awr_fast failed: {type(exc).__name__}: {exc})"
@@ -63,11 +65,15 @@ def collect() -> dict:
     }
     try:
         from awr_fast._ext import build_status, load_cuda_extension
+
         module, reason = load_cuda_extension()
         info["cuda_extension"] = {"loaded": module is not None, "reason": reason, "build": build_status()}
     except Exception as exc:
-        info["cuda_extension"] = {"loaded": False, "reason": f"awr_fast._ext failed ({type(exc).__name__}: {exc})",
-                                  "build": {}}
+        info["cuda_extension"] = {
+            "loaded": False,
+            "reason": f"awr_fast._ext failed ({type(exc).__name__}: {exc})",
+            "build": {},
+        }
     try:
         from awr_fast.backends import backend_status, capabilities
         from awr_fast.ops import SPECS
@@ -76,8 +82,10 @@ def collect() -> dict:
         info["backends_error"] = f"awr_fast.backends failed to import ({type(exc).__name__}: {exc})"
         return info
     ops_by_backend = {name: [op for op in SPECS if name in capabilities(op)] for name in backend_status()}
-    info["backends"] = {name: {"usable": bool(ok), "reason": str(reason), "ops": ops_by_backend[name]}
-                        for name, (ok, reason) in backend_status().items()}
+    info["backends"] = {
+        name: {"usable": bool(ok), "reason": str(reason), "ops": ops_by_backend[name]}
+        for name, (ok, reason) in backend_status().items()
+    }
     return info
 
 
@@ -95,9 +103,11 @@ def render(info: dict) -> str:
         f"CUDA extension    {'loaded' if ext['loaded'] else 'not available'}: {ext['reason']}",
     ]
     if build.get("cuda_extension_built") and build.get("torch"):
-        lines.append(f"  built with      torch {build['torch']}, nvcc {build.get('nvcc')}, "
-                     f"arch {build.get('arch_list')}, {build.get('reason')}")
-    lines.append("backends (\"auto\" tries them in this order; cuda and triton only for CUDA tensors):")
+        lines.append(
+            f"  built with      torch {build['torch']}, nvcc {build.get('nvcc')}, "
+            f"arch {build.get('arch_list')}, {build.get('reason')}"
+        )
+    lines.append('backends ("auto" tries them in this order; cuda and triton only for CUDA tensors):')
     if "backends_error" in info:
         lines.append(f"  {info['backends_error']}")
     width = max((len(name) for name in info["backends"]), default=0)

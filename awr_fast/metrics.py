@@ -49,9 +49,20 @@ TIE_RULES = ("optimistic", "pessimistic")
 Exclude = Union[None, torch.Tensor, Sequence[Iterable[int]]]
 
 
-def exclusion_mask(items_per_row: Sequence[Iterable[int]], num_columns: int,
-                   device: Union[str, torch.device, None] = None) -> torch.Tensor:
+def exclusion_mask(
+    items_per_row: Sequence[Iterable[int]], num_columns: int, device: Union[str, torch.device, None] = None
+) -> torch.Tensor:
     """bool ``(len(items_per_row), num_columns)`` with True at each listed item id."""
+    return _exclusion_mask(items_per_row, num_columns, device, "items_per_row")
+
+
+def _out_of_range(ids, lo: int, hi: int) -> int:
+    """The first id outside ``lo..hi`` (there is one)."""
+    ids = torch.as_tensor(ids).reshape(-1)
+    return int(ids[(ids < lo) | (ids > hi)][0])
+
+
+def _exclusion_mask(items_per_row, num_columns: int, device, name: str) -> torch.Tensor:
     rows, cols = [], []
     for r, items in enumerate(items_per_row):
         items = [int(i) for i in (items.tolist() if hasattr(items, "tolist") else items)]
@@ -61,14 +72,20 @@ def exclusion_mask(items_per_row: Sequence[Iterable[int]], num_columns: int,
     if cols:
         c = torch.tensor(cols, dtype=torch.long, device=device)
         if int(c.min()) < 0 or int(c.max()) >= num_columns:
-            raise ValueError(f"excluded item ids must lie in 0..{num_columns - 1}")
+            raise ValueError(
+                f"{name}: expected item ids in 0..{num_columns - 1}, got {_out_of_range(c, 0, num_columns - 1)}"
+            )
         mask[torch.tensor(rows, dtype=torch.long, device=device), c] = True
     return mask
 
 
-def csr_exclusion_mask(indptr: np.ndarray, indices: np.ndarray, num_columns: int,
-                       rows: Optional[np.ndarray] = None,
-                       device: Union[str, torch.device, None] = None) -> torch.Tensor:
+def csr_exclusion_mask(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    num_columns: int,
+    rows: Optional[np.ndarray] = None,
+    device: Union[str, torch.device, None] = None,
+) -> torch.Tensor:
     """bool mask ``(R, num_columns)`` from a CSR history (e.g. ``SeqDataset.history_csr``).
 
     Args:
@@ -87,7 +104,10 @@ def csr_exclusion_mask(indptr: np.ndarray, indices: np.ndarray, num_columns: int
     mask = torch.zeros((rows.shape[0], num_columns), dtype=torch.bool, device=device)
     if total:
         if cols.min() < 0 or cols.max() >= num_columns:
-            raise ValueError(f"history item ids must lie in 0..{num_columns - 1}")
+            raise ValueError(
+                f"indices: expected item ids in 0..{num_columns - 1}, "
+                f"got {_out_of_range(torch.from_numpy(cols), 0, num_columns - 1)}"
+            )
         mask[torch.from_numpy(r).to(device), torch.from_numpy(cols).to(device)] = True
     return mask
 
@@ -97,32 +117,41 @@ def _as_mask(exclude: Exclude, shape, device) -> Optional[torch.Tensor]:
         return None
     if isinstance(exclude, torch.Tensor):
         if exclude.dtype != torch.bool or tuple(exclude.shape) != tuple(shape):
-            raise ValueError(f"exclude mask must be bool with shape {tuple(shape)}, got "
-                             f"{exclude.dtype} {tuple(exclude.shape)}")
+            raise ValueError(
+                f"exclude: expected a torch.bool mask of shape {tuple(shape)}, got "
+                f"{exclude.dtype} {tuple(exclude.shape)}"
+            )
         return exclude.to(device)
     if len(exclude) != shape[0]:
-        raise ValueError(f"exclude has {len(exclude)} rows, expected {shape[0]}")
-    return exclusion_mask(exclude, shape[1], device=device)
+        raise ValueError(f"exclude: expected {shape[0]} rows (one per score row), got {len(exclude)}")
+    return _exclusion_mask(exclude, shape[1], device, "exclude")
 
 
 def _check_inputs(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
     if ties not in TIE_RULES:
-        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+        raise ValueError(f"ties: expected one of {list(TIE_RULES)}, got {ties!r}")
     if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(f"scores must be (B, num_items + 1) with num_items >= 1, got {tuple(scores.shape)}")
+        raise ValueError(f"scores: expected shape (B, num_items + 1) with num_items >= 1, got {tuple(scores.shape)}")
     targets = torch.as_tensor(targets, device=scores.device).long().reshape(-1)
     if targets.shape[0] != scores.shape[0]:
-        raise ValueError(f"{targets.shape[0]} targets for {scores.shape[0]} score rows")
+        raise ValueError(f"targets: expected {scores.shape[0]} item ids (one per score row), got {targets.shape[0]}")
     if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) >= scores.shape[1]):
-        raise ValueError(f"targets must be item ids in 1..{scores.shape[1] - 1} (0 is padding)")
-    if torch.isnan(scores[:, 1:]).any():
-        raise ValueError("scores contain NaN")
+        raise ValueError(
+            f"targets: expected item ids in 1..{scores.shape[1] - 1} (0 is padding), "
+            f"got {_out_of_range(targets, 1, scores.shape[1] - 1)}"
+        )
+    nan = torch.isnan(scores[:, 1:])
+    if nan.any():
+        row, col = (int(i) for i in nan.nonzero()[0])
+        raise ValueError(
+            f"scores: expected no NaN outside the padding column 0, got {int(nan.sum())} NaN "
+            f"(the first at row {row}, column {col + 1})"
+        )
     return targets
 
 
 @torch.no_grad()
-def rank_of_target(scores: torch.Tensor, targets, exclude: Exclude = None, *,
-                   ties: str = "optimistic") -> torch.Tensor:
+def rank_of_target(scores: torch.Tensor, targets, exclude: Exclude = None, *, ties: str = "optimistic") -> torch.Tensor:
     """0-based full-ranking rank of each target.
 
     Args:
@@ -148,8 +177,14 @@ def rank_of_target(scores: torch.Tensor, targets, exclude: Exclude = None, *,
     return above.sum(dim=1)
 
 
-def sample_negatives(targets, num_items: int, exclude: Exclude = None, *, num_negatives: int = 100,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_negatives(
+    targets,
+    num_items: int,
+    exclude: Exclude = None,
+    *,
+    num_negatives: int = 100,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Draw ``num_negatives`` distinct uniform negatives per row from ``1..num_items`` minus the
     target and the excluded items (the user's history).
 
@@ -175,16 +210,26 @@ def sample_negatives(targets, num_items: int, exclude: Exclude = None, *, num_ne
     mask = _as_mask(exclude, (B, num_items + 1), device)
     if mask is not None:
         forbidden |= mask
-    if B and int((~forbidden).sum(dim=1).min()) < num_negatives:
-        raise ValueError(f"a row has fewer than {num_negatives} eligible negative items")
+    eligible = int((~forbidden).sum(dim=1).min()) if B else num_negatives
+    if eligible < num_negatives:
+        raise ValueError(
+            f"num_negatives: expected at most the number of eligible negative items of every row "
+            f"({eligible} in the poorest row), got {num_negatives}"
+        )
     keys.masked_fill_(forbidden, 2.0)
     return keys.topk(num_negatives, dim=1, largest=False).indices
 
 
 @torch.no_grad()
-def sampled_rank_of_target(scores: torch.Tensor, targets, exclude: Exclude = None, *,
-                           num_negatives: int = 100, generator: Optional[torch.Generator] = None,
-                           ties: str = "optimistic") -> torch.Tensor:
+def sampled_rank_of_target(
+    scores: torch.Tensor,
+    targets,
+    exclude: Exclude = None,
+    *,
+    num_negatives: int = 100,
+    generator: Optional[torch.Generator] = None,
+    ties: str = "optimistic",
+) -> torch.Tensor:
     """0-based rank of each target among itself and ``num_negatives`` sampled negatives
     (SASRec's protocol, uniform, without replacement, never from the exclusion set).
 
@@ -193,8 +238,9 @@ def sampled_rank_of_target(scores: torch.Tensor, targets, exclude: Exclude = Non
     ``MetricAccumulator(prefix="sampled_")``.
     """
     targets = _check_inputs(scores, targets, ties)
-    neg = sample_negatives(targets, scores.shape[1] - 1, exclude, num_negatives=num_negatives,
-                           generator=generator).to(scores.device)
+    neg = sample_negatives(targets, scores.shape[1] - 1, exclude, num_negatives=num_negatives, generator=generator).to(
+        scores.device
+    )
     t = scores.gather(1, targets[:, None])
     s = scores.gather(1, neg)
     above = s >= t if ties == "pessimistic" else s > t
@@ -219,7 +265,7 @@ class MetricAccumulator:
     def __init__(self, ks: Sequence[int] = DEFAULT_KS, prefix: str = ""):
         ks = tuple(int(k) for k in ks)
         if not ks or min(ks) < 1:
-            raise ValueError("ks must be a non-empty sequence of positive integers")
+            raise ValueError(f"ks: expected a non-empty sequence of positive integers, got {ks}")
         self.ks = ks
         self.prefix = prefix
         self.reset()
@@ -237,7 +283,7 @@ class MetricAccumulator:
         else:
             r = np.asarray(ranks, dtype=np.float64).reshape(-1)
         if r.size and (r.min() < 0 or not np.all(np.isfinite(r))):
-            raise ValueError("ranks must be finite and >= 0")
+            raise ValueError(f"ranks: expected finite values >= 0, got {r[~(np.isfinite(r) & (r >= 0))][0]}")
         gain = 1.0 / np.log2(r + 2.0)
         for k in self.ks:
             hit = r < k
@@ -267,7 +313,9 @@ def popularity_scores(train_counts, device: Union[str, torch.device, None] = Non
     """
     counts = np.asarray(train_counts, dtype=np.int64).reshape(-1)
     if counts.shape[0] < 2:
-        raise ValueError("train_counts must have num_items + 1 >= 2 entries (entry 0 = padding)")
+        raise ValueError(
+            f"train_counts: expected num_items + 1 >= 2 entries (entry 0 = padding), got {counts.shape[0]}"
+        )
     n_items = counts.shape[0] - 1
     ids = np.arange(1, n_items + 1)
     order = np.lexsort((ids, -counts[1:]))  # most popular first, then smaller id

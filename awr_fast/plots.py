@@ -65,8 +65,12 @@ def load_trained_model(run_dir, *, which: str = "best", dataset=None, device="cp
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no best.pt or last.pt")
     if dataset is None:
-        dataset = load_dataset(config.data_source, max_len=config.max_len, kcore=config.kcore,
-                               **({"synthetic": config.synthetic} if config.synthetic else {}))
+        dataset = load_dataset(
+            config.data_source,
+            max_len=config.max_len,
+            kcore=config.kcore,
+            **({"synthetic": config.synthetic} if config.synthetic else {}),
+        )
     model = build_model(config.model, **config.model_kwargs(dataset.num_items))
     model.load_state_dict(load_checkpoint(path)["model"])
     return model.to(device).eval(), config, dataset
@@ -77,20 +81,23 @@ def _pick_user(dataset, last: int, user: Optional[int]) -> int:
     if user is not None:
         rows = np.nonzero(dataset.test_users == int(user))[0]
         if rows.size == 0:
-            raise ValueError(f"user {user} is not in the test split")
+            raise ValueError(
+                f"user: expected the id of a user in the test split ({len(dataset.test_users)} users), got {user}"
+            )
         return int(rows[0])
     lengths = (dataset.test_input != 0).sum(axis=1)
     long_enough = np.nonzero(lengths >= last)[0]
     return int(long_enough[0]) if long_enough.size else int(np.argmax(lengths))
 
 
-def plot_attention(model, dataset, path, *, last: int = 15, user: Optional[int] = None, title: str = "",
-                   max_heads: int = 4) -> Path:
+def plot_attention(
+    model, dataset, path, *, last: int = 15, user: Optional[int] = None, title: str = "", max_heads: int = 4
+) -> Path:
     """Heatmaps of A, B (if refined) and P of the last layer for one test user's last ``last``
     positions; returns the PNG path."""
     plt = _pyplot()
     row = _pick_user(dataset, last, user)
-    seq = torch.from_numpy(np.ascontiguousarray(dataset.test_input[row:row + 1]))
+    seq = torch.from_numpy(np.ascontiguousarray(dataset.test_input[row : row + 1]))
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
@@ -174,12 +181,13 @@ def plot_curves(run_dirs: Sequence, path, key: str, ylabel: str, title: str, *, 
     return path
 
 
-def plot_runs(run_dirs: Sequence, out=None, *, last: int = 15, user: Optional[int] = None,
-              attention: bool = True) -> List[Path]:
+def plot_runs(
+    run_dirs: Sequence, out=None, *, last: int = 15, user: Optional[int] = None, attention: bool = True
+) -> List[Path]:
     """All figures for ``run_dirs`` (see the module docstring); returns the PNG paths."""
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
-        raise ValueError("give at least one run directory")
+        raise ValueError("run_dirs: expected at least one run directory, got none")
     for rd in run_dirs:
         if not (rd / "config.json").is_file():
             raise FileNotFoundError(f"{rd} is not a run directory (no config.json)")
@@ -189,35 +197,58 @@ def plot_runs(run_dirs: Sequence, out=None, *, last: int = 15, user: Optional[in
     if attention:
         for rd in run_dirs:
             cfg = _config(rd)
-            key = json.dumps([cfg.get("data") or cfg.get("dataset"), cfg.get("max_len"), cfg.get("kcore"),
-                              cfg.get("synthetic")], sort_keys=True)
+            key = json.dumps(
+                [cfg.get("data") or cfg.get("dataset"), cfg.get("max_len"), cfg.get("kcore"), cfg.get("synthetic")],
+                sort_keys=True,
+            )
             model, config, ds = load_trained_model(rd, dataset=datasets.get(key))
             datasets[key] = ds
             target = (out or rd) / f"attention-{config.model}-{config.attention}.png"
             if out is not None and len(run_dirs) > 1:
                 target = out / f"attention-{config.model}-{config.attention}-{rd.name}.png"
-            written.append(plot_attention(model, ds, target, last=last, user=user,
-                                          title=f"{config.model}/{config.attention}"))
+            written.append(
+                plot_attention(model, ds, target, last=last, user=user, title=f"{config.model}/{config.attention}")
+            )
     dest = out or run_dirs[0]
     pre = ""
     cfg0 = _config(run_dirs[0])
     if cfg0.get("protocol") == "sampled100":
         pre = "sampled_"
-    written.append(plot_curves(run_dirs, dest / "valid_ndcg5.png", f"valid/{pre}ndcg@5",
-                               f"valid {pre}NDCG@5", "Validation NDCG@5 per epoch"))
-    written.append(plot_curves(run_dirs, dest / "grad_norm.png", "grad_norm", "global gradient norm",
-                               "Gradient norm per epoch (mean over steps)"))
+    written.append(
+        plot_curves(
+            run_dirs,
+            dest / "valid_ndcg5.png",
+            f"valid/{pre}ndcg@5",
+            f"valid {pre}NDCG@5",
+            "Validation NDCG@5 per epoch",
+        )
+    )
+    written.append(
+        plot_curves(
+            run_dirs,
+            dest / "grad_norm.png",
+            "grad_norm",
+            "global gradient norm",
+            "Gradient norm per epoch (mean over steps)",
+        )
+    )
     return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m awr_fast.plots",
-                                description="Attention heatmaps, validation NDCG@5 and gradient-norm curves of runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m awr_fast.plots",
+        description="Attention heatmaps, validation NDCG@5 and gradient-norm curves of runs.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by awr_fast.train")
     p.add_argument("--out", default=None, help="folder for the PNG files (default: the run directories)")
     p.add_argument("--last", type=int, default=15, help="positions shown in the attention heatmaps (default: 15)")
-    p.add_argument("--user", type=int, default=None,
-                   help="test user id for the heatmaps (default: the first with at least --last items)")
+    p.add_argument(
+        "--user",
+        type=int,
+        default=None,
+        help="test user id for the heatmaps (default: the first with at least --last items)",
+    )
     p.add_argument("--no-attention", action="store_true", help="skip the heatmaps (no model or data needed)")
     args = p.parse_args(argv)
     try:

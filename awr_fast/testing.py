@@ -27,8 +27,12 @@ WEIGHT_KINDS = ("shared", "per_head", "mixed", "rectangular")
 GRID_N = (1, 7, 37)
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 #: The public function of every op.
-FUNCTIONS = {"dot_refined": api.refined_attention, "w2_refined": api.wasserstein_attention,
-             "w2_scores": api.w2_scores, "calibrated": api.calibrated_attention}
+FUNCTIONS = {
+    "dot_refined": api.refined_attention,
+    "w2_refined": api.wasserstein_attention,
+    "w2_scores": api.w2_scores,
+    "calibrated": api.calibrated_attention,
+}
 
 
 def left_padding_mask(lengths, n: int, device="cpu") -> torch.Tensor:
@@ -92,10 +96,13 @@ class Case:
                 return t if not isinstance(t, torch.Tensor) else t.to(device=device)
             return t.to(dtype=dtype, device=device)
 
-        return replace(self, tensors={k: move(t) for k, t in self.tensors.items()},
-                       weights={k: move(t) for k, t in self.weights.items()},
-                       options={k: move(t) for k, t in self.options.items()},
-                       grad_outputs=tuple(move(t) for t in self.grad_outputs))
+        return replace(
+            self,
+            tensors={k: move(t) for k, t in self.tensors.items()},
+            weights={k: move(t) for k, t in self.weights.items()},
+            options={k: move(t) for k, t in self.options.items()},
+            grad_outputs=tuple(move(t) for t in self.grad_outputs),
+        )
 
 
 def _weight_shape(name: str, kind: str, heads: int, n: int, mechanism: str) -> tuple:
@@ -105,9 +112,21 @@ def _weight_shape(name: str, kind: str, heads: int, n: int, mechanism: str) -> t
     return (heads, n, width) if per_head else (n, width)
 
 
-def make_case(op: str, mechanism: str | None = None, *, batch: int = 4, heads: int = 2, n: int = 7, d_h: int = 3,
-              padding: str = "left", weights: str = "shared", refine_input: str = "probs",
-              dtype: torch.dtype = torch.float64, seed: int = 0, device="cpu") -> Case:
+def make_case(
+    op: str,
+    mechanism: str | None = None,
+    *,
+    batch: int = 4,
+    heads: int = 2,
+    n: int = 7,
+    d_h: int = 3,
+    padding: str = "left",
+    weights: str = "shared",
+    refine_input: str = "probs",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    device="cpu",
+) -> Case:
     """A random case of `op` (nothing zero; covariances positive; refinement weights of xavier-like scale
     times 4, so the second-order scores are O(1) as in a trained model)."""
     spec = SPECS[op]
@@ -125,8 +144,12 @@ def make_case(op: str, mechanism: str | None = None, *, batch: int = 4, heads: i
     weight_tensors: dict = {}
     if op == "w2_scores":
         items = 11
-        tensors = {"mu": randn(batch, d_h), "sig": positive(batch, d_h), "item_mu": randn(items, d_h),
-                   "item_sig": positive(items, d_h)}
+        tensors = {
+            "mu": randn(batch, d_h),
+            "sig": positive(batch, d_h),
+            "item_mu": randn(items, d_h),
+            "item_sig": positive(items, d_h),
+        }
         grads = (randn(batch, items),)
     elif op == "calibrated":
         tensors = {name: randn(*shape) for name in ("q", "k", "v")}
@@ -150,8 +173,9 @@ def make_case(op: str, mechanism: str | None = None, *, batch: int = 4, heads: i
         options.update(key_padding_mask=mask, refine_input=refine_input)
         grads = tuple(randn(*shape) for _ in range(1 if op == "dot_refined" else 2))
     label = f"{op}-{mechanism}-n{n}-{padding}-{weights}-{refine_input}".replace("-None", "")
-    case = Case(op, mechanism, tensors, weight_tensors, options, grads, label,
-                {"n": n, "padding": padding, "weights": weights})
+    case = Case(
+        op, mechanism, tensors, weight_tensors, options, grads, label, {"n": n, "padding": padding, "weights": weights}
+    )
     return case.to(dtype=dtype, device=device)
 
 
@@ -188,12 +212,15 @@ def run(case: Case, backend: str, **extra) -> dict[str, torch.Tensor]:
     outs = [result] if isinstance(result, torch.Tensor) else [t for t in result if t is not None]
     outs = outs[: len(case.grad_outputs)]
     grads = torch.autograd.grad(outs, list(leaves.values()), list(case.grad_outputs))
-    return {**{f"out{i}": t.detach() for i, t in enumerate(outs)},
-            **{f"d{name}": g for name, g in zip(leaves, grads)}}
+    return {**{f"out{i}": t.detach() for i, t in enumerate(outs)}, **{f"d{name}": g for name, g in zip(leaves, grads)}}
 
 
-_POSITIONAL = {"dot_refined": ("q", "k", "v"), "w2_refined": SPECS["w2_refined"].TENSORS,
-               "w2_scores": ("mu", "sig", "item_mu", "item_sig"), "calibrated": ("q", "k", "v")}
+_POSITIONAL = {
+    "dot_refined": ("q", "k", "v"),
+    "w2_refined": SPECS["w2_refined"].TENSORS,
+    "w2_scores": ("mu", "sig", "item_mu", "item_sig"),
+    "calibrated": ("q", "k", "v"),
+}
 
 
 def oracle_errors(case: Case, backend: str) -> list[str]:

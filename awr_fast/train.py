@@ -113,9 +113,11 @@ def _check_resume(config: TrainConfig, stored: TrainConfig, run_dir: Path) -> No
     a, b = config.to_dict(), stored.to_dict()
     diff = [k for k in a if k not in RESUME_MUTABLE and a[k] != b.get(k)]
     if diff:
-        raise ValueError(f"resume: expected the settings stored in {run_dir / 'config.json'} for "
-                         f"{', '.join(diff)} (only {', '.join(sorted(RESUME_MUTABLE))} may change), got "
-                         + ", ".join(f"{k}={a[k]!r} (stored {b.get(k)!r})" for k in diff))
+        raise ValueError(
+            f"resume: expected the settings stored in {run_dir / 'config.json'} for "
+            f"{', '.join(diff)} (only {', '.join(sorted(RESUME_MUTABLE))} may change), got "
+            + ", ".join(f"{k}={a[k]!r} (stored {b.get(k)!r})" for k in diff)
+        )
 
 
 def _log(dist: DistInfo, quiet: bool, msg: str) -> None:
@@ -134,8 +136,7 @@ def _fmt_backends(used: Mapping[str, str]) -> str:
     return ", ".join(f"{op}={backend}" for op, backend in used.items()) or "none (no attention op ran)"
 
 
-def train(config: TrainConfig | Mapping[str, Any] | None = None, *, seq_dataset=None,
-          **overrides) -> dict[str, Any]:
+def train(config: TrainConfig | Mapping[str, Any] | None = None, *, seq_dataset=None, **overrides) -> dict[str, Any]:
     """Train, early-stop on valid NDCG@5 (``sampled_ndcg@5`` with protocol sampled100), evaluate the best
     epoch on test; returns final.json's dict.
 
@@ -163,10 +164,15 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, seq_dataset=
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist = init_distributed(config.device)
     try:
-        return _train(config, dist, seq_dataset)
-    finally:
-        if owns_group:
+        result = _train(config, dist, seq_dataset)
+    except BaseException:
+        if owns_group:  # no barrier: the other ranks may never reach it
             cleanup(dist)
+        raise
+    if owns_group:
+        barrier(dist)  # every rank done with gloo before any tears its process group down
+        cleanup(dist)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,22 +217,46 @@ def _train(config: TrainConfig, dist: DistInfo, dataset) -> dict[str, Any]:
         _resume(config, dist, run_dir, state)
     if dist.distributed:
         _wrap_ddp(config, device, state)
-    _log(dist, config.quiet, f"model: {config.model} attention={config.attention} d={config.d_model} "
-                             f"layers={config.n_layers} heads={config.n_heads} n={config.max_len} "
-                             f"params={state.num_params:,} device={device} world={dist.world_size} amp={config.amp}")
-    eval_kw = {"batch_size": config.eval_batch_size, "exclude_history": config.exclude_history,
-               "protocol": config.protocol, "device": device, "sampled_seed": config.seed, "dist": dist,
-               "trim_padding": config.trim_padding}
+    _log(
+        dist,
+        config.quiet,
+        f"model: {config.model} attention={config.attention} d={config.d_model} "
+        f"layers={config.n_layers} heads={config.n_heads} n={config.max_len} "
+        f"params={state.num_params:,} device={device} world={dist.world_size} amp={config.amp}",
+    )
+    eval_kw = {
+        "batch_size": config.eval_batch_size,
+        "exclude_history": config.exclude_history,
+        "protocol": config.protocol,
+        "device": device,
+        "sampled_seed": config.seed,
+        "dist": dist,
+        "trim_padding": config.trim_padding,
+    }
     popularity = {split: evaluate_popularity(data.dataset, split, **eval_kw) for split in ("valid", "test")}
-    _log(dist, config.quiet, f"popularity baseline: valid "
-                             f"{_fmt_metrics(popularity['valid'], headline_keys(config.protocol))}")
+    _log(
+        dist,
+        config.quiet,
+        f"popularity baseline: valid {_fmt_metrics(popularity['valid'], headline_keys(config.protocol))}",
+    )
     writer = _open_tensorboard(config, dist, run_dir)
     last_epoch, stopped_early = _run_epochs(config, dist, device, run_dir, data, state, eval_kw, writer)
     barrier(dist)
     best_epoch, test, test_s = _test_best_epoch(run_dir, state.model, data.dataset, eval_kw, last_epoch)
-    final = _final_record(config, dist, device, data.dataset, state, popularity=popularity, test=test,
-                          test_s=test_s, best_epoch=best_epoch, last_epoch=last_epoch, stopped_early=stopped_early,
-                          t_start=t_start)
+    final = _final_record(
+        config,
+        dist,
+        device,
+        data.dataset,
+        state,
+        popularity=popularity,
+        test=test,
+        test_s=test_s,
+        best_epoch=best_epoch,
+        last_epoch=last_epoch,
+        stopped_early=stopped_early,
+        t_start=t_start,
+    )
     if dist.is_main:
         _write_final(run_dir, final, writer)
         print_summary(final, run_dir)
@@ -264,11 +294,17 @@ def _load_data(config: TrainConfig, dist: DistInfo, dataset, device: torch.devic
     if dataset is None:
         from .data import load_dataset
 
-        dataset = load_dataset(config.data_source, max_len=config.max_len, kcore=config.kcore,
-                               **({"synthetic": config.synthetic} if config.synthetic else {}))
+        dataset = load_dataset(
+            config.data_source,
+            max_len=config.max_len,
+            kcore=config.kcore,
+            **({"synthetic": config.synthetic} if config.synthetic else {}),
+        )
     if dataset.max_len != config.max_len:
-        raise ValueError(f"seq_dataset: expected max_len {config.max_len} (config.max_len), got a dataset with "
-                         f"max_len {dataset.max_len}")
+        raise ValueError(
+            f"seq_dataset: expected max_len {config.max_len} (config.max_len), got a dataset with "
+            f"max_len {dataset.max_len}"
+        )
     _log(dist, config.quiet, f"data: {dataset.summary()}")
     train_input = torch.from_numpy(np.ascontiguousarray(dataset.train_input))
     train_pos = torch.from_numpy(np.ascontiguousarray(dataset.train_pos))
@@ -276,8 +312,13 @@ def _load_data(config: TrainConfig, dist: DistInfo, dataset, device: torch.devic
     row_widths = trailing_widths(dataset.train_input, dataset.train_pos) if config.trim_padding else None
     if device.type == "cuda":
         train_input, train_pos = train_input.to(device), train_pos.to(device)
-    batch_sampler = make_batch_sampler(lengths, config.batch_size, config.seed,
-                                       length_bucketing=config.length_bucketing, bucket_batches=config.bucket_batches)
+    batch_sampler = make_batch_sampler(
+        lengths,
+        config.batch_size,
+        config.seed,
+        length_bucketing=config.length_bucketing,
+        bucket_batches=config.bucket_batches,
+    )
     return _Data(dataset, train_input, train_pos, row_widths, batch_sampler)
 
 
@@ -287,13 +328,17 @@ def _build(config: TrainConfig, device: torch.device, num_items: int) -> _State:
     from .models import build_model
 
     random.seed(config.seed)
-    np.random.seed(config.seed % (2 ** 32))
+    np.random.seed(config.seed % (2**32))
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs(num_items)).to(device)
-    return _State(model=model, step_module=LossModule(model),
-                  optimizer=make_optimizer(model, config.optimizer, config.lr, config.l2, config.betas),
-                  scaler=make_scaler(device, config.amp), early=EarlyStopping(patience=config.patience),
-                  num_params=sum(p.numel() for p in model.parameters()))
+    return _State(
+        model=model,
+        step_module=LossModule(model),
+        optimizer=make_optimizer(model, config.optimizer, config.lr, config.l2, config.betas),
+        scaler=make_scaler(device, config.amp),
+        early=EarlyStopping(patience=config.patience),
+        num_params=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def _resume(config: TrainConfig, dist: DistInfo, run_dir: Path, state: _State) -> None:
@@ -319,8 +364,11 @@ def _wrap_ddp(config: TrainConfig, device: torch.device, state: _State) -> None:
     broadcast at construction carries the resumed parameters)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    state.step_module = DDP(state.step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                            find_unused_parameters=config.ddp_find_unused)
+    state.step_module = DDP(
+        state.step_module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config.ddp_find_unused,
+    )
 
 
 def _open_tensorboard(config: TrainConfig, dist: DistInfo, run_dir: Path):
@@ -332,14 +380,25 @@ def _open_tensorboard(config: TrainConfig, dist: DistInfo, run_dir: Path):
 
         return SummaryWriter(log_dir=str(run_dir / "tb"))
     except ImportError as exc:
-        print(f"--tensorboard: TensorBoard is not available ({exc}); install it with "
-              f"`pip install tensorboard`. Continuing without it (metrics.jsonl has everything).",
-              file=sys.stderr, flush=True)
+        print(
+            f"--tensorboard: TensorBoard is not available ({exc}); install it with "
+            f"`pip install tensorboard`. Continuing without it (metrics.jsonl has everything).",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
 
-def _run_epochs(config: TrainConfig, dist: DistInfo, device: torch.device, run_dir: Path, data: _Data,
-                state: _State, eval_kw: dict[str, Any], writer) -> tuple[int, bool]:
+def _run_epochs(
+    config: TrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    run_dir: Path,
+    data: _Data,
+    state: _State,
+    eval_kw: dict[str, Any],
+    writer,
+) -> tuple[int, bool]:
     """Epochs ``state.start_epoch ..`` until ``config.epochs`` or early stopping; each is evaluated (every
     ``eval_every``), recorded, checkpointed and logged. Returns (last epoch run, stopped early)."""
     show = progress_enabled(config.quiet, dist)
@@ -351,11 +410,24 @@ def _run_epochs(config: TrainConfig, dist: DistInfo, device: torch.device, run_d
             break
         epoch = next_epoch
         seed_epoch(config.seed, epoch, dist.rank)
-        stats = train_epoch(state.step_module, state.model, train_input=data.train_input, train_pos=data.train_pos,
-                            batches=data.batch_sampler.batches(epoch), optimizer=state.optimizer,
-                            scaler=state.scaler, neg_generator=neg_generator, seed=config.seed, epoch=epoch,
-                            device=device, amp=config.amp, clip_grad=config.clip_grad, dist=dist,
-                            show_progress=show, row_widths=data.row_widths)
+        stats = train_epoch(
+            state.step_module,
+            state.model,
+            train_input=data.train_input,
+            train_pos=data.train_pos,
+            batches=data.batch_sampler.batches(epoch),
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            neg_generator=neg_generator,
+            seed=config.seed,
+            epoch=epoch,
+            device=device,
+            amp=config.amp,
+            clip_grad=config.clip_grad,
+            dist=dist,
+            show_progress=show,
+            row_widths=data.row_widths,
+        )
         state.step += stats["steps"]
         valid, improved, eval_s = None, False, 0.0
         if epoch % config.eval_every == 0 or epoch == config.epochs:
@@ -363,32 +435,54 @@ def _run_epochs(config: TrainConfig, dist: DistInfo, device: torch.device, run_d
             valid = evaluate(state.model, data.dataset, "valid", **eval_kw)
             eval_s = time.perf_counter() - t0
             improved = state.early.update(valid[key], epoch)
-        record = {"epoch": epoch, "step": state.step, "loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                  "lr": state.optimizer.param_groups[0]["lr"], "epoch_s": stats["seconds"], "eval_s": eval_s,
-                  "skipped_steps": stats["skipped_steps"], "valid": valid, "improved": improved,
-                  "best_epoch": state.early.best_epoch}
+        record = {
+            "epoch": epoch,
+            "step": state.step,
+            "loss": stats["loss"],
+            "grad_norm": stats["grad_norm"],
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "epoch_s": stats["seconds"],
+            "eval_s": eval_s,
+            "skipped_steps": stats["skipped_steps"],
+            "valid": valid,
+            "improved": improved,
+            "best_epoch": state.early.best_epoch,
+        }
         state.history.append(record)
         if dist.is_main:
             _save_epoch(config, run_dir, state, record, neg_generator, writer)
-        _log(dist, config.quiet, f"epoch {epoch:3d} | loss {stats['loss']:.4f} | grad {stats['grad_norm']:.3f} | "
-                                 f"valid {_fmt_metrics(valid, headline_keys(config.protocol))}"
-                                 f"{' *' if improved else ''} | "
-                                 f"{stats['seconds']:.1f}s train, {eval_s:.1f}s eval")
+        _log(
+            dist,
+            config.quiet,
+            f"epoch {epoch:3d} | loss {stats['loss']:.4f} | grad {stats['grad_norm']:.3f} | "
+            f"valid {_fmt_metrics(valid, headline_keys(config.protocol))}"
+            f"{' *' if improved else ''} | "
+            f"{stats['seconds']:.1f}s train, {eval_s:.1f}s eval",
+        )
         if epoch == state.start_epoch:
             _log(dist, config.quiet, f"attention backend: {_fmt_backends(backends.used_backends())}")
     return epoch, state.early.should_stop and epoch < config.epochs
 
 
-def _save_epoch(config: TrainConfig, run_dir: Path, state: _State, record: dict[str, Any],
-                neg_generator: torch.Generator, writer) -> None:
+def _save_epoch(
+    config: TrainConfig, run_dir: Path, state: _State, record: dict[str, Any], neg_generator: torch.Generator, writer
+) -> None:
     """Rank 0, after an epoch: append its metrics.jsonl record, write last.pt (and best.pt when it
     improved), log it to TensorBoard."""
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    ckpt = make_checkpoint(epoch=record["epoch"], step=record["step"], model=state.model, optimizer=state.optimizer,
-                           scaler=state.scaler, negatives=neg_generator, early_stopping=state.early, config=config)
+    ckpt = make_checkpoint(
+        epoch=record["epoch"],
+        step=record["step"],
+        model=state.model,
+        optimizer=state.optimizer,
+        scaler=state.scaler,
+        negatives=neg_generator,
+        early_stopping=state.early,
+        config=config,
+    )
     if record["improved"]:
         save_checkpoint(run_dir / "best.pt", ckpt)
     save_checkpoint(run_dir / "last.pt", ckpt)
@@ -402,8 +496,9 @@ def _save_epoch(config: TrainConfig, run_dir: Path, state: _State, record: dict[
         writer.flush()
 
 
-def _test_best_epoch(run_dir: Path, model: torch.nn.Module, dataset, eval_kw: dict[str, Any],
-                     last_epoch: int) -> tuple[int, dict[str, float], float]:
+def _test_best_epoch(
+    run_dir: Path, model: torch.nn.Module, dataset, eval_kw: dict[str, Any], last_epoch: int
+) -> tuple[int, dict[str, float], float]:
     """Load best.pt into ``model`` and evaluate it on test: (best epoch, test metrics, seconds). Without a
     best.pt (no evaluation ever improved, e.g. NaN metrics) the last state is tested."""
     best_path = run_dir / "best.pt"
@@ -418,9 +513,21 @@ def _test_best_epoch(run_dir: Path, model: torch.nn.Module, dataset, eval_kw: di
     return best_epoch, test, time.perf_counter() - t0
 
 
-def _final_record(config: TrainConfig, dist: DistInfo, device: torch.device, dataset, state: _State, *,
-                  popularity: dict[str, dict[str, float]], test: dict[str, float], test_s: float, best_epoch: int,
-                  last_epoch: int, stopped_early: bool, t_start: float) -> dict[str, Any]:
+def _final_record(
+    config: TrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    dataset,
+    state: _State,
+    *,
+    popularity: dict[str, dict[str, float]],
+    test: dict[str, float],
+    test_s: float,
+    best_epoch: int,
+    last_epoch: int,
+    stopped_early: bool,
+    t_start: float,
+) -> dict[str, Any]:
     """final.json's content."""
     history = state.history
     valid_best = next((r["valid"] for r in history if r["epoch"] == best_epoch and r.get("valid")), None)
@@ -428,22 +535,38 @@ def _final_record(config: TrainConfig, dist: DistInfo, device: torch.device, dat
     eval_total = sum(r["eval_s"] for r in history)
     n_evals = sum(1 for r in history if r.get("valid"))
     return {
-        "model": config.model, "attention": config.attention, "dataset": getattr(dataset, "name", ""),
+        "model": config.model,
+        "attention": config.attention,
+        "dataset": getattr(dataset, "name", ""),
         "dataset_summary": dataset.summary() if hasattr(dataset, "summary") else "",
-        "num_users": int(dataset.num_users), "num_items": int(dataset.num_items),
+        "num_users": int(dataset.num_users),
+        "num_items": int(dataset.num_items),
         "num_params": int(state.num_params),
-        "best_epoch": best_epoch, "last_epoch": last_epoch, "stopped_early": bool(stopped_early),
+        "best_epoch": best_epoch,
+        "last_epoch": last_epoch,
+        "stopped_early": bool(stopped_early),
         "selection_metric": f"valid {selection_key(config.protocol)}",
-        "protocol": {"ranking": config.protocol, "exclude_history": config.exclude_history,
-                     **({"sampled_negatives": SAMPLED_NEGATIVES} if config.protocol == "sampled100" else {})},
-        "valid": valid_best, "test": test, "popularity": popularity,
-        "timing": {"total_s": sum(r["epoch_s"] + r["eval_s"] for r in history) + test_s,
-                   "this_session_s": time.perf_counter() - t_start,
-                   "train_s": train_s, "eval_s": eval_total,
-                   "mean_epoch_s": train_s / len(history) if history else None,
-                   "mean_eval_s": eval_total / n_evals if n_evals else None, "test_eval_s": test_s,
-                   "epochs": len(history), "device": str(device), "world_size": dist.world_size,
-                   "amp": config.amp},
+        "protocol": {
+            "ranking": config.protocol,
+            "exclude_history": config.exclude_history,
+            **({"sampled_negatives": SAMPLED_NEGATIVES} if config.protocol == "sampled100" else {}),
+        },
+        "valid": valid_best,
+        "test": test,
+        "popularity": popularity,
+        "timing": {
+            "total_s": sum(r["epoch_s"] + r["eval_s"] for r in history) + test_s,
+            "this_session_s": time.perf_counter() - t_start,
+            "train_s": train_s,
+            "eval_s": eval_total,
+            "mean_epoch_s": train_s / len(history) if history else None,
+            "mean_eval_s": eval_total / n_evals if n_evals else None,
+            "test_eval_s": test_s,
+            "epochs": len(history),
+            "device": str(device),
+            "world_size": dist.world_size,
+            "amp": config.amp,
+        },
         "backends_used": backends.used_backends(),
     }
 
@@ -472,18 +595,30 @@ def print_summary(final: dict[str, Any], run_dir=None, file=None) -> None:
         v = d.get(pre + k)
         return f"{v:.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
 
-    rows = [("", "model", "best epoch", "NDCG@10", "Recall@10", "popularity NDCG@10", "popularity Recall@10"),
-            ("valid", f"{final['model']}/{final['attention']}", str(final["best_epoch"]), f(valid, "ndcg@10"),
-             f(valid, "recall@10"), f(pv, "ndcg@10"), f(pv, "recall@10")),
-            ("test", "", "", f(test, "ndcg@10"), f(test, "recall@10"), f(pt, "ndcg@10"), f(pt, "recall@10"))]
+    rows = [
+        ("", "model", "best epoch", "NDCG@10", "Recall@10", "popularity NDCG@10", "popularity Recall@10"),
+        (
+            "valid",
+            f"{final['model']}/{final['attention']}",
+            str(final["best_epoch"]),
+            f(valid, "ndcg@10"),
+            f(valid, "recall@10"),
+            f(pv, "ndcg@10"),
+            f(pv, "recall@10"),
+        ),
+        ("test", "", "", f(test, "ndcg@10"), f(test, "recall@10"), f(pt, "ndcg@10"), f(pt, "recall@10")),
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\nresults ({label}; test at the best valid epoch){' - ' + str(run_dir) if run_dir else ''}", file=file)
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
     t = final.get("timing", {})
     if t.get("mean_epoch_s") is not None:
-        print(f"time: {t['epochs']} epoch{'s' if t['epochs'] != 1 else ''}, {t['mean_epoch_s']:.2f}s/epoch train, "
-              f"{(t.get('mean_eval_s') or 0):.2f}s/eval, total {t['total_s']:.1f}s on {t['device']}", file=file)
+        print(
+            f"time: {t['epochs']} epoch{'s' if t['epochs'] != 1 else ''}, {t['mean_epoch_s']:.2f}s/epoch train, "
+            f"{(t.get('mean_eval_s') or 0):.2f}s/eval, total {t['total_s']:.1f}s on {t['device']}",
+            file=file,
+        )
     if "backends_used" in final:  # absent from final.json files written before it was recorded
         print(f"attention backend: {_fmt_backends(final['backends_used'])}", file=file)
     file.flush()

@@ -48,7 +48,9 @@ def check_key_padding_mask(mask, batch: int, n: int, device) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask: expected a bool torch.Tensor of shape ({batch}, {n}), got {type(mask).__name__}")
+        raise TypeError(
+            f"key_padding_mask: expected a bool torch.Tensor of shape ({batch}, {n}), got {type(mask).__name__}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = padding), got {mask.dtype}")
     if tuple(mask.shape) != (batch, n):
@@ -74,14 +76,19 @@ def check_refine_weight(name: str, w, n: int, heads: int, device, *, square: boo
 
 def check_same_columns(name: str, w, ref_name: str, ref) -> None:
     if w.shape[-1] != ref.shape[-1]:
-        raise ValueError(f"{name}: expected {ref.shape[-1]} columns (those of {ref_name}, the inner dimension of "
-                         f"the projections), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"{name}: expected {ref.shape[-1]} columns (those of {ref_name}, the inner dimension of "
+            f"the projections), got shape {tuple(w.shape)}"
+        )
 
 
 def check_unused(mechanism: str, **weights) -> None:
     for name, w in weights.items():
         if w is not None:
-            raise ValueError(f"{name}: not used by mechanism={mechanism!r}; pass None")
+            raise ValueError(
+                f"{name}: expected None (mechanism={mechanism!r} does not use it), "
+                f"got {type(w).__name__} {tuple(getattr(w, 'shape', ()))}"
+            )
 
 
 def check_probability(name: str, p: float) -> None:
@@ -99,14 +106,20 @@ def lengths_to_padding_mask(lengths, key_padding_mask, batch: int, n: int, devic
     if lengths is None:
         return key_padding_mask
     if key_padding_mask is not None:
-        raise ValueError("lengths: give key_padding_mask or lengths, not both")
+        raise ValueError(
+            f"lengths: expected None when key_padding_mask is given (pass one of them), got {type(lengths).__name__}"
+        )
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"lengths: expected an int32/int64 torch.Tensor of shape ({batch},), got "
-                        f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+        raise TypeError(
+            f"lengths: expected an int32/int64 torch.Tensor of shape ({batch},), got "
+            f"{getattr(lengths, 'dtype', type(lengths).__name__)}"
+        )
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"lengths: expected device {device}, got {lengths.device}")
     if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > n)).any()):
-        raise ValueError(f"lengths: expected values in [0, n={n}], got min {int(lengths.min())}, max {int(lengths.max())}")
+        raise ValueError(
+            f"lengths: expected values in [0, n={n}], got min {int(lengths.min())}, max {int(lengths.max())}"
+        )
     return torch.arange(n, device=device)[None, :] < (n - lengths)[:, None]

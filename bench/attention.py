@@ -53,20 +53,82 @@ MODES = ("fwd", "bwd", "fwdbwd")
 EAGER_TARGET = 1.8  # the eager backend (A·M·Aᵀ) at least 1.8x faster than the naive reference at n=200 on CPU
 
 COLUMNS = [
-    "run_id", "date", "device", "device_type", "torch", "triton", "cuda", "python", "git_commit", "threads", "loadavg",
-    "family", "mechanism", "backend", "batch", "heads", "n", "d_model", "d_h", "dtype",
-    "lengths", "lengths_source", "mean_len", "status", "reason", "timer", "min_time_s",
-    "fwd_ms", "fwd_p20_ms", "fwd_p80_ms", "bwd_ms", "bwd_p20_ms", "bwd_p80_ms",
-    "fwdbwd_ms", "fwdbwd_p20_ms", "fwdbwd_p80_ms",
-    "mem_kind", "saved_mib", "peak_fwd_mib", "peak_bwd_mib", "peak_fwdbwd_mib",
-    "gflop_fwd_nominal", "gflop_fwd_minimal", "mb_fwd", "mb_bwd", "mb_fwdbwd",
-    "tflops_fwd", "tflops_bwd", "tflops_fwdbwd", "gbps_fwd", "gbps_bwd", "gbps_fwdbwd",
-    "floor_fwd_ms", "floor_bwd_ms", "floor_fwdbwd_ms",
-    "pct_floor_fwd", "pct_floor_bwd", "pct_floor_fwdbwd",
-    "peak_tflops", "peak_gbps", "ceiling_matmul", "ceiling_copy_mib",
-    "x_reference_fwd", "x_reference_bwd", "x_reference_fwdbwd", "x_compile_fwd", "x_compile_bwd", "x_compile_fwdbwd",
-    "x_sdpa_fwd", "x_sdpa_bwd", "x_sdpa_fwdbwd", "x_padded_fwd", "x_padded_bwd", "x_padded_fwdbwd",
-    "finite", "other_cpu",
+    "run_id",
+    "date",
+    "device",
+    "device_type",
+    "torch",
+    "triton",
+    "cuda",
+    "python",
+    "git_commit",
+    "threads",
+    "loadavg",
+    "family",
+    "mechanism",
+    "backend",
+    "batch",
+    "heads",
+    "n",
+    "d_model",
+    "d_h",
+    "dtype",
+    "lengths",
+    "lengths_source",
+    "mean_len",
+    "status",
+    "reason",
+    "timer",
+    "min_time_s",
+    "fwd_ms",
+    "fwd_p20_ms",
+    "fwd_p80_ms",
+    "bwd_ms",
+    "bwd_p20_ms",
+    "bwd_p80_ms",
+    "fwdbwd_ms",
+    "fwdbwd_p20_ms",
+    "fwdbwd_p80_ms",
+    "mem_kind",
+    "saved_mib",
+    "peak_fwd_mib",
+    "peak_bwd_mib",
+    "peak_fwdbwd_mib",
+    "gflop_fwd_nominal",
+    "gflop_fwd_minimal",
+    "mb_fwd",
+    "mb_bwd",
+    "mb_fwdbwd",
+    "tflops_fwd",
+    "tflops_bwd",
+    "tflops_fwdbwd",
+    "gbps_fwd",
+    "gbps_bwd",
+    "gbps_fwdbwd",
+    "floor_fwd_ms",
+    "floor_bwd_ms",
+    "floor_fwdbwd_ms",
+    "pct_floor_fwd",
+    "pct_floor_bwd",
+    "pct_floor_fwdbwd",
+    "peak_tflops",
+    "peak_gbps",
+    "ceiling_matmul",
+    "ceiling_copy_mib",
+    "x_reference_fwd",
+    "x_reference_bwd",
+    "x_reference_fwdbwd",
+    "x_compile_fwd",
+    "x_compile_bwd",
+    "x_compile_fwdbwd",
+    "x_sdpa_fwd",
+    "x_sdpa_bwd",
+    "x_sdpa_fwdbwd",
+    "x_padded_fwd",
+    "x_padded_bwd",
+    "x_padded_fwdbwd",
+    "finite",
+    "other_cpu",
 ]
 
 
@@ -89,6 +151,7 @@ class Shape:
 @dataclass
 class Inputs:
     """leaves: tensors that get gradients (activations and weights); consts: the rest (mask, noise)."""
+
     leaves: dict
     consts: dict = field(default_factory=dict)
 
@@ -115,8 +178,9 @@ def make_inputs(family: str, mechanism: str, shape: Shape, device, mask, seed: i
             x = _randn(act, g, device, torch.float32)
             leaves[name] = (F.elu(x) + 1.0 if name.startswith("sig") else x).to(dtype)
         if mechanism == "stoc":
-            leaves.update(w_mu=_randn((n, n), g, device, dtype, w_scale),
-                          w_sigma=_randn((n, n), g, device, dtype, w_scale))
+            leaves.update(
+                w_mu=_randn((n, n), g, device, dtype, w_scale), w_sigma=_randn((n, n), g, device, dtype, w_scale)
+            )
         elif mechanism != "none":
             names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
             leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in names})
@@ -127,8 +191,11 @@ def make_inputs(family: str, mechanism: str, shape: Shape, device, mask, seed: i
         for name in ("b_o", "b_d", "dist_scale"):
             leaves[name] = _randn((), g, device, dtype, 0.5)
         if mechanism == "adversarial":
-            leaves.update(q_adv=_randn(act, g, device, dtype), k_adv=_randn(act, g, device, dtype),
-                          gate_logits=_randn((B, n, n), g, device, dtype))
+            leaves.update(
+                q_adv=_randn(act, g, device, dtype),
+                k_adv=_randn(act, g, device, dtype),
+                gate_logits=_randn((B, n, n), g, device, dtype),
+            )
             consts["noise"] = _randn((B, H, n, n), g, device, dtype)
     elif family == "sdpa":
         leaves.update(q=_randn(act, g, device, dtype), k=_randn(act, g, device, dtype), v=_randn(act, g, device, dtype))
@@ -164,8 +231,10 @@ def sequence_lengths(source: str) -> tuple[np.ndarray, str]:
         try:
             path = data.resolve_source(source, download=False)
         except KeyError:
-            raise SystemExit(f"--lengths-from: {source!r} is neither a file nor a known data set "
-                             f"(synthetic, {', '.join(data.KNOWN_DATASETS)})")
+            raise SystemExit(
+                f"--lengths-from: {source!r} is neither a file nor a known data set "
+                f"(synthetic, {', '.join(data.KNOWN_DATASETS)})"
+            )
         except data.DatasetUnavailableError as exc:
             raise SystemExit(f"--lengths-from: {exc}")
     inter = data.read_interactions(path)
@@ -190,6 +259,7 @@ def _modules():
     from awr_fast.reference import calibrated as ref_cal
     from awr_fast.reference import dot_refined as ref_dot
     from awr_fast.reference import w2_refined as ref_w2
+
     return awr_fast, {"dot": ref_dot.dot_refined, "w2": ref_w2.w2_refined, "calibrated": ref_cal.calibrated}
 
 
@@ -204,8 +274,12 @@ def _configure_dynamo():
     if hasattr(fcfg, "donated_buffer"):
         fcfg.donated_buffer = False
     # one compiled wrapper per (mechanism, shape) shares the reference's code object: keep every entry
-    for name, value in (("recompile_limit", 4096), ("cache_size_limit", 4096),
-                        ("accumulated_recompile_limit", 65536), ("accumulated_cache_size_limit", 65536)):
+    for name, value in (
+        ("recompile_limit", 4096),
+        ("cache_size_limit", 4096),
+        ("accumulated_recompile_limit", 65536),
+        ("accumulated_cache_size_limit", 65536),
+    ):
         if hasattr(cfg, name):
             setattr(cfg, name, value)
 
@@ -221,8 +295,11 @@ def make_callable(family: str, mechanism: str, backend: str, shape: Shape, maske
     if backend == "sdpa":
         raise Skip("sdpa is the baseline row")
     if backend in ("reference", "eager", "triton", "cuda"):
-        api = {"dot": awr_fast.refined_attention, "w2": awr_fast.wasserstein_attention,
-               "calibrated": awr_fast.calibrated_attention}[family]
+        api = {
+            "dot": awr_fast.refined_attention,
+            "w2": awr_fast.wasserstein_attention,
+            "calibrated": awr_fast.calibrated_attention,
+        }[family]
         return functools.partial(api, backend=backend, **kw)
     if backend == "compile":
         key = (family, mechanism, shape, masked)
@@ -258,22 +335,38 @@ class Case:
 
 def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, seed: int) -> dict:
     shape = case.shape
-    row = {**env, "family": case.family, "mechanism": case.mechanism, "backend": case.backend,
-           "batch": shape.batch, "heads": shape.heads, "n": shape.n, "d_model": shape.d_model, "d_h": shape.d_h,
-           "dtype": shape.dtype, "lengths": case.lengths_mode,
-           "lengths_source": args.lengths_source if case.lengths_mode == "real" else "",
-           "mean_len": float(np.mean(case.lengths)), "min_time_s": args.min_time,
-           "peak_tflops": ceilings.tflops, "peak_gbps": ceilings.gbps,
-           "ceiling_matmul": f"{ceilings.matmul_size}^3 {shape.dtype}", "ceiling_copy_mib": ceilings.copy_mib,
-           "mem_kind": "cuda_peak_above_inputs" if device.type == "cuda" else "saved_tensors_fwd"}
+    row = {
+        **env,
+        "family": case.family,
+        "mechanism": case.mechanism,
+        "backend": case.backend,
+        "batch": shape.batch,
+        "heads": shape.heads,
+        "n": shape.n,
+        "d_model": shape.d_model,
+        "d_h": shape.d_h,
+        "dtype": shape.dtype,
+        "lengths": case.lengths_mode,
+        "lengths_source": args.lengths_source if case.lengths_mode == "real" else "",
+        "mean_len": float(np.mean(case.lengths)),
+        "min_time_s": args.min_time,
+        "peak_tflops": ceilings.tflops,
+        "peak_gbps": ceilings.gbps,
+        "ceiling_matmul": f"{ceilings.matmul_size}^3 {shape.dtype}",
+        "ceiling_copy_mib": ceilings.copy_mib,
+        "mem_kind": "cuda_peak_above_inputs" if device.type == "cuda" else "saved_tensors_fwd",
+    }
     masked = case.lengths_mode == "real"
     try:
         fn = make_callable(case.family, case.mechanism, case.backend, shape, masked)
     except Skip as exc:
         return {**row, "status": "skipped", "reason": str(exc)}
     if case.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return {**row, "status": "skipped",
-                "reason": "TRITON_INTERPRET=1: the CPU interpreter is far too slow to benchmark"}
+        return {
+            **row,
+            "status": "skipped",
+            "reason": "TRITON_INTERPRET=1: the CPU interpreter is far too slow to benchmark",
+        }
     mask = padding_mask(case.lengths, shape.n, device) if masked else None
     inputs = make_inputs(case.family, case.mechanism, shape, device, mask, seed)
     leaves = list(inputs.leaves.values())
@@ -303,9 +396,11 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
             return torch.autograd.grad(held, leaves, grads, retain_graph=True, allow_unused=True)
 
         with common.OtherCpu() as other:
-            timings = {"fwd": common.time_fn(fwd, device, min_time=args.min_time),
-                       "bwd": common.time_fn(bwd, device, min_time=args.min_time),
-                       "fwdbwd": common.time_fn(fwdbwd, device, min_time=args.min_time)}
+            timings = {
+                "fwd": common.time_fn(fwd, device, min_time=args.min_time),
+                "bwd": common.time_fn(bwd, device, min_time=args.min_time),
+                "fwdbwd": common.time_fn(fwdbwd, device, min_time=args.min_time),
+            }
         row["other_cpu"] = other.cores
         saved, _ = common.saved_tensor_bytes(fwd, exclude=leaves + [t for t in inputs.consts.values() if t is not None])
         row["saved_mib"] = saved / common.MIB
@@ -322,10 +417,19 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
     consts = [t for t in inputs.consts.values() if t is not None]
     b_in, b_out = common.tensor_bytes(leaves + consts), common.tensor_bytes(outs)
     b_grads_in, b_grads_out = common.tensor_bytes(grads), common.tensor_bytes(leaves)
-    nbytes = {"fwd": b_in + b_out, "bwd": b_in + b_grads_in + b_grads_out,
-              "fwdbwd": b_in + b_out + b_grads_in + b_grads_out}
-    row.update(status="ok", reason="", timer=timings["fwd"].timer, finite=finite,
-               gflop_fwd_nominal=flops["nominal"] / 1e9, gflop_fwd_minimal=flops["minimal"] / 1e9)
+    nbytes = {
+        "fwd": b_in + b_out,
+        "bwd": b_in + b_grads_in + b_grads_out,
+        "fwdbwd": b_in + b_out + b_grads_in + b_grads_out,
+    }
+    row.update(
+        status="ok",
+        reason="",
+        timer=timings["fwd"].timer,
+        finite=finite,
+        gflop_fwd_nominal=flops["nominal"] / 1e9,
+        gflop_fwd_minimal=flops["minimal"] / 1e9,
+    )
     for mode in MODES:
         t = timings[mode]
         row.update(t.as_dict(mode))
@@ -335,7 +439,7 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
         floor = common.roofline(common.mode_flops(flops["minimal"], mode), nbytes[mode], ceilings)
         row[f"floor_{mode}_ms"] = floor
         row[f"pct_floor_{mode}"] = 100.0 * floor / t.median
-    del held, outs, inputs, kwargs
+    held = outs = inputs = kwargs = None  # free the graph and the inputs before the next case
     return row
 
 
@@ -343,18 +447,31 @@ def add_ratios(rows: list[dict]) -> None:
     """x_reference = reference time / this time (same family, mechanism, shape, lengths); x_compile likewise;
     x_sdpa = SDPA time (same shape, no padding) / this time; x_padded = the same backend's time on the
     padded batch / this time (length-aware rows only). > 1 means this row is faster."""
+
     def key(r, **over):
         r = {**r, **over}
-        return (r["family"], r["mechanism"], r["backend"], r["batch"], r["heads"], r["n"], r["d_model"],
-                r["dtype"], r["lengths"])
+        return (
+            r["family"],
+            r["mechanism"],
+            r["backend"],
+            r["batch"],
+            r["heads"],
+            r["n"],
+            r["d_model"],
+            r["dtype"],
+            r["lengths"],
+        )
 
     ok = {key(r): r for r in rows if r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok":
             continue
-        refs = {"reference": ok.get(key(r, backend="reference")), "compile": ok.get(key(r, backend="compile")),
-                "sdpa": ok.get(key(r, family="sdpa", mechanism="causal", backend="sdpa", lengths="full")),
-                "padded": ok.get(key(r, lengths="full")) if r["lengths"] == "real" else None}
+        refs = {
+            "reference": ok.get(key(r, backend="reference")),
+            "compile": ok.get(key(r, backend="compile")),
+            "sdpa": ok.get(key(r, family="sdpa", mechanism="causal", backend="sdpa", lengths="full")),
+            "padded": ok.get(key(r, lengths="full")) if r["lengths"] == "real" else None,
+        }
         for name, ref in refs.items():
             for mode in MODES:
                 r[f"x_{name}_{mode}"] = (ref[f"{mode}_ms"] / r[f"{mode}_ms"]) if ref is not None else float("nan")
@@ -365,8 +482,26 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict], device) -> None:
     mem_head = "peak MiB" if device.type == "cuda" else "saved MiB"
-    header = ["family", "mechanism", "backend", "lens", "fwd ms", "fwd p20-p80", "bwd ms", "f+b ms", "f+b p20-p80",
-              mem_head, "TFLOP/s", "GB/s", "floor ms", "%floor", "x_reference", "x_compile", "x_sdpa", "x_padded"]
+    header = [
+        "family",
+        "mechanism",
+        "backend",
+        "lens",
+        "fwd ms",
+        "fwd p20-p80",
+        "bwd ms",
+        "f+b ms",
+        "f+b p20-p80",
+        mem_head,
+        "TFLOP/s",
+        "GB/s",
+        "floor ms",
+        "%floor",
+        "x_reference",
+        "x_compile",
+        "x_sdpa",
+        "x_padded",
+    ]
     right = [False] * 4 + [True] * (len(header) - 4)
     groups: dict = {}
     for r in rows:
@@ -377,22 +512,37 @@ def print_table(rows: list[dict], device) -> None:
         real = lens.get("real")
         extra = f", real lengths from {real['lengths_source']} (mean L {real['mean_len']:.1f})" if real else ""
         ceil = grp[0]
-        print(f"\n== B={B} H={H} n={n} d_model={d} (d_h={d // H}) {dtype}{extra}; ceilings: "
-              f"{ceil['peak_tflops']:.3g} TFLOP/s (matmul {ceil['ceiling_matmul']}), "
-              f"{ceil['peak_gbps']:.3g} GB/s (copy)")
+        print(
+            f"\n== B={B} H={H} n={n} d_model={d} (d_h={d // H}) {dtype}{extra}; ceilings: "
+            f"{ceil['peak_tflops']:.3g} TFLOP/s (matmul {ceil['ceiling_matmul']}), "
+            f"{ceil['peak_gbps']:.3g} GB/s (copy)"
+        )
         table = []
         for r in grp:
             mem = r["peak_fwdbwd_mib"] if device.type == "cuda" else r.get("saved_mib", float("nan"))
             busy = device.type == "cpu" and r.get("other_cpu", 0.0) > 0.25 * (os.cpu_count() or 1)
-            table.append([
-                r["family"], r["mechanism"], r["backend"] + ("!" if busy else ""), r["lengths"],
-                common.fmt_ms(r["fwd_ms"]), f"{common.fmt_ms(r['fwd_p20_ms'])}-{common.fmt_ms(r['fwd_p80_ms'])}",
-                common.fmt_ms(r["bwd_ms"]), common.fmt_ms(r["fwdbwd_ms"]),
-                f"{common.fmt_ms(r['fwdbwd_p20_ms'])}-{common.fmt_ms(r['fwdbwd_p80_ms'])}",
-                common.fmt_num(mem, 1), common.fmt_num(r["tflops_fwdbwd"], 3), common.fmt_num(r["gbps_fwdbwd"], 1),
-                common.fmt_ms(r["floor_fwdbwd_ms"]), common.fmt_num(r["pct_floor_fwdbwd"], 1),
-                *(common.fmt_num(r.get(f"x_{ref}_fwdbwd", float("nan")))
-                  for ref in ("reference", "compile", "sdpa", "padded"))])
+            table.append(
+                [
+                    r["family"],
+                    r["mechanism"],
+                    r["backend"] + ("!" if busy else ""),
+                    r["lengths"],
+                    common.fmt_ms(r["fwd_ms"]),
+                    f"{common.fmt_ms(r['fwd_p20_ms'])}-{common.fmt_ms(r['fwd_p80_ms'])}",
+                    common.fmt_ms(r["bwd_ms"]),
+                    common.fmt_ms(r["fwdbwd_ms"]),
+                    f"{common.fmt_ms(r['fwdbwd_p20_ms'])}-{common.fmt_ms(r['fwdbwd_p80_ms'])}",
+                    common.fmt_num(mem, 1),
+                    common.fmt_num(r["tflops_fwdbwd"], 3),
+                    common.fmt_num(r["gbps_fwdbwd"], 1),
+                    common.fmt_ms(r["floor_fwdbwd_ms"]),
+                    common.fmt_num(r["pct_floor_fwdbwd"], 1),
+                    *(
+                        common.fmt_num(r.get(f"x_{ref}_fwdbwd", float("nan")))
+                        for ref in ("reference", "compile", "sdpa", "padded")
+                    ),
+                ]
+            )
         print(common.fmt_table(header, table, right))
     notes: dict = {}
     for r in rows:
@@ -403,8 +553,10 @@ def print_table(rows: list[dict], device) -> None:
         for (status, backend, reason), what in sorted(notes.items()):
             print(f"  {status}: {backend} ({', '.join(sorted(what))}): {reason}")
     eager_summary(rows)
-    print("\nratios x_* = that row's time / this row's time (> 1: this row is faster); TFLOP/s, GB/s, floor, "
-          "%floor and the ratios are for forward+backward; all modes are in the results files.")
+    print(
+        "\nratios x_* = that row's time / this row's time (> 1: this row is faster); TFLOP/s, GB/s, floor, "
+        "%floor and the ratios are for forward+backward; all modes are in the results files."
+    )
 
 
 def eager_summary(rows: list[dict]) -> None:
@@ -417,9 +569,11 @@ def eager_summary(rows: list[dict]) -> None:
         if r["device_type"] == "cpu" and r["n"] >= 200 and r["lengths"] == "full":
             verdict = "meets" if r["x_reference_fwdbwd"] >= EAGER_TARGET else "MISSES"
             target = f"  ({verdict} the {EAGER_TARGET}x target at n=200 on CPU)"
-        lines.append(f"  {r['family']:<4} {r['mechanism']:<6} B={r['batch']} H={r['heads']} n={r['n']} d_h={r['d_h']} "
-                     f"{r['dtype']} {r['lengths']}: fwd {r['x_reference_fwd']:.2f}x, bwd {r['x_reference_bwd']:.2f}x, "
-                     f"fwd+bwd {r['x_reference_fwdbwd']:.2f}x{target}")
+        lines.append(
+            f"  {r['family']:<4} {r['mechanism']:<6} B={r['batch']} H={r['heads']} n={r['n']} d_h={r['d_h']} "
+            f"{r['dtype']} {r['lengths']}: fwd {r['x_reference_fwd']:.2f}x, bwd {r['x_reference_bwd']:.2f}x, "
+            f"fwd+bwd {r['x_reference_fwdbwd']:.2f}x{target}"
+        )
     if lines:
         print("\neager backend (A·M·Aᵀ) vs the naive reference, speedup = reference time / eager time:")
         print("\n".join(lines))
@@ -439,24 +593,38 @@ def _names(text: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="all", help="dot, w2, calibrated or all (comma list allowed); default all")
-    p.add_argument("--mechanisms", default=None,
-                   help="comma list (none,simp,add,value,stoc,spatial,adversarial); default all")
+    p.add_argument(
+        "--mechanisms", default=None, help="comma list (none,simp,add,value,stoc,spatial,adversarial); default all"
+    )
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}; default all")
     p.add_argument("--batch", type=int, default=None, help="B (default 256; --quick 32)")
     p.add_argument("--n", default=None, help="comma list of n (default 20,50,100,200; --quick 20,50)")
     p.add_argument("--d", default=None, help="comma list of d_model (default 50,64; --quick 64)")
     p.add_argument("--heads", default=None, help="comma list of H, d_h = d/H (default 1,2; --quick 1)")
-    p.add_argument("--dtype", default=None,
-                   help="comma list of fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--dtype", default=None, help="comma list of fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--lengths-from", default=None, metavar="PATH_OR_NAME",
-                   help="draw per-sequence lengths from a data file or name (Beauty.txt, ml-1m.txt.gz, beauty, "
-                        "synthetic) and time the padded and the length-aware batch side by side")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="seconds of measurement per timing (CPU blocked_autorange min_run_time; CUDA do_bench rep); "
-                        "default 1.0 on CPU, 0.1 on CUDA, --quick 0.2 / 0.05")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="stop starting new cases after this many seconds (the rest are recorded as skipped)")
+    p.add_argument(
+        "--lengths-from",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="draw per-sequence lengths from a data file or name (Beauty.txt, ml-1m.txt.gz, beauty, "
+        "synthetic) and time the padded and the length-aware batch side by side",
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds of measurement per timing (CPU blocked_autorange min_run_time; CUDA do_bench rep); "
+        "default 1.0 on CPU, 0.1 on CUDA, --quick 0.2 / 0.05",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop starting new cases after this many seconds (the rest are recorded as skipped)",
+    )
     p.add_argument("--results-dir", default=str(common.DEFAULT_RESULTS_DIR), help="where attention.csv/.jsonl go")
     p.add_argument("--no-save", action="store_true", help="print only, write no results files")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a CPU run in a few minutes)")
@@ -466,8 +634,11 @@ def parse_args(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                               ("cpu" if args.device == "auto" else args.device))
+    args.device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     cuda = args.device.type == "cuda"
@@ -538,8 +709,11 @@ def main(argv=None) -> int:
     args.lengths_source = ""
     if args.lengths_from:
         pool, args.lengths_source = sequence_lengths(args.lengths_from)
-        print(f"lengths from {args.lengths_source}: {pool.size} sequences, mean {pool.mean():.1f}, "
-              f"median {np.median(pool):.0f}, max {pool.max()}", file=sys.stderr)
+        print(
+            f"lengths from {args.lengths_source}: {pool.size} sequences, mean {pool.mean():.1f}, "
+            f"median {np.median(pool):.0f}, max {pool.max()}",
+            file=sys.stderr,
+        )
     env = common.env_info(device)
     env["run_id"] = common.run_id(env)
     cases = build_cases(args, pool)
@@ -552,15 +726,21 @@ def main(argv=None) -> int:
     for dtype in args.dtypes:
         ceilings[dtype] = common.measure_ceilings(device, common.DTYPES[dtype], quick=args.quick)
         c = ceilings[dtype]
-        print(f"ceilings {dtype}: matmul {c.matmul_size}^3 {c.tflops:.3g} TFLOP/s, copy {c.copy_mib:.0f} MiB "
-              f"{c.gbps:.3g} GB/s", file=sys.stderr)
+        print(
+            f"ceilings {dtype}: matmul {c.matmul_size}^3 {c.tflops:.3g} TFLOP/s, copy {c.copy_mib:.0f} MiB "
+            f"{c.gbps:.3g} GB/s",
+            file=sys.stderr,
+        )
     rows = []
     interrupted = None
     common.stop_on_sigterm()  # `timeout` sends SIGTERM: print and save what was measured
     for i, case in enumerate(cases):
         elapsed = time.perf_counter() - start
-        skip = interrupted or (f"time budget of {args.time_budget:.0f} s used up"
-                               if args.time_budget is not None and elapsed > args.time_budget else None)
+        skip = interrupted or (
+            f"time budget of {args.time_budget:.0f} s used up"
+            if args.time_budget is not None and elapsed > args.time_budget
+            else None
+        )
         if skip is None:
             t0 = time.perf_counter()
             try:
@@ -568,18 +748,34 @@ def main(argv=None) -> int:
             except common.Interrupted as exc:
                 skip = interrupted = f"interrupted ({exc}) before this case was measured"
         if skip is not None:
-            rows.append({**env, "family": case.family, "mechanism": case.mechanism, "backend": case.backend,
-                         "batch": case.shape.batch, "heads": case.shape.heads, "n": case.shape.n,
-                         "d_model": case.shape.d_model, "d_h": case.shape.d_h, "dtype": case.shape.dtype,
-                         "lengths": case.lengths_mode, "status": "skipped", "reason": skip})
+            rows.append(
+                {
+                    **env,
+                    "family": case.family,
+                    "mechanism": case.mechanism,
+                    "backend": case.backend,
+                    "batch": case.shape.batch,
+                    "heads": case.shape.heads,
+                    "n": case.shape.n,
+                    "d_model": case.shape.d_model,
+                    "d_h": case.shape.d_h,
+                    "dtype": case.shape.dtype,
+                    "lengths": case.lengths_mode,
+                    "status": "skipped",
+                    "reason": skip,
+                }
+            )
             continue
         rows.append(row)
         s = case.shape
-        what = (f"[{i + 1}/{len(cases)}] {case.family}/{case.mechanism}/{case.backend} B={s.batch} H={s.heads} "
-                f"n={s.n} d={s.d_model} {s.dtype} {case.lengths_mode}")
+        what = (
+            f"[{i + 1}/{len(cases)}] {case.family}/{case.mechanism}/{case.backend} B={s.batch} H={s.heads} "
+            f"n={s.n} d={s.d_model} {s.dtype} {case.lengths_mode}"
+        )
         if row["status"] == "ok":
-            print(f"{what}: f+b {common.fmt_ms(row['fwdbwd_ms'])} ms ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(
+                f"{what}: f+b {common.fmt_ms(row['fwdbwd_ms'])} ms ({time.perf_counter() - t0:.1f} s)", file=sys.stderr
+            )
         else:
             print(f"{what}: {row['status']}: {row['reason']}", file=sys.stderr)
         gc.collect()
@@ -594,8 +790,10 @@ def main(argv=None) -> int:
     if warning:
         print(warning)
     errors = [r for r in rows if r.get("status") == "error"]
-    print(f"total {time.perf_counter() - start:.0f} s; {sum(r.get('status') == 'ok' for r in rows)} measured, "
-          f"{sum(r.get('status') == 'skipped' for r in rows)} skipped, {len(errors)} errors")
+    print(
+        f"total {time.perf_counter() - start:.0f} s; {sum(r.get('status') == 'ok' for r in rows)} measured, "
+        f"{sum(r.get('status') == 'skipped' for r in rows)} skipped, {len(errors)} errors"
+    )
     if interrupted:
         print(f"stopped early: {interrupted}")
     return 1 if errors or interrupted else 0

@@ -23,11 +23,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attention  # noqa: E402
+
 import common  # noqa: E402
 
 BACKENDS = attention.BACKENDS
@@ -43,8 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=None, help="d_model (default 64; --quick 32)")
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--lengths-from", default=None, metavar="PATH_OR_NAME",
-                   help="draw left-padding lengths from a data file (as bench/attention.py)")
+    p.add_argument(
+        "--lengths-from",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="draw left-padding lengths from a data file (as bench/attention.py)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 50; --quick 3)")
     p.add_argument("--top", type=int, default=8, help="kernels listed per case")
     p.add_argument("--quick", action="store_true")
@@ -102,8 +106,13 @@ def measure(step, device, steps: int) -> dict:
         host += time.perf_counter() - h0
     common.synchronize(device)
     wall = time.perf_counter() - t0
-    result = {"wall_ms": 1e3 * wall / steps, "host_ms": 1e3 * host / steps, "gpu_ms": float("nan"),
-              "launches": float("nan"), "kernels": []}
+    result = {
+        "wall_ms": 1e3 * wall / steps,
+        "host_ms": 1e3 * host / steps,
+        "gpu_ms": float("nan"),
+        "launches": float("nan"),
+        "kernels": [],
+    }
     if device.type != "cuda":
         return result
     from torch.profiler import ProfilerActivity, profile
@@ -123,8 +132,10 @@ def measure(step, device, steps: int) -> dict:
     total_us = sum(v[0] for v in per_kernel.values())
     result["gpu_ms"] = total_us / 1e3 / prof_steps
     result["launches"] = sum(v[1] for v in per_kernel.values()) / prof_steps
-    result["kernels"] = sorted(((name, us / 1e3 / prof_steps, count / prof_steps)
-                                for name, (us, count) in per_kernel.items()), key=lambda x: -x[1])
+    result["kernels"] = sorted(
+        ((name, us / 1e3 / prof_steps, count / prof_steps) for name, (us, count) in per_kernel.items()),
+        key=lambda x: -x[1],
+    )
     return result
 
 
@@ -132,8 +143,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
     env = common.env_info(device)
-    lines = [f"breakdown on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, "
-             f"{env['date']}; {args.steps} steps per case, {args.dtype}"]
+    lines = [
+        f"breakdown on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, "
+        f"{env['date']}; {args.steps} steps per case, {args.dtype}"
+    ]
     pool = None
     if args.lengths_from:
         pool, source = attention.sequence_lengths(args.lengths_from)
@@ -157,15 +170,28 @@ def main(argv=None) -> int:
                     except (attention.Skip, Exception) as exc:  # report and go on
                         lines.append(f"{label}: not measured ({common.describe(exc, 300)})")
                         continue
-                    print(f"{label}: wall {r['wall_ms']:.3f} ms, host {r['host_ms']:.3f} ms, gpu {r['gpu_ms']:.3f} ms, "
-                          f"launches {r['launches']}", file=sys.stderr, flush=True)  # progress, if cut short
-                    table.append([mechanism if backend != "sdpa" else "causal", backend, mode, str(n),
-                                  common.fmt_ms(r["wall_ms"]), common.fmt_ms(r["host_ms"]),
-                                  common.fmt_num(r["host_ms"] / r["wall_ms"]), common.fmt_ms(r["gpu_ms"]),
-                                  common.fmt_num(r["launches"], 1)])
+                    print(
+                        f"{label}: wall {r['wall_ms']:.3f} ms, host {r['host_ms']:.3f} ms, gpu {r['gpu_ms']:.3f} ms, "
+                        f"launches {r['launches']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )  # progress, if cut short
+                    table.append(
+                        [
+                            mechanism if backend != "sdpa" else "causal",
+                            backend,
+                            mode,
+                            str(n),
+                            common.fmt_ms(r["wall_ms"]),
+                            common.fmt_ms(r["host_ms"]),
+                            common.fmt_num(r["host_ms"] / r["wall_ms"]),
+                            common.fmt_ms(r["gpu_ms"]),
+                            common.fmt_num(r["launches"], 1),
+                        ]
+                    )
                     if r["kernels"]:
                         details.append(f"\n{label}: top kernels (ms per step, launches per step)")
-                        for name, ms, count in r["kernels"][:args.top]:
+                        for name, ms, count in r["kernels"][: args.top]:
                             details.append(f"  {ms:8.4f} ms  x{count:4.1f}  {name[:110]}")
     lines.append(common.fmt_table(header, table, [False] * 3 + [True] * 6))
     lines.extend(details)

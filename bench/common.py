@@ -36,7 +36,7 @@ DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 NAN = float("nan")
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -49,8 +49,13 @@ def git_commit(root: Path = REPO_ROOT) -> str:
         if out.returncode != 0:
             return "unknown"
         commit = out.stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -76,6 +81,7 @@ def device_name(device: torch.device) -> str:
 def triton_version() -> str:
     try:
         import triton
+
         return triton.__version__
     except Exception:
         return "n/a"
@@ -146,13 +152,21 @@ class OtherCpu:
 def contention_warning(rows: list[dict], key: str = "other_cpu") -> str | None:
     """A warning when other processes used a noticeable share of the CPU during some timed rows."""
     cores = os.cpu_count() or 1
-    hit = [r for r in rows if r.get("device_type") == "cpu" and isinstance(r.get(key), float)
-           and not math.isnan(r[key]) and r[key] > 0.25 * cores]
+    hit = [
+        r
+        for r in rows
+        if r.get("device_type") == "cpu"
+        and isinstance(r.get(key), float)
+        and not math.isnan(r[key])
+        and r[key] > 0.25 * cores
+    ]
     if not hit:
         return None
     worst = max(r[key] for r in hit)
-    return (f"warning: other processes kept up to {worst:.1f} of {cores} cores busy during {len(hit)} of "
-            f"{len(rows)} rows (column {key}; marked '!' in the table): those timings are unreliable")
+    return (
+        f"warning: other processes kept up to {worst:.1f} of {cores} cores busy during {len(hit)} of "
+        f"{len(rows)} rows (column {key}; marked '!' in the table): those timings are unreliable"
+    )
 
 
 def run_id(env: dict) -> str:
@@ -188,6 +202,7 @@ def stop_on_sigterm() -> None:
 @dataclass
 class Timing:
     """Milliseconds: median and the 20/80 quantiles; samples = timed calls (GPU) or blocks (CPU)."""
+
     median: float = NAN
     p20: float = NAN
     p80: float = NAN
@@ -198,8 +213,9 @@ class Timing:
         return {f"{prefix}_ms": self.median, f"{prefix}_p20_ms": self.p20, f"{prefix}_p80_ms": self.p80}
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, min_time: float = 1.0, warmup: int = 2,
-            min_samples: int = 5) -> Timing:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, *, min_time: float = 1.0, warmup: int = 2, min_samples: int = 5
+) -> Timing:
     """Time fn() (warmed up first). min_time: seconds of measurement on the CPU (blocked_autorange's
     min_run_time, then more blocks until there are min_samples of them); on CUDA the do_bench repetition
     time, with a quarter of it as warm-up."""
@@ -210,8 +226,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_time: float =
         import triton.testing
 
         rep_ms = max(20.0, 1000.0 * min_time)
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=max(5.0, rep_ms / 4), rep=rep_ms,
-                                                quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=max(5.0, rep_ms / 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         # do_bench's repeat count follows from its estimate of one call
         return Timing(float(med), float(p20), float(p80), 0, "triton.testing.do_bench")
     from torch.utils.benchmark import Timer
@@ -272,6 +287,7 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> float:
 class Ceilings:
     """Measured in the same run: the FLOP/s of one large matmul in the benchmark dtype and the GB/s of
     one large tensor copy (bytes read + bytes written)."""
+
     tflops: float
     gbps: float
     matmul_size: int
@@ -291,16 +307,20 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, quick: bool = 
     a = torch.randn(size, size, device=device, dtype=dtype, generator=g)  # never zeros (see METHOD.md)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     t_mm = time_fn(lambda: a @ b, device, min_time=min_time).median
-    del a, b
+    a = b = None  # release the matrices before the copy test
     src = torch.randn(copy_numel, device=device, dtype=torch.float32, generator=g)
     dst = torch.empty_like(src)
     t_cp = time_fn(lambda: dst.copy_(src), device, min_time=min_time).median
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
+    src = dst = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Ceilings(tflops=2.0 * size ** 3 / (t_mm * 1e-3) / 1e12, gbps=nbytes / (t_cp * 1e-3) / 1e9,
-                    matmul_size=size, copy_mib=copy_numel * 4 / MIB)
+    return Ceilings(
+        tflops=2.0 * size**3 / (t_mm * 1e-3) / 1e12,
+        gbps=nbytes / (t_cp * 1e-3) / 1e9,
+        matmul_size=size,
+        copy_mib=copy_numel * 4 / MIB,
+    )
 
 
 # ------------------------------------------------------------------------------------- FLOP counts
@@ -333,11 +353,11 @@ def _refine_min(mechanism: str, L, n: int):
 
 def _refine_nominal(mechanism: str, L):
     if mechanism in ("simp", "add"):
-        return 6.0 * L ** 3
+        return 6.0 * L**3
     if mechanism == "value":
-        return 10.0 * L ** 3
+        return 10.0 * L**3
     if mechanism == "stoc":
-        return 8.0 * L ** 3  # A W_mu, A W_sigma, and the two n-wide dot products of W2
+        return 8.0 * L**3  # A W_mu, A W_sigma, and the two n-wide dot products of W2
     return 0.0 * L
 
 
@@ -355,8 +375,9 @@ def _base_per_head(family: str, mechanism: str, L, d: int):
     raise ValueError(f"unknown family {family!r}")
 
 
-def attention_flops(family: str, mechanism: str, lengths: Sequence[int] | np.ndarray, heads: int, n: int,
-                    d_h: int) -> dict:
+def attention_flops(
+    family: str, mechanism: str, lengths: Sequence[int] | np.ndarray, heads: int, n: int, d_h: int
+) -> dict:
     """Forward FLOPs of one call, nominal and minimal, summed over the batch (lengths: one per sequence)."""
     L = np.asarray(lengths, dtype=np.float64)
     base_nom, base_min = _base_per_head(family, mechanism, L, d_h)
@@ -364,7 +385,7 @@ def attention_flops(family: str, mechanism: str, lengths: Sequence[int] | np.nda
     nominal = heads * float(np.sum(base_nom + (_refine_nominal(mechanism, L) if refined else 0.0)))
     minimal = heads * float(np.sum(base_min + (_refine_min(mechanism, L, n) if refined else 0.0)))
     if refined:
-        minimal += 2.0 * n ** 3  # M = W_RQ W_RK^T (or W_mu W_mu^T), once per call
+        minimal += 2.0 * n**3  # M = W_RQ W_RK^T (or W_mu W_mu^T), once per call
     return {"nominal": nominal, "minimal": minimal}
 
 
@@ -408,8 +429,7 @@ def append_results(results_dir: Path, name: str, rows: list[dict], columns: Sequ
     if csv_path.exists() and csv_path.stat().st_size > 0 and not _same_header(csv_path, columns):
         digest = hashlib.sha1(",".join(columns).encode()).hexdigest()[:8]
         csv_path = results_dir / f"{name}.{digest}.csv"
-        print(f"note: {results_dir / (name + '.csv')} has other columns; writing to {csv_path.name}",
-              file=sys.stderr)
+        print(f"note: {results_dir / (name + '.csv')} has other columns; writing to {csv_path.name}", file=sys.stderr)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -420,8 +440,9 @@ def append_results(results_dir: Path, name: str, rows: list[dict], columns: Sequ
     jsonl_path = results_dir / f"{name}.jsonl"
     with open(jsonl_path, "a") as f:
         for row in rows:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                for k, v in row.items()}) + "\n")
+            f.write(
+                json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n"
+            )
     return csv_path, jsonl_path
 
 
@@ -450,8 +471,7 @@ def fmt_num(x: float, digits: int = 2) -> str:
 
 def fmt_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
     """A fixed-width table; `right` says which columns are right aligned (numbers)."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     right = right or [False] * len(header)
 
     def line(cells):

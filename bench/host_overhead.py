@@ -25,8 +25,29 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-COLUMNS = ["run_id", "date", "label", "git_commit", "torch", "python", "threads", "path", "mechanism", "backend",
-           "backend_ran", "batch", "heads", "n", "d_h", "calls", "us_median", "us_p20", "us_p80", "status", "reason"]
+COLUMNS = [
+    "run_id",
+    "date",
+    "label",
+    "git_commit",
+    "torch",
+    "python",
+    "threads",
+    "path",
+    "mechanism",
+    "backend",
+    "backend_ran",
+    "batch",
+    "heads",
+    "n",
+    "d_h",
+    "calls",
+    "us_median",
+    "us_p20",
+    "us_p80",
+    "status",
+    "reason",
+]
 BACKENDS = ("reference", "eager", "auto")
 
 
@@ -54,10 +75,13 @@ def _cases(args):
     for mechanism in ("none", "simp"):
         weights = w if mechanism == "simp" else {}
         for backend in BACKENDS:
+
             def api_call(backend=backend, weights=weights, mechanism=mechanism):
-                out = awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask, backend=backend,
-                                                 **weights)
+                out = awr_fast.refined_attention(
+                    q, k, v, mechanism=mechanism, key_padding_mask=mask, backend=backend, **weights
+                )
                 out.sum().backward()
+
             yield "api", mechanism, backend, api_call
         for backend in BACKENDS:
             try:
@@ -69,10 +93,12 @@ def _cases(args):
 
             def module_call(layer=layer, x=x):
                 layer(x, key_padding_mask=mask).sum().backward()
+
             yield "module", mechanism, backend, module_call
 
     def sdpa_call():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
     yield "api", "causal", "sdpa", sdpa_call
 
 
@@ -85,8 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--d-h", type=int, default=8)
     p.add_argument("--calls", type=int, default=200, help="calls per timed block")
     p.add_argument("--repeats", type=int, default=15, help="timed blocks (median and 20/80 quantiles over them)")
-    p.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR,
-                   help="where host_overhead.csv/.jsonl go")
+    p.add_argument(
+        "--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR, help="where host_overhead.csv/.jsonl go"
+    )
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the host path is single-threaded; more threads only add noise here
@@ -97,10 +124,23 @@ def main(argv=None) -> int:
     rid = common.run_id(env)
     rows = []
     for path, mechanism, backend, fn in _cases(args):
-        row = {"run_id": rid, "date": env["date"], "label": args.label, "git_commit": env["git_commit"],
-               "torch": env["torch"], "python": env["python"], "threads": 1, "path": path, "mechanism": mechanism,
-               "backend": backend, "batch": args.batch, "heads": args.heads, "n": args.n, "d_h": args.d_h,
-               "calls": args.calls}
+        row = {
+            "run_id": rid,
+            "date": env["date"],
+            "label": args.label,
+            "git_commit": env["git_commit"],
+            "torch": env["torch"],
+            "python": env["python"],
+            "threads": 1,
+            "path": path,
+            "mechanism": mechanism,
+            "backend": backend,
+            "batch": args.batch,
+            "heads": args.heads,
+            "n": args.n,
+            "d_h": args.d_h,
+            "calls": args.calls,
+        }
         if isinstance(fn, Exception):
             rows.append({**row, "status": "skipped", "reason": common.describe(fn)})
             continue
@@ -113,14 +153,32 @@ def main(argv=None) -> int:
             rows.append({**row, "status": "skipped", "reason": common.describe(exc)})
             continue
         ran = "+".join(sorted({b for (_, b) in used})) if used else ("sdpa" if backend == "sdpa" else "")
-        rows.append({**row, "backend_ran": ran, "us_median": float(np.median(t)),
-                     "us_p20": float(np.quantile(t, 0.2)), "us_p80": float(np.quantile(t, 0.8)), "status": "ok"})
+        rows.append(
+            {
+                **row,
+                "backend_ran": ran,
+                "us_median": float(np.median(t)),
+                "us_p20": float(np.quantile(t, 0.2)),
+                "us_p80": float(np.quantile(t, 0.8)),
+                "status": "ok",
+            }
+        )
     header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80"]
-    table = [[r["path"], r["mechanism"], r["backend"], r.get("backend_ran", ""),
-              f"{r['us_median']:.0f}" if r["status"] == "ok" else r["status"],
-              f"{r['us_p20']:.0f}-{r['us_p80']:.0f}" if r["status"] == "ok" else r["reason"][:60]] for r in rows]
-    print(f"host cost of one forward+backward, B={args.batch} H={args.heads} n={args.n} d_h={args.d_h}, CPU, "
-          f"1 thread, {env['git_commit']} {args.label}")
+    table = [
+        [
+            r["path"],
+            r["mechanism"],
+            r["backend"],
+            r.get("backend_ran", ""),
+            f"{r['us_median']:.0f}" if r["status"] == "ok" else r["status"],
+            f"{r['us_p20']:.0f}-{r['us_p80']:.0f}" if r["status"] == "ok" else r["reason"][:60],
+        ]
+        for r in rows
+    ]
+    print(
+        f"host cost of one forward+backward, B={args.batch} H={args.heads} n={args.n} d_h={args.d_h}, CPU, "
+        f"1 thread, {env['git_commit']} {args.label}"
+    )
     print(common.fmt_table(header, table, [False] * 4 + [True, True]))
     if not args.no_save:
         csv_path, _ = common.append_results(args.results_dir, "host_overhead", rows, COLUMNS)

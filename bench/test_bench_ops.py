@@ -55,6 +55,7 @@ def _fwd_bwd(fn, leaves):
         grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
         _sync()
         return grads
+
     return step
 
 
@@ -64,8 +65,10 @@ def test_refined_attention_fwd_bwd(benchmark, mechanism):
     names = {"none": (), "value": ("w_rq", "w_rk", "w_rv")}.get(mechanism, ("w_rq", "w_rk"))
     weights = _weights(names, seed=10)
     mask = _padding_mask()
-    step = _fwd_bwd(lambda: awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask,
-                                                       **weights), [q, k, v, *weights.values()])
+    step = _fwd_bwd(
+        lambda: awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask, **weights),
+        [q, k, v, *weights.values()],
+    )
     grads = benchmark(step)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 
@@ -76,8 +79,10 @@ def test_wasserstein_attention_fwd_bwd(benchmark, mechanism):
     names = {"none": (), "stoc": ("w_mu", "w_sigma")}.get(mechanism, ("w_rq", "w_rk"))
     weights = _weights(names, seed=20)
     mask = _padding_mask()
-    step = _fwd_bwd(lambda: awr_fast.wasserstein_attention(*tensors, mechanism=mechanism, key_padding_mask=mask,
-                                                           **weights), [*tensors, *weights.values()])
+    step = _fwd_bwd(
+        lambda: awr_fast.wasserstein_attention(*tensors, mechanism=mechanism, key_padding_mask=mask, **weights),
+        [*tensors, *weights.values()],
+    )
     grads = benchmark(step)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 

@@ -49,12 +49,48 @@ QUICK_SYNTHETIC = {"num_users": 1000, "num_items": 300}
 ROW_TAG = "@@bench-train-row "
 
 COLUMNS = [
-    "run_id", "date", "device", "device_type", "torch", "triton", "cuda", "python", "git_commit", "threads", "loadavg",
-    "model", "attention", "backend", "dataset", "num_users", "num_items", "max_len", "d_model", "n_layers",
-    "n_heads", "batch_size", "amp", "epochs", "status", "reason",
-    "steps_per_epoch", "epoch1_s", "epoch_s_later", "ms_per_step", "ms_per_step_later", "eval_s", "test_eval_s",
-    "total_s", "mem_kind", "peak_mem_mib", "test_ndcg@10", "test_recall@10", "loss_last", "other_cpu",
-    "trim_padding", "backend_ran",
+    "run_id",
+    "date",
+    "device",
+    "device_type",
+    "torch",
+    "triton",
+    "cuda",
+    "python",
+    "git_commit",
+    "threads",
+    "loadavg",
+    "model",
+    "attention",
+    "backend",
+    "dataset",
+    "num_users",
+    "num_items",
+    "max_len",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "batch_size",
+    "amp",
+    "epochs",
+    "status",
+    "reason",
+    "steps_per_epoch",
+    "epoch1_s",
+    "epoch_s_later",
+    "ms_per_step",
+    "ms_per_step_later",
+    "eval_s",
+    "test_eval_s",
+    "total_s",
+    "mem_kind",
+    "peak_mem_mib",
+    "test_ndcg@10",
+    "test_recall@10",
+    "loss_last",
+    "other_cpu",
+    "trim_padding",
+    "backend_ran",
 ]
 TRIM_CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
 
@@ -67,6 +103,7 @@ class PeakRSS:
         self._stop = threading.Event()
         try:
             import os
+
             self._page = os.sysconf("SC_PAGE_SIZE")
             self.available = Path("/proc/self/statm").exists()
         except (ValueError, OSError, AttributeError):
@@ -103,9 +140,18 @@ def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dic
     from awr_fast import UnsupportedInputError, backends
     from awr_fast.train import read_metrics, train
 
-    overrides = dict(model=model, attention=attention, backend=backend, epochs=args.epochs, quiet=True,
-                     device=args.device, eval_every=1, patience=max(args.epochs, 1), seed=args.seed,
-                     trim_padding=trim)
+    overrides = dict(
+        model=model,
+        attention=attention,
+        backend=backend,
+        epochs=args.epochs,
+        quiet=True,
+        device=args.device,
+        eval_every=1,
+        patience=max(args.epochs, 1),
+        seed=args.seed,
+        trim_padding=trim,
+    )
     for name in ("max_len", "d_model", "n_layers", "n_heads", "batch_size", "amp", "num_threads"):
         value = getattr(args, name)
         if value is not None:
@@ -120,8 +166,15 @@ def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dic
                 synthetic["num_users"] = args.synthetic_users
             if synthetic:
                 overrides["synthetic"] = synthetic
-    row = {**env, "model": model, "attention": attention, "backend": backend, "epochs": args.epochs,
-           "dataset": args.data or args.dataset, "trim_padding": trim}
+    row = {
+        **env,
+        "model": model,
+        "attention": attention,
+        "backend": backend,
+        "epochs": args.epochs,
+        "dataset": args.data or args.dataset,
+        "trim_padding": trim,
+    }
     tmp = Path(tempfile.mkdtemp(prefix="awr_bench_train_"))
     run_dir = tmp / f"{model}-{attention}-{backend}"
     overrides["out"] = str(run_dir)
@@ -163,9 +216,16 @@ def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dic
     timing = final.get("timing", {})
     test = final.get("test") or {}
     row.update(
-        status="ok", reason="", dataset=final.get("dataset", row["dataset"]), num_users=final.get("num_users"),
-        num_items=final.get("num_items"), max_len=overrides.get("max_len"), d_model=overrides.get("d_model"),
-        n_layers=overrides.get("n_layers"), n_heads=overrides.get("n_heads"), batch_size=overrides.get("batch_size"),
+        status="ok",
+        reason="",
+        dataset=final.get("dataset", row["dataset"]),
+        num_users=final.get("num_users"),
+        num_items=final.get("num_items"),
+        max_len=overrides.get("max_len"),
+        d_model=overrides.get("d_model"),
+        n_layers=overrides.get("n_layers"),
+        n_heads=overrides.get("n_heads"),
+        batch_size=overrides.get("batch_size"),
         amp=overrides.get("amp"),
         steps_per_epoch=per_epoch_steps[0] if per_epoch_steps else float("nan"),
         epoch1_s=epoch_s[0] if epoch_s else float("nan"),
@@ -173,10 +233,16 @@ def run_one(model: str, attention: str, backend: str, trim: bool, args, env: dic
         ms_per_step=1e3 * epoch_s[0] / per_epoch_steps[0] if per_epoch_steps and per_epoch_steps[0] else float("nan"),
         ms_per_step_later=1e3 * sum(later) / later_steps if later_steps else float("nan"),
         eval_s=sum(evals) / len(evals) if evals else float("nan"),
-        test_eval_s=timing.get("test_eval_s", float("nan")), total_s=timing.get("total_s", float("nan")),
-        mem_kind=kind, peak_mem_mib=peak, loss_last=metrics[-1]["loss"] if metrics else float("nan"),
-        **{"test_ndcg@10": test.get("ndcg@10", test.get("sampled_ndcg@10", float("nan"))),
-           "test_recall@10": test.get("recall@10", test.get("sampled_recall@10", float("nan")))})
+        test_eval_s=timing.get("test_eval_s", float("nan")),
+        total_s=timing.get("total_s", float("nan")),
+        mem_kind=kind,
+        peak_mem_mib=peak,
+        loss_last=metrics[-1]["loss"] if metrics else float("nan"),
+        **{
+            "test_ndcg@10": test.get("ndcg@10", test.get("sampled_ndcg@10", float("nan"))),
+            "test_recall@10": test.get("recall@10", test.get("sampled_recall@10", float("nan"))),
+        },
+    )
     return row
 
 
@@ -193,8 +259,21 @@ def _fill_config_columns(row: dict) -> None:
 
 def print_table(rows: list[dict], cuda: bool) -> None:
     mem = "peak MiB (cuda)" if cuda else "peak RSS MiB"
-    header = ["model", "attention", "backend", "ran", "trim", "steps", "epoch1 s", "later s", "ms/step", "eval s",
-              "test eval s", mem, "test NDCG@10"]
+    header = [
+        "model",
+        "attention",
+        "backend",
+        "ran",
+        "trim",
+        "steps",
+        "epoch1 s",
+        "later s",
+        "ms/step",
+        "eval s",
+        "test eval s",
+        mem,
+        "test NDCG@10",
+    ]
     right = [False] * 5 + [True] * (len(header) - 5)
     table = []
     for r in rows:
@@ -202,17 +281,30 @@ def print_table(rows: list[dict], cuda: bool) -> None:
             continue
         per_step = r["ms_per_step"] if math.isnan(r["ms_per_step_later"]) else r["ms_per_step_later"]
         ran = r.get("backend_ran", "").split("=")[-1]  # one op per model: the backend(s) that ran it
-        table.append([r["model"], r["attention"], r["backend"], ran, "on" if r.get("trim_padding") else "off",
-                      str(r["steps_per_epoch"]),
-                      common.fmt_num(r["epoch1_s"]), common.fmt_num(r["epoch_s_later"]), common.fmt_num(per_step, 1),
-                      common.fmt_num(r["eval_s"]), common.fmt_num(r["test_eval_s"]),
-                      common.fmt_num(r["peak_mem_mib"], 1),
-                      common.fmt_num(r["test_ndcg@10"], 4)])
+        table.append(
+            [
+                r["model"],
+                r["attention"],
+                r["backend"],
+                ran,
+                "on" if r.get("trim_padding") else "off",
+                str(r["steps_per_epoch"]),
+                common.fmt_num(r["epoch1_s"]),
+                common.fmt_num(r["epoch_s_later"]),
+                common.fmt_num(per_step, 1),
+                common.fmt_num(r["eval_s"]),
+                common.fmt_num(r["test_eval_s"]),
+                common.fmt_num(r["peak_mem_mib"], 1),
+                common.fmt_num(r["test_ndcg@10"], 4),
+            ]
+        )
     if rows:
         r0 = next((r for r in rows if r["status"] == "ok"), rows[0])
-        print(f"\n== trainer on {r0['device']}: data {r0['dataset']}, n={r0.get('max_len')}, d={r0.get('d_model')}, "
-              f"layers={r0.get('n_layers')}, heads={r0.get('n_heads')}, batch={r0.get('batch_size')}, "
-              f"amp={r0.get('amp')}, {r0['epochs']} epoch(s)")
+        print(
+            f"\n== trainer on {r0['device']}: data {r0['dataset']}, n={r0.get('max_len')}, d={r0.get('d_model')}, "
+            f"layers={r0.get('n_layers')}, heads={r0.get('n_heads')}, batch={r0.get('batch_size')}, "
+            f"amp={r0.get('amp')}, {r0['epochs']} epoch(s)"
+        )
     if table:
         print(common.fmt_table(header, table, right))
     for r in rows:
@@ -228,15 +320,18 @@ def _epoch_s(r: dict) -> float:
 
 def trim_speedups(rows: list[dict]) -> None:
     """Epoch and eval time of the padded batches over the trimmed ones, per configuration."""
-    ok = {(r["model"], r["attention"], r["backend"], bool(r.get("trim_padding"))): r
-          for r in rows if r["status"] == "ok"}
+    ok = {
+        (r["model"], r["attention"], r["backend"], bool(r.get("trim_padding"))): r for r in rows if r["status"] == "ok"
+    }
     lines = []
     for (model, mech, backend, trim), r in ok.items():
         padded = ok.get((model, mech, backend, False))
         if not trim or padded is None:
             continue
-        lines.append(f"  {model}/{mech}/{backend}: epoch {_epoch_s(padded) / _epoch_s(r):.2f}x, "
-                     f"eval {padded['eval_s'] / r['eval_s']:.2f}x")
+        lines.append(
+            f"  {model}/{mech}/{backend}: epoch {_epoch_s(padded) / _epoch_s(r):.2f}x, "
+            f"eval {padded['eval_s'] / r['eval_s']:.2f}x"
+        )
     if lines:
         print("\ntrimmed batches vs padded to max_len (speedup = padded time / trimmed time):")
         print("\n".join(lines))
@@ -249,12 +344,18 @@ def _names(text: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sasrec,stosa", help="comma list of sasrec,stosa")
-    p.add_argument("--mechanisms", default=None,
-                   help="comma list of attention mechanisms (none,simp,add,value,stoc; stoc is STOSA only); "
-                        "default all (--quick: none,simp)")
-    p.add_argument("--backends", default=None,
-                   help=f"comma list of {','.join(BACKEND_CHOICES)} "
-                        "(default: reference,eager on CPU, reference,eager,triton on CUDA)")
+    p.add_argument(
+        "--mechanisms",
+        default=None,
+        help="comma list of attention mechanisms (none,simp,add,value,stoc; stoc is STOSA only); "
+        "default all (--quick: none,simp)",
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma list of {','.join(BACKEND_CHOICES)} "
+        "(default: reference,eager on CPU, reference,eager,triton on CUDA)",
+    )
     p.add_argument("--dataset", default="synthetic", help="named data set (default the embedded synthetic one)")
     p.add_argument("--data", default=None, help="path of a data file (ML-1M, Beauty.txt, ...); wins over --dataset")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 2; --quick 1)")
@@ -267,16 +368,27 @@ def parse_args(argv=None):
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--trim-padding", default="on", choices=tuple(TRIM_CHOICES),
-                   help="batches trimmed to their longest sequence (on, the trainer's default), padded to "
-                        "max_len (off), or both side by side")
-    p.add_argument("--quick", action="store_true",
-                   help=f"1 epoch, mechanisms none,simp, synthetic data shrunk to {QUICK_SYNTHETIC}")
+    p.add_argument(
+        "--trim-padding",
+        default="on",
+        choices=tuple(TRIM_CHOICES),
+        help="batches trimmed to their longest sequence (on, the trainer's default), padded to "
+        "max_len (off), or both side by side",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"1 epoch, mechanisms none,simp, synthetic data shrunk to {QUICK_SYNTHETIC}",
+    )
     p.add_argument("--synthetic-users", type=int, default=None, help="users of the synthetic data set")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="run each configuration in a fresh process (default: on the CPU, where the peak RSS "
-                        "of one process is only meaningful for its first run; CUDA memory statistics are exact "
-                        "in-process)")
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each configuration in a fresh process (default: on the CPU, where the peak RSS "
+        "of one process is only meaningful for its first run; CUDA memory statistics are exact "
+        "in-process)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL,MECHANISM,BACKEND,TRIM: child of --isolate
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
     p.add_argument("--results-dir", default=str(common.DEFAULT_RESULTS_DIR), help="where train.csv/.jsonl go")
@@ -313,12 +425,20 @@ def run_isolated(model: str, mech: str, backend: str, trim: bool, args, env: dic
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(ROW_TAG):
-            row = json.loads(line[len(ROW_TAG):])
+            row = json.loads(line[len(ROW_TAG) :])
             row.update({k: env[k] for k in ("run_id", "date")})
             return {k: (float("nan") if v is None else v) for k, v in row.items()}
-    return {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
-            "dataset": args.data or args.dataset, "trim_padding": trim, "status": "error",
-            "reason": f"the child process exited with {proc.returncode} and reported no row"}
+    return {
+        **env,
+        "model": model,
+        "attention": mech,
+        "backend": backend,
+        "epochs": args.epochs,
+        "dataset": args.data or args.dataset,
+        "trim_padding": trim,
+        "status": "error",
+        "reason": f"the child process exited with {proc.returncode} and reported no row",
+    }
 
 
 def main(argv=None) -> int:
@@ -329,15 +449,22 @@ def main(argv=None) -> int:
         model, mech, backend, trim = args.one.split(",")
         device = torch.device("cuda" if args.cuda else "cpu")
         row = run_one(model, mech, backend, bool(int(trim)), args, common.env_info(device))
-        print(ROW_TAG + json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in row.items()}), flush=True)
+        print(
+            ROW_TAG + json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}),
+            flush=True,
+        )
         return 0
     device = torch.device("cuda" if args.cuda else "cpu")
     env = common.env_info(device)
     env["run_id"] = common.run_id(env)
-    configs = [(model, mech, backend, trim) for model in args.models for mech in MECHANISMS[model]
-               if args.mechanisms is None or mech in args.mechanisms for backend in args.backends
-               for trim in TRIM_CHOICES[args.trim_padding]]
+    configs = [
+        (model, mech, backend, trim)
+        for model in args.models
+        for mech in MECHANISMS[model]
+        if args.mechanisms is None or mech in args.mechanisms
+        for backend in args.backends
+        for trim in TRIM_CHOICES[args.trim_padding]
+    ]
     if not configs:
         print("nothing to run: the filters select no configuration", file=sys.stderr)
         return 2
@@ -353,16 +480,29 @@ def main(argv=None) -> int:
             except common.Interrupted as exc:
                 interrupted = f"interrupted ({exc}) before this run finished"
         if interrupted is not None:
-            row = {**env, "model": model, "attention": mech, "backend": backend, "epochs": args.epochs,
-                   "dataset": args.data or args.dataset, "trim_padding": trim, "status": "skipped",
-                   "reason": interrupted}
+            row = {
+                **env,
+                "model": model,
+                "attention": mech,
+                "backend": backend,
+                "epochs": args.epochs,
+                "dataset": args.data or args.dataset,
+                "trim_padding": trim,
+                "status": "skipped",
+                "reason": interrupted,
+            }
         _fill_config_columns(row)
         rows.append(row)
-        state = (f"epoch1 {row['epoch1_s']:.2f}s, eval {row['eval_s']:.2f}s" if row["status"] == "ok"
-                 else f"{row['status']}: {row['reason']}")
-        print(f"[{i + 1}/{len(configs)}] {model}/{mech}/{backend} trim={'on' if trim else 'off'}: {state} "
-              f"({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr)
+        state = (
+            f"epoch1 {row['epoch1_s']:.2f}s, eval {row['eval_s']:.2f}s"
+            if row["status"] == "ok"
+            else f"{row['status']}: {row['reason']}"
+        )
+        print(
+            f"[{i + 1}/{len(configs)}] {model}/{mech}/{backend} trim={'on' if trim else 'off'}: {state} "
+            f"({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+        )
     print_table(rows, args.cuda)
     if not args.no_save:
         csv_path, jsonl_path = common.append_results(Path(args.results_dir), "train", rows, COLUMNS)
@@ -371,8 +511,10 @@ def main(argv=None) -> int:
     if warning:
         print(warning)
     errors = sum(r["status"] == "error" for r in rows)
-    print(f"total {time.perf_counter() - start:.0f} s; {sum(r['status'] == 'ok' for r in rows)} runs, "
-          f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {errors} errors")
+    print(
+        f"total {time.perf_counter() - start:.0f} s; {sum(r['status'] == 'ok' for r in rows)} runs, "
+        f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {errors} errors"
+    )
     if interrupted:
         print(f"stopped early: {interrupted}")
     return 1 if errors or interrupted else 0

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 
 from awr_fast.ops.dot_refined import default_scale
+
+
 # Sequences up to this length run the fused single-program kernels (one launch forward, one backward);
 # longer ones the tiled kernels. AWR_FAST_TRITON_FUSED_MAX_N=0 forces the tiled path (for comparison).
 def _fused_max_n_from_env() -> int:
@@ -112,17 +114,32 @@ def _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT: tl.constex
 
 
 @triton.jit
-def _attn_probs_fwd(Q, K, KPM, A, scale, n, D, H,
-                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+def _attn_probs_fwd(
+    Q,
+    K,
+    KPM,
+    A,
+    scale,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
-    q = tl.load(Q + bh * n * D + rows[:, None] * D + dcols[None, :],
-                mask=(rows[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    q = tl.load(
+        Q + bh * n * D + rows[:, None] * D + dcols[None, :], mask=(rows[:, None] < n) & (dcols[None, :] < D), other=0.0
+    ).to(tl.float32)
     lo = (start // BLOCK_N) * BLOCK_N
     hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -130,8 +147,11 @@ def _attn_probs_fwd(Q, K, KPM, A, scale, n, D, H,
     if not REFINE_SCORES:
         for j0 in range(lo, hi, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
-                        mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+            k = tl.load(
+                K + bh * n * D + cols[:, None] * D + dcols[None, :],
+                mask=(cols[:, None] < n) & (dcols[None, :] < D),
+                other=0.0,
+            ).to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -140,23 +160,40 @@ def _attn_probs_fwd(Q, K, KPM, A, scale, n, D, H,
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
-                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        k = tl.load(
+            K + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
         if REFINE_SCORES:
             a = tl.where(vis, s, 0.0)
         else:
             a = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
-        tl.store(A + bh * n * n + rows[:, None] * n + cols[None, :], a,
-                 mask=(rows[:, None] < n) & (cols[None, :] < n))
+        tl.store(A + bh * n * n + rows[:, None] * n + cols[None, :], a, mask=(rows[:, None] < n) & (cols[None, :] < n))
 
 
 @triton.jit
-def _tril_matmul(X, W, C, KPM, n, H, w_head_stride, w_stride_r, w_stride_c,
-                 HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, TRIANGULAR: tl.constexpr,
-                 PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tril_matmul(
+    X,
+    W,
+    C,
+    KPM,
+    n,
+    H,
+    w_head_stride,
+    w_stride_r,
+    w_stride_c,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    TRIANGULAR: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """C[i, c] (+)= sum_k X[i, k] W[k, c] for X zero before `start` (rows and cols) and, if TRIANGULAR,
     above the diagonal: the inner loop then stops at the row block's last row."""
     pid_m = tl.program_id(0)
@@ -177,10 +214,16 @@ def _tril_matmul(X, W, C, KPM, n, H, w_head_stride, w_stride_r, w_stride_c,
             k_end = tl.minimum(m0 + BLOCK_M, n)
         for k0 in range((start // BLOCK_K) * BLOCK_K, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + bh * n * n + rows[:, None] * n + ks[None, :],
-                        mask=(rows[:, None] < n) & (ks[None, :] < n), other=0.0)
-            w = tl.load(W + h * w_head_stride + ks[:, None] * w_stride_r + cols[None, :] * w_stride_c,
-                        mask=(ks[:, None] < n) & (cols[None, :] < n), other=0.0).to(tl.float32)
+            x = tl.load(
+                X + bh * n * n + rows[:, None] * n + ks[None, :],
+                mask=(rows[:, None] < n) & (ks[None, :] < n),
+                other=0.0,
+            )
+            w = tl.load(
+                W + h * w_head_stride + ks[:, None] * w_stride_r + cols[None, :] * w_stride_c,
+                mask=(ks[:, None] < n) & (cols[None, :] < n),
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.dot(x, w, input_precision=PRECISION)
         ptrs = C + bh * n * n + rows[:, None] * n + cols[None, :]
         inside = (rows[:, None] < n) & (cols[None, :] < n)
@@ -190,9 +233,32 @@ def _tril_matmul(X, W, C, KPM, n, H, w_head_stride, w_stride_r, w_stride_c,
 
 
 @triton.jit
-def _flash_fwd(XQ, XK, Y, BIAS, KPM, SEED, O, LSE, alpha, beta, dropout_p, n, DI, DV, H,
-               HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+def _flash_fwd(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    O,
+    LSE,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -200,19 +266,26 @@ def _flash_fwd(XQ, XK, Y, BIAS, KPM, SEED, O, LSE, alpha, beta, dropout_p, n, DI
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
-    xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
-                 mask=(rows[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
+    xq = tl.load(
+        XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=(rows[:, None] < n) & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
-                     mask=(cols[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
+        xk = tl.load(
+            XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+            mask=(cols[:, None] < n) & (di[None, :] < DI),
+            other=0.0,
+        ).to(tl.float32)
         s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
         if HAS_BIAS:
-            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
-                                mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+            s += beta * tl.load(
+                BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
+                mask=(rows[:, None] < n) & (cols[None, :] < n),
+                other=0.0,
+            )
         s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -220,21 +293,41 @@ def _flash_fwd(XQ, XK, Y, BIAS, KPM, SEED, O, LSE, alpha, beta, dropout_p, n, DI
         l_i = l_i * correction + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-        y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
-                    mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        y = tl.load(
+            Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
         acc = acc * correction[:, None] + tl.dot(p, y, input_precision=PRECISION)
         m_i = m_new
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    tl.store(O + bh * n * DV + rows[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty),
-             mask=(rows[:, None] < n) & (dv[None, :] < DV))
+    tl.store(
+        O + bh * n * DV + rows[:, None] * DV + dv[None, :],
+        out.to(O.dtype.element_ty),
+        mask=(rows[:, None] < n) & (dv[None, :] < DV),
+    )
     tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
 
 
 @triton.jit
-def _value_out_fwd(BV, V, KPM, SEED, O, LSE, dropout_p, n, D, H,
-                   HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+def _value_out_fwd(
+    BV,
+    V,
+    KPM,
+    SEED,
+    O,
+    LSE,
+    dropout_p,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """out = dropout(softmax(mask(Bv))) V; Bv is the (float32) result of the inner flash pass."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -248,8 +341,11 @@ def _value_out_fwd(BV, V, KPM, SEED, O, LSE, dropout_p, n, D, H,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :],
-                    mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+        s = tl.load(
+            BV + bh * n * n + rows[:, None] * n + cols[None, :],
+            mask=(rows[:, None] < n) & (cols[None, :] < n),
+            other=0.0,
+        )
         s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
@@ -259,24 +355,52 @@ def _value_out_fwd(BV, V, KPM, SEED, O, LSE, dropout_p, n, D, H,
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :],
-                    mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0)
+        s = tl.load(
+            BV + bh * n * n + rows[:, None] * n + cols[None, :],
+            mask=(rows[:, None] < n) & (cols[None, :] < n),
+            other=0.0,
+        )
         vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
         p = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
         if DROPOUT:
             p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + bh * n * D + cols[:, None] * D + dcols[None, :],
-                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        v = tl.load(
+            V + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(p, v, input_precision=PRECISION)
-    tl.store(O + bh * n * D + rows[:, None] * D + dcols[None, :], acc.to(O.dtype.element_ty),
-             mask=(rows[:, None] < n) & (dcols[None, :] < D))
+    tl.store(
+        O + bh * n * D + rows[:, None] * D + dcols[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=(rows[:, None] < n) & (dcols[None, :] < D),
+    )
     tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
 
 
 @triton.jit
-def _value_out_bwd(BV, V, DO, LSE, OUT, KPM, SEED, DBV, P3, dropout_p, n, D, H,
-                   HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+def _value_out_bwd(
+    BV,
+    V,
+    DO,
+    LSE,
+    OUT,
+    KPM,
+    SEED,
+    DBV,
+    P3,
+    dropout_p,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """dBv = P3 o (dP3 - rowsum(dO o out)); also writes the dropped P3 for dV = P3^T dO."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -285,19 +409,24 @@ def _value_out_bwd(BV, V, DO, LSE, OUT, KPM, SEED, DBV, P3, dropout_p, n, D, H,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, D_PAD)
     row_ok = rows < n
-    do = tl.load(DO + bh * n * D + rows[:, None] * D + dcols[None, :],
-                 mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    do = tl.load(
+        DO + bh * n * D + rows[:, None] * D + dcols[None, :], mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0
+    ).to(tl.float32)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-    out = tl.load(OUT + bh * n * D + rows[:, None] * D + dcols[None, :],
-                  mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0).to(tl.float32)
+    out = tl.load(
+        OUT + bh * n * D + rows[:, None] * D + dcols[None, :], mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0
+    ).to(tl.float32)
     delta = tl.sum(do * out, 1)  # = rowsum(dP3 o P3), as in flash attention's backward
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         inside = row_ok[:, None] & (cols[None, :] < n)
         s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
         p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
-        v = tl.load(V + bh * n * D + cols[:, None] * D + dcols[None, :],
-                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        v = tl.load(
+            V + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
         tl.store(DBV + bh * n * n + rows[:, None] * n + cols[None, :], p * (dp - delta[:, None]), mask=inside)
@@ -305,11 +434,35 @@ def _value_out_bwd(BV, V, DO, LSE, OUT, KPM, SEED, DBV, P3, dropout_p, n, D, H,
 
 
 @triton.jit
-def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXK, DY,
-                    alpha, beta, dropout_p, n, DI, DV, H,
-                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+def _flash_bwd_dkdv(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    DO,
+    LSE,
+    OUT,
+    DXK,
+    DY,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -319,45 +472,81 @@ def _flash_bwd_dkdv(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXK, DY,
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
     col_ok = cols < n
-    xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
-                 mask=col_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
-    y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
-                mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    xk = tl.load(
+        XK + bh * n * DI + cols[:, None] * DI + di[None, :], mask=col_ok[:, None] & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
+    y = tl.load(
+        Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
     dxk = tl.zeros([BLOCK_N, DI_PAD], tl.float32)
     dy = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     for i0 in range((tl.maximum(n0, start) // BLOCK_M) * BLOCK_M, n, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n
-        xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
-                     mask=row_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
-        do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
-                     mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        xq = tl.load(
+            XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=row_ok[:, None] & (di[None, :] < DI), other=0.0
+        ).to(tl.float32)
+        do = tl.load(
+            DO + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
         lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-        out = tl.load(OUT + bh * n * DV + rows[:, None] * DV + dv[None, :],
-                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        out = tl.load(
+            OUT + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
         delta = tl.sum(do * out, 1)  # rowsum(dO o O), recomputed here instead of a separate pass
         s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
         if HAS_BIAS:
-            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
-                                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += beta * tl.load(
+                BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            )
         p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
         dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
         dy += tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dxk += tl.dot(tl.trans(ds), xq, input_precision=PRECISION)
-    tl.store(DXK + bh * n * DI + cols[:, None] * DI + di[None, :], (dxk * alpha).to(DXK.dtype.element_ty),
-             mask=col_ok[:, None] & (di[None, :] < DI))
-    tl.store(DY + bh * n * DV + cols[:, None] * DV + dv[None, :], dy.to(DY.dtype.element_ty),
-             mask=col_ok[:, None] & (dv[None, :] < DV))
+    tl.store(
+        DXK + bh * n * DI + cols[:, None] * DI + di[None, :],
+        (dxk * alpha).to(DXK.dtype.element_ty),
+        mask=col_ok[:, None] & (di[None, :] < DI),
+    )
+    tl.store(
+        DY + bh * n * DV + cols[:, None] * DV + dv[None, :],
+        dy.to(DY.dtype.element_ty),
+        mask=col_ok[:, None] & (dv[None, :] < DV),
+    )
 
 
 @triton.jit
-def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXQ, DBIAS,
-                  alpha, beta, dropout_p, n, DI, DV, H,
-                  HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DI_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+def _flash_bwd_dq(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    DO,
+    LSE,
+    OUT,
+    DXQ,
+    DBIAS,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -366,22 +555,29 @@ def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXQ, DBIAS,
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
     row_ok = rows < n
-    xq = tl.load(XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
-                 mask=row_ok[:, None] & (di[None, :] < DI), other=0.0).to(tl.float32)
-    do = tl.load(DO + bh * n * DV + rows[:, None] * DV + dv[None, :],
-                 mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    xq = tl.load(
+        XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=row_ok[:, None] & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
     lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
-    out = tl.load(OUT + bh * n * DV + rows[:, None] * DV + dv[None, :],
-                  mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    out = tl.load(
+        OUT + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
     delta = tl.sum(do * out, 1)
     dxq = tl.zeros([BLOCK_M, DI_PAD], tl.float32)
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         inside = row_ok[:, None] & (cols[None, :] < n)
-        xk = tl.load(XK + bh * n * DI + cols[:, None] * DI + di[None, :],
-                     mask=(cols[:, None] < n) & (di[None, :] < DI), other=0.0).to(tl.float32)
-        y = tl.load(Y + bh * n * DV + cols[:, None] * DV + dv[None, :],
-                    mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        xk = tl.load(
+            XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+            mask=(cols[:, None] < n) & (di[None, :] < DI),
+            other=0.0,
+        ).to(tl.float32)
+        y = tl.load(
+            Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
         s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
         if HAS_BIAS:
             s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
@@ -393,14 +589,32 @@ def _flash_bwd_dq(XQ, XK, Y, BIAS, KPM, SEED, DO, LSE, OUT, DXQ, DBIAS,
         dxq += tl.dot(ds, xk, input_precision=PRECISION)
         if HAS_BIAS:
             tl.store(DBIAS + bh * n * n + rows[:, None] * n + cols[None, :], beta * ds, mask=inside)
-    tl.store(DXQ + bh * n * DI + rows[:, None] * DI + di[None, :], (dxq * alpha).to(DXQ.dtype.element_ty),
-             mask=row_ok[:, None] & (di[None, :] < DI))
+    tl.store(
+        DXQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+        (dxq * alpha).to(DXQ.dtype.element_ty),
+        mask=row_ok[:, None] & (di[None, :] < DI),
+    )
 
 
 @triton.jit
-def _attn_probs_bwd(A, DA, K, KPM, DQ, scale, n, D, H,
-                    HAS_MASK: tl.constexpr, N_PAD: tl.constexpr, REFINE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+def _attn_probs_bwd(
+    A,
+    DA,
+    K,
+    KPM,
+    DQ,
+    scale,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """dS = d(A)/d(scores) applied to dA, overwriting dA in place; dQ = dS K * scale."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -431,8 +645,11 @@ def _attn_probs_bwd(A, DA, K, KPM, DQ, scale, n, D, H,
             a = tl.load(A + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
             ds = tl.where(vis, a * (da - row_dot[:, None]), 0.0) * scale
         tl.store(DA + bh * n * n + rows[:, None] * n + cols[None, :], ds, mask=inside)
-        k = tl.load(K + bh * n * D + cols[:, None] * D + dcols[None, :],
-                    mask=(cols[:, None] < n) & (dcols[None, :] < D), other=0.0).to(tl.float32)
+        k = tl.load(
+            K + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         dq += tl.dot(ds, k, input_precision=PRECISION)
     # dA holds dT M^T in every column; leave only dS behind (dK = dS^T Q reads whole rows).
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -442,8 +659,11 @@ def _attn_probs_bwd(A, DA, K, KPM, DQ, scale, n, D, H,
     for j0 in range(lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N, n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         tl.store(DA + bh * n * n + rows[:, None] * n + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < n))
-    tl.store(DQ + bh * n * D + rows[:, None] * D + dcols[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (dcols[None, :] < D))
+    tl.store(
+        DQ + bh * n * D + rows[:, None] * D + dcols[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (dcols[None, :] < D),
+    )
 
 
 # ---- fused single-program path (n <= FUSED_MAX_N): one program per (batch, head) keeps A, T, B and P on
@@ -470,8 +690,11 @@ def _store_zero_rows(X, base, off, n, D, TILE: tl.constexpr, D_PAD: tl.constexpr
     zeros = tl.zeros([TILE, D_PAD], tl.float32)
     for r0 in range(0, off, TILE):
         rows = r0 + tl.arange(0, TILE)
-        tl.store(X + base + rows[:, None] * D + dcols[None, :], zeros.to(X.dtype.element_ty),
-                 mask=(rows[:, None] < off) & (dcols[None, :] < D))
+        tl.store(
+            X + base + rows[:, None] * D + dcols[None, :],
+            zeros.to(X.dtype.element_ty),
+            mask=(rows[:, None] < off) & (dcols[None, :] < D),
+        )
 
 
 @triton.jit
@@ -485,15 +708,39 @@ def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
         for c0 in range(0, n, TILE):
             cols = c0 + tl.arange(0, TILE)
             outside = (rows[:, None] < off) | (cols[None, :] < off)
-            tl.store(X + base + rows[:, None] * n + cols[None, :], zeros,
-                     mask=outside & (rows[:, None] < n) & (cols[None, :] < n))
+            tl.store(
+                X + base + rows[:, None] * n + cols[None, :],
+                zeros,
+                mask=outside & (rows[:, None] < n) & (cols[None, :] < n),
+            )
 
 
 @triton.jit
-def _window_recompute(Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride,
-                      wrv_head_stride,
-                      MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
-                      PRECISION: tl.constexpr, TILE: tl.constexpr, D_PAD: tl.constexpr):
+def _window_recompute(
+    Q,
+    K,
+    M1,
+    WRV,
+    KPM,
+    bh,
+    b,
+    h,
+    start,
+    off,
+    scale,
+    alpha,
+    beta,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """Everything of the forward pass on one window, up to the final (pre-dropout) weights.
     Returns (q, k, A, M, T, W_RV, U, R, P, vis); entries a mechanism does not use are A."""
     idx = off + tl.arange(0, TILE)
@@ -523,24 +770,73 @@ def _window_recompute(Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, be
         p = _masked_softmax_rows(scores2, vis)
         if MECH == 3:  # value
             r = p
-            wrv = tl.load(WRV + h * wrv_head_stride + idx[:, None] * n + idx[None, :], mask=sq,
-                          other=0.0).to(tl.float32)
+            wrv = tl.load(WRV + h * wrv_head_stride + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(
+                tl.float32
+            )
             u = tl.dot(a, wrv, input_precision=PRECISION)
             p = _masked_softmax_rows(tl.dot(r, u, input_precision=PRECISION), vis)
     return q, k, a, m, t, wrv, u, r, p, vis
 
 
 @triton.jit
-def _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
-                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, TILE: tl.constexpr, D_PAD: tl.constexpr):
+def _window_fwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    O,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
     dcols = tl.arange(0, D_PAD)
     io = (idx[:, None] < n) & (dcols[None, :] < D)
     q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
-        Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride, wrv_head_stride,
-        MECH, HAS_MASK, REFINE_SCORES, PRECISION, TILE, D_PAD)
+        Q,
+        K,
+        M1,
+        WRV,
+        KPM,
+        bh,
+        b,
+        h,
+        start,
+        off,
+        scale,
+        alpha,
+        beta,
+        n,
+        D,
+        m_head_stride,
+        wrv_head_stride,
+        MECH,
+        HAS_MASK,
+        REFINE_SCORES,
+        PRECISION,
+        TILE,
+        D_PAD,
+    )
     if DROPOUT:
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
     v = tl.load(V + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
@@ -550,18 +846,70 @@ def _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, b
 
 
 @triton.jit
-def _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha, beta,
-                dropout_p, n, D, m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr,
-                REFINE_SCORES: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                TILE: tl.constexpr, D_PAD: tl.constexpr):
+def _window_bwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DO,
+    DQ,
+    DK,
+    DV,
+    DM1,
+    DWRV,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
     dcols = tl.arange(0, D_PAD)
     io = (idx[:, None] < n) & (dcols[None, :] < D)
     base = bh * n * D
     q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
-        Q, K, M1, WRV, KPM, bh, b, h, start, off, scale, alpha, beta, n, D, m_head_stride, wrv_head_stride,
-        MECH, HAS_MASK, REFINE_SCORES, PRECISION, TILE, D_PAD)
+        Q,
+        K,
+        M1,
+        WRV,
+        KPM,
+        bh,
+        b,
+        h,
+        start,
+        off,
+        scale,
+        alpha,
+        beta,
+        n,
+        D,
+        m_head_stride,
+        wrv_head_stride,
+        MECH,
+        HAS_MASK,
+        REFINE_SCORES,
+        PRECISION,
+        TILE,
+        D_PAD,
+    )
     v = tl.load(V + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
     do = tl.load(DO + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
     # out = dropout(P) V
@@ -578,15 +926,17 @@ def _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h
             du = tl.dot(tl.trans(r), dlogits, input_precision=PRECISION)
             dscores2 = r * (dr - tl.sum(r * dr, 1)[:, None])
         dt = tl.dot(dscores2, a, input_precision=PRECISION) * alpha
-        da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha + \
-            tl.dot(dt, tl.trans(m), input_precision=PRECISION)
+        da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha + tl.dot(
+            dt, tl.trans(m), input_precision=PRECISION
+        )
         if MECH == 2:  # add
             da += beta * dscores2
         _store_square_partial(DM1, bh * n * n, tl.dot(tl.trans(a), dt, input_precision=PRECISION), idx, off, n, TILE)
         if MECH == 3:
             da += tl.dot(du, tl.trans(wrv), input_precision=PRECISION)
-            _store_square_partial(DWRV, bh * n * n, tl.dot(tl.trans(a), du, input_precision=PRECISION), idx, off,
-                                  n, TILE)
+            _store_square_partial(
+                DWRV, bh * n * n, tl.dot(tl.trans(a), du, input_precision=PRECISION), idx, off, n, TILE
+            )
         if REFINE_SCORES:
             ds = tl.where(vis, da, 0.0)
         else:
@@ -614,48 +964,272 @@ def _program_sequence(KPM, n, H, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
 
 
 @triton.jit
-def _fused_fwd(Q, K, V, M1, WRV, KPM, SEED, O, scale, alpha, beta, dropout_p, n, D, H, m_head_stride,
-               wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr, REFINE_SCORES: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr,
-               TILE_S: tl.constexpr, TILE_M: tl.constexpr):
+def _fused_fwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    O,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    H,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    TILE_S: tl.constexpr,
+    TILE_M: tl.constexpr,
+):
     """One program per (batch, head): out for MECH 0 none, 1 simp (B = alpha T A^T), 2 add (+ beta A),
     3 value, on the smallest window of trailing positions that holds the sequence."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
     # TILE is a compile-time shape, so each window size is its own branch (TILE_S = 16, TILE_M = 32 or less)
     if length <= TILE_S:
-        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_S,
-                    D_PAD)
+        _window_fwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            O,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE_S,
+            D_PAD,
+        )
     elif length <= TILE_M:
-        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, TILE_M,
-                    D_PAD)
+        _window_fwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            O,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE_M,
+            D_PAD,
+        )
     else:
-        _window_fwd(Q, K, V, M1, WRV, KPM, SEED, O, bh, b, h, start, scale, alpha, beta, dropout_p, n, D,
-                    m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT, PRECISION, N_PAD,
-                    D_PAD)
+        _window_fwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            O,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            N_PAD,
+            D_PAD,
+        )
 
 
 @triton.jit
-def _fused_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, scale, alpha, beta, dropout_p, n, D, H,
-               m_head_stride, wrv_head_stride, MECH: tl.constexpr, HAS_MASK: tl.constexpr,
-               REFINE_SCORES: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_PAD: tl.constexpr,
-               D_PAD: tl.constexpr, TILE_S: tl.constexpr, TILE_M: tl.constexpr):
+def _fused_bwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DO,
+    DQ,
+    DK,
+    DV,
+    DM1,
+    DWRV,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    H,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    N_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    TILE_S: tl.constexpr,
+    TILE_M: tl.constexpr,
+):
     """dQ, dK, dV and per-program partial sums of dM1 (and dW_RV), all recomputed from the inputs."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
     # TILE is a compile-time shape, so each window size is its own branch (TILE_S = 16, TILE_M = 32 or less)
     if length <= TILE_S:
-        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
-                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
-                    PRECISION, TILE_S, D_PAD)
+        _window_bwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DO,
+            DQ,
+            DK,
+            DV,
+            DM1,
+            DWRV,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE_S,
+            D_PAD,
+        )
     elif length <= TILE_M:
-        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
-                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
-                    PRECISION, TILE_M, D_PAD)
+        _window_bwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DO,
+            DQ,
+            DK,
+            DV,
+            DM1,
+            DWRV,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE_M,
+            D_PAD,
+        )
     else:
-        _window_bwd(Q, K, V, M1, WRV, KPM, SEED, DO, DQ, DK, DV, DM1, DWRV, bh, b, h, start, scale, alpha,
-                    beta, dropout_p, n, D, m_head_stride, wrv_head_stride, MECH, HAS_MASK, REFINE_SCORES, DROPOUT,
-                    PRECISION, N_PAD, D_PAD)
+        _window_bwd(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DO,
+            DQ,
+            DK,
+            DV,
+            DM1,
+            DWRV,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            N_PAD,
+            D_PAD,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -699,8 +1273,9 @@ class _Launch:
         self.refined = mechanism != "none"
 
     def scratch(self, cols: int | None = None):
-        return torch.zeros(self.batch, self.heads, self.n, self.n if cols is None else cols,
-                           dtype=torch.float32, device=self.device)
+        return torch.zeros(
+            self.batch, self.heads, self.n, self.n if cols is None else cols, dtype=torch.float32, device=self.device
+        )
 
     def scratch_uninitialised(self):
         return torch.empty(self.batch, self.heads, self.n, self.n, dtype=torch.float32, device=self.device)
@@ -724,19 +1299,43 @@ def _head_stride(w) -> int:
 
 
 def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
-    return dict(MECH=_MECHANISM_CODE[mechanism], HAS_MASK=L.has_mask, REFINE_SCORES=refine_scores,
-                DROPOUT=L.dropout, PRECISION=L.precision, N_PAD=L.n_pad, D_PAD=_pad(L.d),
-                TILE_S=16, TILE_M=min(32, L.n_pad), num_warps=4 if L.n_pad <= 32 else 8)
+    return dict(
+        MECH=_MECHANISM_CODE[mechanism],
+        HAS_MASK=L.has_mask,
+        REFINE_SCORES=refine_scores,
+        DROPOUT=L.dropout,
+        PRECISION=L.precision,
+        N_PAD=L.n_pad,
+        D_PAD=_pad(L.d),
+        TILE_S=16,
+        TILE_M=min(32, L.n_pad),
+        num_warps=4 if L.n_pad <= 32 else 8,
+    )
 
 
-def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
-                      dropout_p):
+def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
     out = torch.empty_like(q)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
     _fused_fwd[(L.bh,)](
-        q, k, v, q if m1 is None else m1, q if w_rv is None else w_rv, L.kpm, seed, out,
-        scale, alpha, beta, dropout_p, L.n, L.d, L.heads, _head_stride(m1), _head_stride(w_rv),
-        **_fused_meta(L, mechanism, refine_scores))
+        q,
+        k,
+        v,
+        q if m1 is None else m1,
+        q if w_rv is None else w_rv,
+        L.kpm,
+        seed,
+        out,
+        scale,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        L.d,
+        L.heads,
+        _head_stride(m1),
+        _head_stride(w_rv),
+        **_fused_meta(L, mechanism, refine_scores),
+    )
     return out
 
 
@@ -745,17 +1344,38 @@ def _sum_partials(partial: torch.Tensor, per_head: bool, dtype: torch.dtype) -> 
     return (partial.sum(0) if per_head else partial.sum((0, 1))).to(dtype)
 
 
-def _launch_fused_bwd(L: _Launch, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
-                      dropout_p):
+def _launch_fused_bwd(
+    L: _Launch, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
     dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
     _fused_bwd[(L.bh,)](
-        q, k, v, q if m1 is None else m1, q if w_rv is None else w_rv, L.kpm, seed, grad, dq, dk, dv,
-        dq if dm1_part is None else dm1_part, dq if dwrv_part is None else dwrv_part,
-        scale, alpha, beta, dropout_p, L.n, L.d, L.heads, _head_stride(m1), _head_stride(w_rv),
-        **_fused_meta(L, mechanism, refine_scores))
+        q,
+        k,
+        v,
+        q if m1 is None else m1,
+        q if w_rv is None else w_rv,
+        L.kpm,
+        seed,
+        grad,
+        dq,
+        dk,
+        dv,
+        dq if dm1_part is None else dm1_part,
+        dq if dwrv_part is None else dwrv_part,
+        scale,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        L.d,
+        L.heads,
+        _head_stride(m1),
+        _head_stride(w_rv),
+        **_fused_meta(L, mechanism, refine_scores),
+    )
     dm1 = None if m1 is None else _sum_partials(dm1_part, m1.dim() == 3, m1.dtype)
     dw_rv = None if w_rv is None else _sum_partials(dwrv_part, w_rv.dim() == 3, w_rv.dtype)
     return dq, dk, dv, dm1, dw_rv
@@ -765,9 +1385,23 @@ def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
     a = L.scratch()
     bm, bn, warps = _blocks(L.n, L.d)
     _attn_probs_fwd[L.grid_rows(bm)](
-        q, k, L.kpm, a, scale, L.n, L.d, L.heads,
-        HAS_MASK=L.has_mask, N_PAD=L.n_pad, REFINE_SCORES=refine_scores, PRECISION=L.precision,
-        BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+        q,
+        k,
+        L.kpm,
+        a,
+        scale,
+        L.n,
+        L.d,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        REFINE_SCORES=refine_scores,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        D_PAD=_pad(L.d),
+        num_warps=warps,
+    )
     return a
 
 
@@ -782,9 +1416,26 @@ def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangula
         stride_r, stride_c = stride_c, stride_r
     block = 64 if L.n > 32 else 32
     grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
-    _tril_matmul[grid](x, w, out, L.kpm, L.n, L.heads, head_stride, stride_r, stride_c,
-                       HAS_MASK=L.has_mask, N_PAD=L.n_pad, ACCUMULATE=accumulate, TRIANGULAR=triangular, PRECISION=L.precision,
-                       BLOCK_M=block, BLOCK_N=block, BLOCK_K=block if L.n > 32 else 16, num_warps=4)
+    _tril_matmul[grid](
+        x,
+        w,
+        out,
+        L.kpm,
+        L.n,
+        L.heads,
+        head_stride,
+        stride_r,
+        stride_c,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        ACCUMULATE=accumulate,
+        TRIANGULAR=triangular,
+        PRECISION=L.precision,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_K=block if L.n > 32 else 16,
+        num_warps=4,
+    )
     return out
 
 
@@ -794,10 +1445,32 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
     lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
     bm, bn, warps = _blocks(L.n, di)
     _flash_fwd[L.grid_rows(bm)](
-        xq, xk, y, bias if bias is not None else xq, L.kpm, seed, out, lse,
-        alpha, beta, dropout_p, L.n, di, dv, L.heads,
-        HAS_MASK=L.has_mask, N_PAD=L.n_pad, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=L.precision,
-        BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv), num_warps=warps)
+        xq,
+        xk,
+        y,
+        bias if bias is not None else xq,
+        L.kpm,
+        seed,
+        out,
+        lse,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DI_PAD=_pad(di),
+        DV_PAD=_pad(dv),
+        num_warps=warps,
+    )
     return out, lse
 
 
@@ -809,16 +1482,61 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
     dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
     dbias = L.scratch() if bias is not None else None
     bm, bn, warps = _blocks(L.n, di)
-    common = dict(HAS_MASK=L.has_mask, N_PAD=L.n_pad, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0,
-                  PRECISION=L.precision, BLOCK_M=bm, BLOCK_N=bn, DI_PAD=_pad(di), DV_PAD=_pad(dv),
-                  num_warps=warps)
+    common = dict(
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DI_PAD=_pad(di),
+        DV_PAD=_pad(dv),
+        num_warps=warps,
+    )
     bias_arg = bias if bias is not None else xq
     _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
-        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, out, dxk, dy,
-        alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
+        xq,
+        xk,
+        y,
+        bias_arg,
+        L.kpm,
+        seed,
+        grad,
+        lse,
+        out,
+        dxk,
+        dy,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        **common,
+    )
     _flash_bwd_dq[L.grid_rows(bm)](
-        xq, xk, y, bias_arg, L.kpm, seed, grad, lse, out, dxq,
-        dbias if dbias is not None else dxq, alpha, beta, dropout_p, L.n, di, dv, L.heads, **common)
+        xq,
+        xk,
+        y,
+        bias_arg,
+        L.kpm,
+        seed,
+        grad,
+        lse,
+        out,
+        dxq,
+        dbias if dbias is not None else dxq,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        **common,
+    )
     return dxq, dxk, dy, dbias
 
 
@@ -826,18 +1544,18 @@ def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torc
     """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and y."""
     batch, heads, n, _ = x.shape
     if per_head:
-        return torch.bmm(x.transpose(0, 1).reshape(heads, batch * n, n).transpose(1, 2),
-                         y.transpose(0, 1).reshape(heads, batch * n, n))
+        return torch.bmm(
+            x.transpose(0, 1).reshape(heads, batch * n, n).transpose(1, 2),
+            y.transpose(0, 1).reshape(heads, batch * n, n),
+        )
     return x.reshape(-1, n).t() @ y.reshape(-1, n)
 
 
-def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores,
-             dropout_p):
+def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
     """(out, lse, A, T, U, Bv, lse3): what the backward needs, None where a path does not save it."""
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
     if uses_fused_kernels(L.n):  # saves nothing: the backward recomputes everything on chip
-        out = _launch_fused_fwd(L, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
-                                dropout_p)
+        out = _launch_fused_fwd(L, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p)
         return out, None, None, None, None, None, None
     if mechanism == "none":
         out, lse = _launch_flash_fwd(L, q, k, v, None, scale, 0.0, dropout_p, seed, q.dtype)
@@ -851,25 +1569,63 @@ def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine
         lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
         bm, bn, warps = _blocks(L.n, L.d)
         _value_out_fwd[L.grid_rows(bm)](
-            bv, v, L.kpm, seed, out, lse3, dropout_p, L.n, L.d, L.heads,
-            HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
-            BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+            bv,
+            v,
+            L.kpm,
+            seed,
+            out,
+            lse3,
+            dropout_p,
+            L.n,
+            L.d,
+            L.heads,
+            HAS_MASK=L.has_mask,
+            N_PAD=L.n_pad,
+            DROPOUT=dropout_p > 0,
+            PRECISION=L.precision,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            D_PAD=_pad(L.d),
+            num_warps=warps,
+        )
         return out, lse, a, t, u, bv, lse3
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
     out, lse = _launch_flash_fwd(L, t, a, v, a if beta else None, alpha, beta, dropout_p, seed, q.dtype)
     return out, lse, a, t, None, None, None
 
 
-def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3,
-              mechanism, scale, refine_scale, refine_scores, dropout_p):
+def _backward(
+    grad,
+    q,
+    k,
+    v,
+    m1,
+    w_rv,
+    key_padding_mask,
+    seed,
+    out,
+    lse,
+    a,
+    t,
+    u,
+    bv,
+    lse3,
+    mechanism,
+    scale,
+    refine_scale,
+    refine_scores,
+    dropout_p,
+):
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
     grad = grad.contiguous()
     if uses_fused_kernels(L.n):
-        return _launch_fused_bwd(L, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores,
-                                 dropout_p)
+        return _launch_fused_bwd(
+            L, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+        )
     if mechanism == "none":
-        dq, dk, dv, _ = _launch_flash_bwd(L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed,
-                                          (q.dtype, k.dtype, v.dtype))
+        dq, dk, dv, _ = _launch_flash_bwd(
+            L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed, (q.dtype, k.dtype, v.dtype)
+        )
         return dq, dk, dv, None, None
     f32 = (torch.float32,) * 3
     dw_rv = None
@@ -877,17 +1633,49 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
         dbv, p3 = L.scratch(), L.scratch()
         bm, bn, warps = _blocks(L.n, L.d)
         _value_out_bwd[L.grid_rows(bm)](
-            bv, v, grad, lse3, out, L.kpm, seed, dbv, p3, dropout_p, L.n, L.d, L.heads,
-            HAS_MASK=L.has_mask, N_PAD=L.n_pad, DROPOUT=dropout_p > 0, PRECISION=L.precision,
-            BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+            bv,
+            v,
+            grad,
+            lse3,
+            out,
+            L.kpm,
+            seed,
+            dbv,
+            p3,
+            dropout_p,
+            L.n,
+            L.d,
+            L.heads,
+            HAS_MASK=L.has_mask,
+            N_PAD=L.n_pad,
+            DROPOUT=dropout_p > 0,
+            PRECISION=L.precision,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            D_PAD=_pad(L.d),
+            num_warps=warps,
+        )
         dv = (p3.transpose(-1, -2) @ grad.float()).to(v.dtype)
         dt, da, du, _ = _launch_flash_bwd(L, dbv, t, a, u, None, bv, lse, refine_scale, 0.0, 0.0, seed, f32)
         _launch_tril_matmul(L, du, w_rv, out=da, transpose_w=True, triangular=False)  # dU is not triangular
         dw_rv = _reduce_over_batch(a, du, w_rv.dim() == 3).to(w_rv.dtype)
     else:
         alpha, beta = _refine_coefficients(mechanism, refine_scale)
-        dt, da, dv_, dbias = _launch_flash_bwd(L, grad, t, a, v, a if beta else None, out, lse, alpha, beta,
-                                               dropout_p, seed, (torch.float32, torch.float32, v.dtype))
+        dt, da, dv_, dbias = _launch_flash_bwd(
+            L,
+            grad,
+            t,
+            a,
+            v,
+            a if beta else None,
+            out,
+            lse,
+            alpha,
+            beta,
+            dropout_p,
+            seed,
+            (torch.float32, torch.float32, v.dtype),
+        )
         dv = dv_
         if dbias is not None:
             da += dbias
@@ -896,25 +1684,51 @@ def _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u
     dq = torch.empty_like(q)
     bm, bn, warps = _blocks(L.n, L.d)
     _attn_probs_bwd[L.grid_rows(bm)](
-        a, da, k, L.kpm, dq, scale, L.n, L.d, L.heads,
-        HAS_MASK=L.has_mask, N_PAD=L.n_pad, REFINE_SCORES=refine_scores, PRECISION=L.precision,
-        BLOCK_M=bm, BLOCK_N=bn, D_PAD=_pad(L.d), num_warps=warps)
+        a,
+        da,
+        k,
+        L.kpm,
+        dq,
+        scale,
+        L.n,
+        L.d,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        REFINE_SCORES=refine_scores,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        D_PAD=_pad(L.d),
+        num_warps=warps,
+    )
     dk = (da.transpose(-1, -2) @ q.float()).to(k.dtype)  # da now holds dS (scaled)
     return dq, dk, dv, dm1, dw_rv
 
 
 # ---------------------------------------------------------------------- custom ops and autograd function
 
+
 @torch.library.custom_op("awr_fast::dot_refined_fwd", mutates_args=())
-def dot_refined_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m1: Optional[torch.Tensor],
-                    w_rv: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], seed: torch.Tensor,
-                    mechanism: str, scale: float, refine_scale: float, refine_scores: bool, dropout_p: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                               torch.Tensor, torch.Tensor]:
+def dot_refined_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    m1: Optional[torch.Tensor],
+    w_rv: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    mechanism: str,
+    scale: float,
+    refine_scale: float,
+    refine_scores: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, A, T, U, Bv, lse3); all but out are saved for the backward (empty when the
     path does not need them)."""
-    outputs = _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
-                       refine_scores, dropout_p)
+    outputs = _forward(
+        q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+    )
     return tuple(q.new_empty(0, dtype=torch.float32) if t is None else t for t in outputs)
 
 
@@ -938,25 +1752,84 @@ def _(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
 
 
 @torch.library.custom_op("awr_fast::dot_refined_bwd", mutates_args=())
-def dot_refined_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    m1: Optional[torch.Tensor], w_rv: Optional[torch.Tensor],
-                    key_padding_mask: Optional[torch.Tensor], seed: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, a: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bv: torch.Tensor,
-                    lse3: torch.Tensor, mechanism: str, scale: float, refine_scale: float, refine_scores: bool,
-                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor]:
+def dot_refined_bwd(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    m1: Optional[torch.Tensor],
+    w_rv: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    u: torch.Tensor,
+    bv: torch.Tensor,
+    lse3: torch.Tensor,
+    mechanism: str,
+    scale: float,
+    refine_scale: float,
+    refine_scores: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dm1, dw_rv); dm1/dw_rv are empty when the mechanism has no such weight."""
-    dq, dk, dv, dm1, dw_rv = _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv,
-                                       lse3, mechanism, scale, refine_scale, refine_scores, dropout_p)
+    dq, dk, dv, dm1, dw_rv = _backward(
+        grad,
+        q,
+        k,
+        v,
+        m1,
+        w_rv,
+        key_padding_mask,
+        seed,
+        out,
+        lse,
+        a,
+        t,
+        u,
+        bv,
+        lse3,
+        mechanism,
+        scale,
+        refine_scale,
+        refine_scores,
+        dropout_p,
+    )
     return dq, dk, dv, q.new_empty(0) if dm1 is None else dm1, q.new_empty(0) if dw_rv is None else dw_rv
 
 
 @dot_refined_bwd.register_fake
-def _(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, mechanism, scale,
-      refine_scale, refine_scores, dropout_p):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if m1 is None else torch.empty_like(m1),
-            q.new_empty(0) if w_rv is None else torch.empty_like(w_rv))
+def _(
+    grad,
+    q,
+    k,
+    v,
+    m1,
+    w_rv,
+    key_padding_mask,
+    seed,
+    out,
+    lse,
+    a,
+    t,
+    u,
+    bv,
+    lse3,
+    mechanism,
+    scale,
+    refine_scale,
+    refine_scores,
+    dropout_p,
+):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(0) if m1 is None else torch.empty_like(m1),
+        q.new_empty(0) if w_rv is None else torch.empty_like(w_rv),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -967,10 +1840,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_rule(ctx, grad, *unused_grads):
     q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
-    dq, dk, dv, dm1, dw_rv = dot_refined_bwd(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t,
-                                             u, bv, lse3, *ctx.options)
-    return (dq, dk, dv, dm1 if m1 is not None else None, dw_rv if w_rv is not None else None,
-            None, None, None, None, None, None, None)
+    dq, dk, dv, dm1, dw_rv = dot_refined_bwd(
+        grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, *ctx.options
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        dm1 if m1 is not None else None,
+        dw_rv if w_rv is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 dot_refined_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -982,10 +1868,12 @@ class _DotRefinedFunction(torch.autograd.Function):
     custom ops instead, so compiled models keep one graph."""
 
     @staticmethod
-    def forward(ctx, q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores,
-                dropout_p):
-        outputs = _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
-                           refine_scores, dropout_p)
+    def forward(
+        ctx, q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+    ):
+        outputs = _forward(
+            q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+        )
         ctx.save_for_backward(q, k, v, m1, w_rv, key_padding_mask, seed, *outputs)
         ctx.options = (mechanism, scale, refine_scale, refine_scores, dropout_p)
         return outputs[0]
@@ -993,16 +1881,30 @@ class _DotRefinedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
-        dq, dk, dv, dm1, dw_rv = _backward(grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv,
-                                           lse3, *ctx.options)
+        dq, dk, dv, dm1, dw_rv = _backward(
+            grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, *ctx.options
+        )
         return dq, dk, dv, dm1, dw_rv, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- public entry
 
 
-def dot_refined(q, k, v, *, mechanism="none", w_rq=None, w_rk=None, w_rv=None, key_padding_mask=None,
-                scale=None, refine_scale=None, refine_input="probs", dropout_p=0.0):
+def dot_refined(
+    q,
+    k,
+    v,
+    *,
+    mechanism="none",
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    key_padding_mask=None,
+    scale=None,
+    refine_scale=None,
+    refine_input="probs",
+    dropout_p=0.0,
+):
     """Same contract as awr_fast.reference.dot_refined.dot_refined (inputs validated by the API; what runs
     here is the triton row of awr_fast.ops.dot_refined.CAPABILITIES)."""
     d_h = q.shape[-1]

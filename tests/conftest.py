@@ -12,16 +12,13 @@ if not torch.cuda.is_available():
 try:  # hypothesis profiles: CI keeps the sweeps short and deterministic
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
-                              suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("dev", max_examples=40, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "ci", max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
     pass
-
-
-
 
 
 import pytest  # noqa: E402

@@ -70,20 +70,22 @@ def test_every_op_has_the_reference_and_auto_takes_every_valid_input(backend_log
 def test_auto_on_cpu_runs_eager(op, backend_log):
     mechanism = "simp"
     case = testing.make_case(op, mechanism, n=9, padding="left")
-    inputs = SPECS[op].make_inputs(*case.tensors.values(), mechanism=mechanism, **case.weights,
-                                   **case.options)
+    inputs = SPECS[op].make_inputs(*case.tensors.values(), mechanism=mechanism, **case.weights, **case.options)
     # triton takes CPU tensors under the interpreter, but only when named: "auto" skips the kernel backends
     assert backends.select(op, "auto", inputs) == "eager"
     testing.run(case, "auto")
     assert backend_log() == {op: "eager"}
 
 
-@pytest.mark.parametrize("op,backend,mechanism,expected", [
-    ("dot_refined", "eager", "none", "plain attention has nothing to factor"),
-    ("dot_refined", "eager", "value_literal", "not causal"),
-    ("dot_refined", "triton", "value_literal", "not causal"),
-    ("w2_refined", "eager", "none", "plain W2 attention has nothing to factor"),
-])
+@pytest.mark.parametrize(
+    "op,backend,mechanism,expected",
+    [
+        ("dot_refined", "eager", "none", "plain attention has nothing to factor"),
+        ("dot_refined", "eager", "value_literal", "not causal"),
+        ("dot_refined", "triton", "value_literal", "not causal"),
+        ("w2_refined", "eager", "none", "plain W2 attention has nothing to factor"),
+    ],
+)
 def test_refusals_say_why(op, backend, mechanism, expected):
     case = testing.make_case(op, mechanism, n=5)
     inputs = SPECS[op].make_inputs(*case.tensors.values(), mechanism=mechanism, **case.weights, **case.options)
@@ -95,12 +97,14 @@ def test_refusals_say_why(op, backend, mechanism, expected):
 def test_table_refusals_cover_every_column():
     row = backends.capabilities("dot_refined")["triton"]
     case = testing.make_case("dot_refined", "simp", n=5, dtype=torch.float64)
-    inputs = SPECS["dot_refined"].make_inputs(*case.tensors.values(), mechanism="simp", **case.weights,
-                                              dropout_p=0.1, return_weights=True)
+    inputs = SPECS["dot_refined"].make_inputs(
+        *case.tensors.values(), mechanism="simp", **case.weights, dropout_p=0.1, return_weights=True
+    )
     text = " | ".join(row.table_reasons(inputs))
     assert "dtype torch.float64 is not supported" in text
     assert "return_weights=True is not supported" in text
-    big = testing.make_case("dot_refined", "none", n=row.max_n + 1, d_h=row.max_d_h + 1, batch=1, heads=1,
-                            dtype=torch.float32)
+    big = testing.make_case(
+        "dot_refined", "none", n=row.max_n + 1, d_h=row.max_d_h + 1, batch=1, heads=1, dtype=torch.float32
+    )
     text = " | ".join(row.table_reasons(SPECS["dot_refined"].make_inputs(*big.tensors.values(), mechanism="none")))
     assert f"n={row.max_n + 1} exceeds" in text and f"d_h={row.max_d_h + 1} exceeds" in text

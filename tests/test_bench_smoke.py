@@ -39,10 +39,12 @@ def _run(script, args, results_dir, timeout=120):
 def _run_plain(script, args, timeout=120):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # set by conftest without CUDA; the benchmark must not use the interpreter
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                                  f"stderr:\n{proc.stderr[-4000:]}")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -58,18 +60,49 @@ def _rows(results_dir, name):
 
 def test_attention_quick(tmp_path):
     attention = _load("attention")
-    args = ["--quick", "--batch", "4", "--n", "20", "--d", "32", "--heads", "1", "--mechanisms", "none,simp",
-            "--family", "dot", "--backends", "reference,eager,triton,cuda,sdpa", "--min-time", "0.02"]
+    args = [
+        "--quick",
+        "--batch",
+        "4",
+        "--n",
+        "20",
+        "--d",
+        "32",
+        "--heads",
+        "1",
+        "--mechanisms",
+        "none,simp",
+        "--family",
+        "dot",
+        "--backends",
+        "reference,eager,triton,cuda,sdpa",
+        "--min-time",
+        "0.02",
+    ]
     proc = _run("attention.py", args, tmp_path)
     header, rows, records = _rows(tmp_path, "attention")
     assert header == attention.COLUMNS
     by = {(r["family"], r["mechanism"], r["backend"]): r for r in rows}
-    for key in (("sdpa", "causal", "sdpa"), ("dot", "none", "reference"), ("dot", "simp", "reference"),
-                ("dot", "simp", "eager")):
+    for key in (
+        ("sdpa", "causal", "sdpa"),
+        ("dot", "none", "reference"),
+        ("dot", "simp", "reference"),
+        ("dot", "simp", "eager"),
+    ):
         row = by[key]
         assert row["status"] == "ok", row
-        for col in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwdbwd_p20_ms", "fwdbwd_p80_ms", "tflops_fwdbwd",
-                    "gbps_fwdbwd", "floor_fwdbwd_ms", "peak_tflops", "peak_gbps"):
+        for col in (
+            "fwd_ms",
+            "bwd_ms",
+            "fwdbwd_ms",
+            "fwdbwd_p20_ms",
+            "fwdbwd_p80_ms",
+            "tflops_fwdbwd",
+            "gbps_fwdbwd",
+            "floor_fwdbwd_ms",
+            "peak_tflops",
+            "peak_gbps",
+        ):
             assert float(row[col]) > 0, (key, col, row[col])
         assert row["n"] == "20" and row["batch"] == "4" and row["d_h"] == "32"
     assert float(by[("dot", "simp", "eager")]["x_reference_fwdbwd"]) > 0
@@ -82,19 +115,44 @@ def test_attention_quick(tmp_path):
     assert {r["run_id"] for r in records} == {rows[0]["run_id"]}
     assert "x_reference" in proc.stdout and "sdpa" in proc.stdout  # the printed table
 
-    _run("attention.py", args[:-2] + ["--min-time", "0.01", "--backends", "reference", "--mechanisms", "none"], tmp_path)
+    _run(
+        "attention.py", args[:-2] + ["--min-time", "0.01", "--backends", "reference", "--mechanisms", "none"], tmp_path
+    )
     header2, rows2, _ = _rows(tmp_path, "attention")
     assert header2 == header and len(rows2) == len(rows) + 1  # appended, header written once
 
 
 def test_attention_real_lengths(tmp_path):
     data = tmp_path / "seqs.txt"  # the S3Rec/STOSA layout: user item1 item2 ...
-    data.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + j) % 30) for j in range(3 + u % 9)) + "\n"
-                            for u in range(1, 41)))
+    data.write_text(
+        "".join(f"{u} " + " ".join(str(1 + (u * 7 + j) % 30) for j in range(3 + u % 9)) + "\n" for u in range(1, 41))
+    )
     out = tmp_path / "results"
-    proc = _run("attention.py", ["--quick", "--batch", "6", "--n", "20", "--d", "16", "--heads", "1",
-                                 "--family", "dot", "--mechanisms", "simp", "--backends", "eager,triton",
-                                 "--lengths-from", str(data), "--min-time", "0.02"], out)
+    proc = _run(
+        "attention.py",
+        [
+            "--quick",
+            "--batch",
+            "6",
+            "--n",
+            "20",
+            "--d",
+            "16",
+            "--heads",
+            "1",
+            "--family",
+            "dot",
+            "--mechanisms",
+            "simp",
+            "--backends",
+            "eager,triton",
+            "--lengths-from",
+            str(data),
+            "--min-time",
+            "0.02",
+        ],
+        out,
+    )
     _, rows, _ = _rows(out, "attention")
     eager = {r["lengths"]: r for r in rows if r["backend"] == "eager"}
     assert set(eager) == {"full", "real"}
@@ -108,8 +166,24 @@ def test_attention_real_lengths(tmp_path):
 def test_train_quick(tmp_path):
     pytest.importorskip("awr_fast.train")
     train = _load("train")
-    proc = _run("train.py", ["--quick", "--models", "sasrec", "--mechanisms", "simp", "--backends", "reference",
-                             "--synthetic-users", "200", "--trim-padding", "both"], tmp_path, timeout=150)
+    proc = _run(
+        "train.py",
+        [
+            "--quick",
+            "--models",
+            "sasrec",
+            "--mechanisms",
+            "simp",
+            "--backends",
+            "reference",
+            "--synthetic-users",
+            "200",
+            "--trim-padding",
+            "both",
+        ],
+        tmp_path,
+        timeout=150,
+    )
     header, rows, _ = _rows(tmp_path, "train")
     assert header == train.COLUMNS
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
@@ -129,17 +203,20 @@ def test_flop_counts():
     full = common.attention_flops("dot", "simp", [n] * 4, 2, n, d)
     none = common.attention_flops("dot", "none", [n] * 4, 2, n, d)
     # SPEC §3b nominal count: 4 n^2 d base attention + 6 n^3 refinement, per head and sequence
-    assert full["nominal"] == pytest.approx(8 * (4 * n * n * d + 6 * n ** 3))
+    assert full["nominal"] == pytest.approx(8 * (4 * n * n * d + 6 * n**3))
     assert none["nominal"] == pytest.approx(8 * 4 * n * n * d)
     # the factored, triangular count is below the nominal one (about 1.33 n^3 instead of 6 n^3)
     assert full["minimal"] < 0.35 * full["nominal"]
     short = common.attention_flops("dot", "simp", [10] * 4, 2, n, d)
-    assert short["minimal"] < 0.01 * full["minimal"] + 2.0 * n ** 3 + 1
+    assert short["minimal"] < 0.01 * full["minimal"] + 2.0 * n**3 + 1
     ceil = common.Ceilings(tflops=1.0, gbps=1.0, matmul_size=1, copy_mib=1)
     assert common.roofline(2e12, 1e9, ceil) == pytest.approx(2000.0)  # compute bound: 2 s
     assert common.roofline(1e9, 3e9, ceil) == pytest.approx(3000.0)  # memory bound: 3 s
     assert common.fmt_table(["name", "ms"], [["x", "1.5"]], [False, True]).splitlines() == [
-        "name   ms", "----  ---", "x     1.5"]
+        "name   ms",
+        "----  ---",
+        "x     1.5",
+    ]
 
 
 def test_bench_is_not_collected_by_default():
@@ -154,8 +231,9 @@ def test_bench_is_not_collected_by_default():
 def test_breakdown_quick(tmp_path):
     """bench/breakdown.py: host vs wall time per step; on the CPU only the host columns are filled."""
     out = tmp_path / "breakdown.txt"
-    proc = _run_plain("breakdown.py", ["--quick", "--mechanisms", "simp,value", "--backends", "eager,sdpa",
-                                        "--out", str(out)])
+    proc = _run_plain(
+        "breakdown.py", ["--quick", "--mechanisms", "simp,value", "--backends", "eager,sdpa", "--out", str(out)]
+    )
     report = out.read_text()
     assert report.strip() == proc.stdout.strip()
     rows = [line.split() for line in report.splitlines() if line.startswith(("simp ", "value ", "causal "))]

@@ -23,8 +23,15 @@ def run_python(args, cwd, timeout=300):
     """Run the test's interpreter in `cwd` (outside the repo, so only the installed package is seen)."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_kernels_install_as_subpackage(tmp_path):
@@ -38,7 +45,8 @@ def test_kernels_install_as_subpackage(tmp_path):
     proc = run_python(["-c", code], cwd=tmp_path)
     assert proc.returncode == 0, (
         "awr_fast.kernels is not importable from the installed package; run the README's install command "
-        f"(pip install -e \".[test]\") first.\n{proc.stderr}")
+        f'(pip install -e ".[test]") first.\n{proc.stderr}'
+    )
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels_dir = Path(found["kernels_pkg"]).resolve().parent
     assert kernels_dir.name == "kernels" and (kernels_dir == REPO / "kernels" or kernels_dir.parent.name == "awr_fast")
@@ -55,7 +63,7 @@ def test_distribution_declares_only_awr_fast():
     try:
         dist = distribution("awr_fast")
     except PackageNotFoundError:
-        pytest.fail("awr_fast is not installed; run pip install -e \".[test]\" first")
+        pytest.fail('awr_fast is not installed; run pip install -e ".[test]" first')
     top_level = (dist.read_text("top_level.txt") or "awr_fast").split()
     assert top_level == ["awr_fast"]
 
@@ -95,6 +103,7 @@ def test_info_in_process_matches_cuda_status():
 
 def _extension():
     from awr_fast._ext import load_cuda_extension
+
     return load_cuda_extension()
 
 
@@ -157,6 +166,7 @@ def _gpu_ready():
     if not torch.cuda.is_available():
         return "no CUDA device"
     from awr_fast._ext import cuda_status
+
     usable, reason = cuda_status()
     return None if usable else reason
 
@@ -180,7 +190,9 @@ def test_w2_scores_cuda_matches_float64(dtype, shape):
     # The oracle sees the same (rounded) inputs; the kernel accumulates in float32, so its error is a
     # float32 rounding error of the expanded form, relative to the norms that cancel.
     ref = w2_scores_float64(mu, sig, item_mu, item_sig)
-    norms = (mu.double() ** 2 + sig.double()).sum(-1)[:, None] + (item_mu.double() ** 2 + item_sig.double()).sum(-1)[None, :]
+    norms = (mu.double() ** 2 + sig.double()).sum(-1)[:, None] + (item_mu.double() ** 2 + item_sig.double()).sum(-1)[
+        None, :
+    ]
     err = (out.double() - ref).abs()
     bound = 1e-6 + 8 * d * torch.finfo(torch.float32).eps * norms
     assert bool((err <= bound).all()), f"max error {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
@@ -192,7 +204,7 @@ def test_w2_scores_cuda_noncontiguous_and_compile():
         pytest.skip(why)
     from awr_fast._ext import w2_scores_cuda
 
-    mu = torch.randn(50, 9, device="cuda").t()             # (9, 50), not contiguous
+    mu = torch.randn(50, 9, device="cuda").t()  # (9, 50), not contiguous
     sig = torch.rand(50, 9, device="cuda").t() + 0.1
     item_mu, item_sig = torch.randn(33, 50, device="cuda"), torch.rand(33, 50, device="cuda") + 0.1
     expected = w2_scores_float64(mu, sig, item_mu, item_sig)
@@ -200,13 +212,17 @@ def test_w2_scores_cuda_noncontiguous_and_compile():
     compiled = torch.compile(lambda a, b, c, e: torch.ops.awr_fast.w2_scores_cuda(a, b, c, e), fullgraph=True)
     args = (mu.contiguous(), sig.contiguous(), item_mu, item_sig)
     torch.testing.assert_close(compiled(*args).double(), expected, rtol=1e-4, atol=1e-3)
-    torch.library.opcheck(torch.ops.awr_fast.w2_scores_cuda.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.awr_fast.w2_scores_cuda.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
-@pytest.mark.xfail(run=False, reason="segfaulted on torch 2.11 / H100 on 2026-11-22 when the C++ TORCH_CHECK "
-                   "fired (raised cleanly on torch 2.14 CPU); the public API validates before reaching the op. "
-                   "Open: investigate the exception path of the abi3 extension on the GPU image")
+@pytest.mark.xfail(
+    run=False,
+    reason="segfaulted on torch 2.11 / H100 on 2026-11-22 when the C++ TORCH_CHECK "
+    "fired (raised cleanly on torch 2.14 CPU); the public API validates before reaching the op. "
+    "Open: investigate the exception path of the abi3 extension on the GPU image",
+)
 def test_w2_scores_cuda_rejects_bad_inputs_by_name():
     why = _gpu_ready()
     if why:

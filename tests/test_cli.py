@@ -33,17 +33,51 @@ PROG = "python -m awr_fast.train"
 
 #: The flags of the hand-written parser this one replaced, by group: the derived CLI must offer the same.
 LEGACY_GROUPS = {
-    "model": ["--model", "--attention", "--d-model", "--n-layers", "--n-heads", "--max-len", "--dropout",
-              "--attn-dropout", "--per-head-refine", "--refine-input", "--refine-scale", "--backend", "--layout",
-              "--loss", "--num-negatives", "--pvn", "--stosa-compat"],
-    "optimisation": ["--optimizer", "--lr", "--l2", "--betas", "--clip-grad", "--batch-size", "--epochs",
-                     "--patience", "--seed", "--amp"],
+    "model": [
+        "--model",
+        "--attention",
+        "--d-model",
+        "--n-layers",
+        "--n-heads",
+        "--max-len",
+        "--dropout",
+        "--attn-dropout",
+        "--per-head-refine",
+        "--refine-input",
+        "--refine-scale",
+        "--backend",
+        "--layout",
+        "--loss",
+        "--num-negatives",
+        "--pvn",
+        "--stosa-compat",
+    ],
+    "optimisation": [
+        "--optimizer",
+        "--lr",
+        "--l2",
+        "--betas",
+        "--clip-grad",
+        "--batch-size",
+        "--epochs",
+        "--patience",
+        "--seed",
+        "--amp",
+    ],
     "data": ["--dataset", "--data", "--kcore", "--length-bucketing", "--bucket-batches", "--trim-padding"],
     "evaluation": ["--eval-every", "--eval-batch-size", "--exclude-history", "--protocol"],
     "run": ["--device", "--out", "--resume", "--tensorboard", "--quiet", "--num-threads", "--ddp-find-unused"],
 }
-BOOL_FLAGS = {"--per-head-refine", "--stosa-compat", "--length-bucketing", "--trim-padding", "--exclude-history",
-              "--tensorboard", "--quiet", "--ddp-find-unused"}
+BOOL_FLAGS = {
+    "--per-head-refine",
+    "--stosa-compat",
+    "--length-bucketing",
+    "--trim-padding",
+    "--exclude-history",
+    "--tensorboard",
+    "--quiet",
+    "--ddp-find-unused",
+}
 ERROR_VOICE = re.compile(r"^[A-Za-z_]+: expected .+, got .+")
 
 
@@ -57,14 +91,33 @@ def _private_cache(tmp_path, monkeypatch):
 def data_file(tmp_path_factory):
     """The embedded synthetic data set at a test size, as a SASRec-layout "user item" file."""
     path = tmp_path_factory.mktemp("data") / "synthetic.txt"
-    lines = [f"{user} {item}" for user, events in make_synthetic(num_users=150, num_items=120).items()
-             for item, _ in events]
+    lines = [
+        f"{user} {item}" for user, events in make_synthetic(num_users=150, num_items=120).items() for item, _ in events
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-TINY = ["--d-model", "16", "--n-layers", "1", "--max-len", str(MAX_LEN), "--batch-size", "64", "--epochs", "1",
-        "--num-threads", "1", "--eval-batch-size", "64", "--kcore", "none", "--device", "cpu"]
+TINY = [
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--max-len",
+    str(MAX_LEN),
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--num-threads",
+    "1",
+    "--eval-batch-size",
+    "64",
+    "--kcore",
+    "none",
+    "--device",
+    "cpu",
+]
 
 
 def _actions(parser):
@@ -84,15 +137,19 @@ def test_cli_flags_are_the_dataclass_fields():
     flags = {a.dest: a.option_strings[0] for a in _actions(parser)}
     assert all(flag == "--" + dest.replace("_", "-") for dest, flag in flags.items())
     # the same flags, in the same groups, as the hand-written parser had
-    groups = {g.title: [a.option_strings[0] for a in g._group_actions]
-              for g in parser._action_groups if g._group_actions and g.title in LEGACY_GROUPS}
+    groups = {
+        g.title: [a.option_strings[0] for a in g._group_actions]
+        for g in parser._action_groups
+        if g._group_actions and g.title in LEGACY_GROUPS
+    }
     assert groups == LEGACY_GROUPS
     for action in _actions(parser):
         field = TrainConfig.__dataclass_fields__[action.dest]
         assert action.help.startswith(field.metadata["help"]) and "(default: " in action.help, action.dest
         assert action.default is argparse.SUPPRESS  # not given = keep the dataclass (or stored) value
-        assert (action.option_strings[0] in BOOL_FLAGS) == ("--no-" + action.option_strings[0][2:]
-                                                            in action.option_strings)
+        assert (action.option_strings[0] in BOOL_FLAGS) == (
+            "--no-" + action.option_strings[0][2:] in action.option_strings
+        )
 
 
 def test_cli_help_shows_the_defaults_and_spec_choices():
@@ -106,14 +163,35 @@ def test_cli_help_shows_the_defaults_and_spec_choices():
     assert tuple(by_dest["attention"].choices) == tuple(dict.fromkeys(dot_spec.CAUSAL_MECHANISMS + w2_spec.MECHANISMS))
     assert tuple(by_dest["refine_scale"].choices) == dot_spec.REFINE_SCALES
     assert "stoc: stosa only" in by_dest["attention"].help
-    res = subprocess.run([sys.executable, "-m", "awr_fast.train", "--help"], capture_output=True, text=True,
-                         timeout=120, env=_env(), check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "awr_fast.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        check=False,
+    )
     assert res.returncode == 0 and "--backend {auto,cuda,triton,eager,reference}" in res.stdout
 
 
 def test_cli_parses_types_and_bools():
-    cfg = config_from_args(["--no-trim-padding", "--per-head-refine", "--betas", "0.8", "0.95", "--lr", "1e-3",
-                            "--n-heads", "2", "--attn-dropout", "0.1", "--backend", "eager"])
+    cfg = config_from_args(
+        [
+            "--no-trim-padding",
+            "--per-head-refine",
+            "--betas",
+            "0.8",
+            "0.95",
+            "--lr",
+            "1e-3",
+            "--n-heads",
+            "2",
+            "--attn-dropout",
+            "0.1",
+            "--backend",
+            "eager",
+        ]
+    )
     assert cfg.trim_padding is False and cfg.per_head_refine is True
     assert cfg.betas == (0.8, 0.95) and cfg.lr == 1e-3 and cfg.n_heads == 2 and cfg.attn_dropout == 0.1
     assert cfg.backend == "eager" and cfg.length_bucketing is True  # not given: the dataclass default
@@ -222,9 +300,14 @@ def _bad_file(tmp_path):
 def test_bad_data_line_is_a_one_line_cli_error(tmp_path):
     bad = _bad_file(tmp_path)
     env = {**_env(), "AWR_FAST_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, "-m", "awr_fast.train", "--data", str(bad), "--out", str(tmp_path / "r"),
-                          *TINY], capture_output=True, text=True, timeout=120, env=env,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "awr_fast.train", "--data", str(bad), "--out", str(tmp_path / "r"), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert lines == [f"{PROG}: error: {bad}, line 3: expected an integer item id, got 'x' in '1 x'"], res.stderr
@@ -261,8 +344,7 @@ def _epoch_lines(out):
 @pytest.mark.parametrize("protocol", ["sampled100", "full"])
 def test_epoch_line_shows_the_selection_metrics(tmp_path, capsys, data_file, protocol):
     run = tmp_path / "r"
-    assert main(["--data", str(data_file), "--out", str(run), "--protocol", protocol, *TINY,
-                 "--epochs", "2"]) == 0
+    assert main(["--data", str(data_file), "--out", str(run), "--protocol", protocol, *TINY, "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     lines = _epoch_lines(out)
     records = read_metrics(run)
@@ -294,17 +376,36 @@ def test_backends_used_is_reported(tmp_path, capsys, data_file):
     assert lines[-1] == "attention backend: dot_refined=eager"  # the summary's last line
 
     # a chosen backend is what runs; STOSA also scores with the w2_scores op
-    result = train(data=str(data_file), out=str(tmp_path / "s"), model="stosa", attention="stoc",
-                   backend="reference", d_model=16, n_layers=1, n_heads=1, max_len=MAX_LEN, epochs=1,
-                   batch_size=64, kcore="none", num_threads=1, quiet=True)
+    result = train(
+        data=str(data_file),
+        out=str(tmp_path / "s"),
+        model="stosa",
+        attention="stoc",
+        backend="reference",
+        d_model=16,
+        n_layers=1,
+        n_heads=1,
+        max_len=MAX_LEN,
+        epochs=1,
+        batch_size=64,
+        kcore="none",
+        num_threads=1,
+        quiet=True,
+    )
     assert result["backends_used"] == {"w2_refined": "reference", "w2_scores": "reference"}
 
 
 def test_print_summary_of_an_older_final_json():
-    final = {"model": "sasrec", "attention": "simp", "best_epoch": 2,
-             "protocol": {"ranking": "sampled100", "exclude_history": True},
-             "valid": {"sampled_ndcg@10": 0.25, "ndcg@10": 0.01}, "test": {"sampled_ndcg@10": 0.2},
-             "popularity": {"valid": {}, "test": {}}, "timing": {}}
+    final = {
+        "model": "sasrec",
+        "attention": "simp",
+        "best_epoch": 2,
+        "protocol": {"ranking": "sampled100", "exclude_history": True},
+        "valid": {"sampled_ndcg@10": 0.25, "ndcg@10": 0.01},
+        "test": {"sampled_ndcg@10": 0.2},
+        "popularity": {"valid": {}, "test": {}},
+        "timing": {},
+    }
 
     out = io.StringIO()
     print_summary(final, file=out)

@@ -14,6 +14,7 @@ import pytest
 from awr_fast.data import (
     DataFormatError,
     DatasetUnavailableError,
+    Sequences,
     build_dataset,
     detect_format,
     eval_arrays,
@@ -25,8 +26,10 @@ from awr_fast.data import (
     preprocess,
     read_amazon_csv,
     read_interactions,
+    resolve_source,
     sequences_from_lists,
     sort_by_time,
+    synthetic_config,
     train_arrays,
     train_item_counts,
 )
@@ -167,19 +170,30 @@ def test_gzip_is_transparent_and_content_sniffing(tmp_path):
     assert read_interactions(seq) == {1: [(4, None), (5, None), (6, None)], 2: [(5, None)]}
     assert detect_format(_write(tmp_path / "r", "1::2::3::4\n")) == "ml-dat"
     assert detect_format(_write(tmp_path / "spaces", "1 2 5 100\n1 3 4 90\n")) == "ml-tsv"
-    with pytest.raises(DataFormatError, match="pass fmt="):
+    with pytest.raises(
+        DataFormatError,
+        match=r"odd, line 1: expected a layout that the first lines tell apart, "
+        r"got e\.g\. '1 2 3 4 5'; pass fmt= explicitly \(one of sasrec, ",
+    ):
         detect_format(_write(tmp_path / "odd", "1 2 3 4 5\n1 3\n"))
-    assert detect_format(_write(tmp_path / "j", '{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}\n')) == "amazon-json"
+    json_line = '{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}\n'
+    assert detect_format(_write(tmp_path / "j", json_line)) == "amazon-json"
     # explicit override beats detection
     assert read_interactions(seq, fmt="sequences") == read_interactions(seq)
-    with pytest.raises(ValueError, match="unknown data format"):
+    with pytest.raises(
+        ValueError,
+        match=r"^fmt: expected one of \['sasrec', 'seq', .*\] \(or an alias: \[.*\]\), "
+        r"got 'parquet'$",
+    ):
         read_interactions(seq, fmt="parquet")
 
 
 def test_amazon_json_strict_and_python_dict(tmp_path):
-    text = ('{"reviewerID": "AX1", "asin": "0000000001", "overall": 5.0, "unixReviewTime": 1400000000}\n'
-            "{'reviewerID': 'AX2', 'asin': '0000000002', 'unixReviewTime': 1300000000}\n"
-            '{"user_id": "AX1", "parent_asin": "B000000003", "asin": "X", "timestamp": 1500000000000}\n')
+    text = (
+        '{"reviewerID": "AX1", "asin": "0000000001", "overall": 5.0, "unixReviewTime": 1400000000}\n'
+        "{'reviewerID': 'AX2', 'asin': '0000000002', 'unixReviewTime': 1300000000}\n"
+        '{"user_id": "AX1", "parent_asin": "B000000003", "asin": "X", "timestamp": 1500000000000}\n'
+    )
     path = _write(tmp_path / "Beauty_5.json", text)
     assert read_interactions(path) == {
         "AX1": [("0000000001", 1400000000), ("B000000003", 1500000000000)],
@@ -197,13 +211,19 @@ def test_amazon_csv_header_and_order(tmp_path):
     assert detect_format(no_header) == "amazon-csv"
     expected = {"A39HTATAQ9V7YF": [("0205616461", 1369699200)], "A3JM6GV9MNOF9X": [("0558925278", 1355443200)]}
     assert read_interactions(no_header) == expected  # item,user inferred from id shapes
-    swapped = _write(tmp_path / "swapped.csv", "".join(",".join([r.split(",")[1], r.split(",")[0], *r.split(",")[2:]])
-                                                       for r in rows.splitlines(keepends=True)))
+    swapped = _write(
+        tmp_path / "swapped.csv",
+        "".join(
+            ",".join([r.split(",")[1], r.split(",")[0], *r.split(",")[2:]]) for r in rows.splitlines(keepends=True)
+        ),
+    )
     assert read_interactions(swapped) == expected  # user,item inferred
     header = _write(tmp_path / "h.csv", "UserId,ProductId,Rating,Timestamp\n" + swapped.read_text())
     assert read_interactions(header) == expected
     assert read_amazon_csv(no_header, order="user,item") == {
-        "0205616461": [("A39HTATAQ9V7YF", 1369699200)], "0558925278": [("A3JM6GV9MNOF9X", 1355443200)]}
+        "0205616461": [("A39HTATAQ9V7YF", 1369699200)],
+        "0558925278": [("A3JM6GV9MNOF9X", 1355443200)],
+    }
 
 
 BAD_FILES = [
@@ -211,13 +231,24 @@ BAD_FILES = [
     ("bad_item.txt", "1 2\n1 3\n1 x\n", "sasrec", 3, "integer item id"),
     ("cols.txt", "1 2\n1 3\n1 4 99\n", "sasrec", 3, "'user item'"),
     ("one.txt", "1\n", "sasrec", 1, "'user item'"),
-    ("dup.txt", "1 2 3\n2 3 4\n1 5 6\n", "seq", 3, "already appeared on line 1"),
+    (
+        "dup.txt",
+        "1 2 3\n2 3 4\n1 5 6\n",
+        "seq",
+        3,
+        "expected one line per user in the 'user item1 item2 ...' layout, got user 1 again (first on line 1)",
+    ),
     ("short_seq.txt", "1 2 3\n\n4\n", "seq", 3, "at least 2 fields"),
     ("ratings.dat", "1::2::3::4\n1::2::3\n", None, 2, "user::item::rating::timestamp"),
     ("u.data", "1\t2\t3\t4\n1\t2\tgood\t5\n", None, 2, "numeric rating"),
     ("r.json", '{"reviewerID": "a", "asin": "b", "unixReviewTime": 1}\n{"reviewerID": "a", \n', None, 2, "JSON object"),
-    ("m.json", '{"reviewerID": "a", "asin": "b", "unixReviewTime": 1}\n{"reviewerID": "a", "unixReviewTime": 2}\n',
-     None, 2, "'asin'"),
+    (
+        "m.json",
+        '{"reviewerID": "a", "asin": "b", "unixReviewTime": 1}\n{"reviewerID": "a", "unixReviewTime": 2}\n',
+        None,
+        2,
+        "expected 'asin' in a record with 'reviewerID', got ",
+    ),
     ("t.json", '{"reviewerID": "a", "asin": "b", "unixReviewTime": "soon"}\n', None, 1, "numeric timestamp"),
     ("c.csv", "0205616461,A39HTATAQ9V7YF,5.0,1369699200\n0205616461,A3,5.0\n", None, 2, "4 comma-separated"),
     ("d.csv", "0205616461,A39HTATAQ9V7YF,5.0,1369699200\n0205616461,A3,5.0,yesterday\n", None, 2, "numeric timestamp"),
@@ -240,14 +271,20 @@ def test_corrupt_encodings_and_empty_files(tmp_path):
     blob = gzip.compress(("1 2\n" * 20000).encode())
     trunc = tmp_path / "trunc.txt.gz"
     trunc.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(DataFormatError, match=r"trunc\.txt\.gz, line \d+: corrupt or truncated gzip"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"trunc\.txt\.gz, line \d+: expected a complete gzip stream, "
+        r"got a corrupt or truncated one",
+    ):
         read_interactions(trunc, fmt="sasrec")
     bad_utf8 = tmp_path / "latin1.txt"
     bad_utf8.write_bytes(b"1 2\n1 3\n\xff\xfe 4\n")
-    with pytest.raises(DataFormatError, match=r"latin1\.txt, line 3: invalid UTF-8"):
+    with pytest.raises(DataFormatError, match=r"latin1\.txt, line 3: expected UTF-8 text, got invalid UTF-8"):
         read_interactions(bad_utf8, fmt="sasrec")
     empty = _write(tmp_path / "empty.txt", "\n  \n")
-    with pytest.raises(DataFormatError, match="no interactions"):
+    with pytest.raises(
+        DataFormatError, match=r"empty\.txt: expected at least one interaction, got none \(empty file\?\)$"
+    ):
         read_interactions(empty, fmt="sasrec")
     with pytest.raises(FileNotFoundError):
         read_interactions(tmp_path / "missing.txt")
@@ -262,14 +299,22 @@ def test_sort_by_time_is_stable():
     out = sort_by_time(inter)
     assert out == {1: [(11, 3), (13, 3), (10, 5), (12, 5)], 2: [(7, None), (6, None)]}
     assert inter[1][0] == (10, 5)  # input untouched
-    with pytest.raises(ValueError, match="some interactions"):
+    with pytest.raises(
+        ValueError,
+        match=r"^interactions: expected timestamps on all or none of a user's interactions, "
+        r"got user 1 with 1 of 2 without one$",
+    ):
         sort_by_time({1: [(1, 1), (2, None)]})
 
 
 def test_kcore_iterative_vs_single_pass():
     # users A..D, items x y z; thresholds 2/2. Original counts: x=3 y=3 z=1, A=2 B=2 C=1 D=2.
-    inter = {"A": [("x", None), ("y", None)], "B": [("x", None), ("z", None)],
-             "C": [("y", None)], "D": [("x", None), ("y", None)]}
+    inter = {
+        "A": [("x", None), ("y", None)],
+        "B": [("x", None), ("z", None)],
+        "C": [("y", None)],
+        "D": [("x", None), ("y", None)],
+    }
     users = np.array([0, 0, 1, 1, 2, 3, 3])
     items = np.array([0, 1, 0, 2, 1, 0, 1])
     single = kcore_mask(users, items, user_min=2, item_min=2, mode="single")
@@ -284,7 +329,11 @@ def test_kcore_iterative_vs_single_pass():
     assert s.user_ids[1:].tolist() == ["A", "B", "D"] and s.lengths.tolist() == [2, 1, 2]
     assert it.user_ids[1:].tolist() == ["A", "D"] and it.lengths.tolist() == [2, 2]
     assert it.item_ids[1:].tolist() == ["x", "y"]
-    with pytest.raises(ValueError, match="no interactions left"):
+    with pytest.raises(
+        ValueError,
+        match=r"^user_min/item_min: expected thresholds that leave some interactions after "
+        r"iterative k-core filtering, got none left with user_min=10, item_min=5$",
+    ):
         preprocess(inter, user_min=10)
 
 
@@ -315,7 +364,7 @@ def test_left_pad_truncates_on_the_left():
     out = left_pad(values, np.array([0, 3, 5, 5]), np.array([3, 10, 6, 5]), 4)
     assert out.dtype == np.int64
     assert out.tolist() == [[0, 1, 2, 3], [7, 8, 9, 10], [0, 0, 0, 6], [0, 0, 0, 0]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^max_len: expected an int >= 1, got 0$"):
         left_pad(values, np.array([0]), np.array([1]), 0)
 
 
@@ -336,7 +385,11 @@ def test_leave_one_out_split_by_hand():
     assert ip.tolist() == [0, 4, 6] and ix.tolist() == [1, 2, 3, 4, 8, 9]
     ip, ix = history_csr(seqs, "train")
     assert ip.tolist() == [0, 3, 5, 6] and ix.tolist() == [1, 2, 3, 6, 7, 8]
-    with pytest.raises(ValueError, match="fewer than 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"^users: expected users with >= 3 items for the valid history, got user 2 "
+        r"with 2 \(fewer than 3: a train-only user\)$",
+    ):
         history_csr(seqs, "valid", users=np.array([2]))
     assert train_item_counts(seqs).tolist() == [0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]
 
@@ -358,9 +411,22 @@ def _toy_file(tmp_path, name="toy.txt", extra=""):
 
 
 def _assert_same(a, b):
-    for f in ("history_indptr", "history_items", "user_ids", "item_ids", "item_counts", "train_users",
-              "train_input", "train_pos", "valid_users", "valid_input", "valid_target", "test_users",
-              "test_input", "test_target"):
+    for f in (
+        "history_indptr",
+        "history_items",
+        "user_ids",
+        "item_ids",
+        "item_counts",
+        "train_users",
+        "train_input",
+        "train_pos",
+        "valid_users",
+        "valid_input",
+        "valid_target",
+        "test_users",
+        "test_input",
+        "test_target",
+    ):
         x, y = getattr(a, f), getattr(b, f)
         assert x.dtype == y.dtype and np.array_equal(x, y), f
 
@@ -448,6 +514,159 @@ def test_dataset_invariants_on_real_data():
 # synthetic data
 
 
+def _three_users():
+    return sequences_from_lists([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+
+
+def _corrupt(indptr=(0, 2), items=(1, 2), num_users=1, num_items=2, indptr_dtype=np.int64):
+    return Sequences(
+        indptr=np.array(indptr, dtype=indptr_dtype),
+        items=np.array(items, dtype=np.int64),
+        user_ids=np.arange(num_users + 1),
+        item_ids=np.arange(num_items + 1),
+    )
+
+
+BAD_ARGUMENTS = [
+    # (id, call(tmp_path), exception, message regex)
+    (
+        "kcore_synthetic",
+        lambda tp: load_dataset("synthetic", max_len=5, kcore="x"),
+        ValueError,
+        r"^kcore: expected one of \['iterative', 'single', 'none'\], got 'x'$",
+    ),
+    (
+        "kcore_file",
+        lambda tp: load_dataset(_toy_file(tp), max_len=5, kcore="x"),
+        ValueError,
+        r"^kcore: expected one of \['iterative', 'single', 'none'\], got 'x'$",
+    ),
+    (
+        "synthetic_for_file",
+        lambda tp: load_dataset(_toy_file(tp), max_len=5, synthetic={"seed": 1}),
+        ValueError,
+        r"^synthetic: expected None unless the data set is 'synthetic', got \{'seed': 1\} for '.*toy\.txt'$",
+    ),
+    (
+        "max_len",
+        lambda tp: build_dataset(_three_users(), max_len=0),
+        ValueError,
+        r"^max_len: expected an int >= 1, got 0$",
+    ),
+    (
+        "csv_order",
+        lambda tp: read_amazon_csv(tp / "r.csv", order="item-user"),
+        ValueError,
+        r"^order: expected one of \['auto', 'item,user', 'user,item'\], got 'item-user'$",
+    ),
+    (
+        "eval_split",
+        lambda tp: eval_arrays(_three_users(), "train", 3),
+        ValueError,
+        r"^split: expected one of \['valid', 'test'\], got 'train'$",
+    ),
+    (
+        "history_split",
+        lambda tp: history_csr(_three_users(), "all"),
+        ValueError,
+        r"^split: expected one of \['train', 'valid', 'test'\], got 'all'$",
+    ),
+    (
+        "history_users",
+        lambda tp: history_csr(_three_users(), "valid", users=np.array([1, 5])),
+        IndexError,
+        r"^users: expected user ids in 1\.\.3, got 5$",
+    ),
+    (
+        "sequence_user",
+        lambda tp: _three_users().sequence(0),
+        IndexError,
+        r"^user: expected a user id in 1\.\.3, got 0$",
+    ),
+    (
+        "kcore_mode",
+        lambda tp: kcore_mask([0], [0], mode="twice"),
+        ValueError,
+        r"^mode: expected one of \['iterative', 'single', 'none'\], got 'twice'$",
+    ),
+    ("item_min", lambda tp: kcore_mask([0], [0], item_min=-1), ValueError, r"^item_min: expected an int >= 0, got -1$"),
+    (
+        "empty_interactions",
+        lambda tp: preprocess({1: []}),
+        ValueError,
+        r"^interactions: expected at least one interaction, got none \(1 users\)$",
+    ),
+    ("num_users", lambda tp: synthetic_config(num_users=0), ValueError, r"^num_users: expected an int >= 1, got 0$"),
+    ("branching", lambda tp: synthetic_config(branching=0), ValueError, r"^branching: expected an int >= 1, got 0$"),
+    (
+        "groups",
+        lambda tp: synthetic_config(num_items=16, group_size=8),
+        ValueError,
+        r"^num_items: expected num_items // group_size >= branching \+ 1 = 3 groups, got 16 // 8 = 2$",
+    ),
+    (
+        "min_len",
+        lambda tp: synthetic_config(min_len=5, max_len=4),
+        ValueError,
+        r"^min_len: expected 1 <= min_len <= max_len = 4, got 5$",
+    ),
+    (
+        "num_clusters",
+        lambda tp: synthetic_config(num_clusters=100),
+        ValueError,
+        r"^num_clusters: expected 1\.\.62 \(the number of groups, num_items // group_size\), got 100$",
+    ),
+    (
+        "p_second",
+        lambda tp: synthetic_config(p_second=-0.1),
+        ValueError,
+        r"^p_second: expected a probability >= 0, got -0\.1$",
+    ),
+    ("zipf_a", lambda tp: synthetic_config(zipf_a=-1), ValueError, r"^zipf_a: expected a float >= 0, got -1\.0$"),
+    (
+        "data_set_name",
+        lambda tp: resolve_source("nope"),
+        KeyError,
+        r"name: expected a known data set \(one of \['ml-1m', 'ml-100k', 'beauty'\], or an alias: \[.*\]\), "
+        r"got 'nope'",
+    ),
+    # corrupted sequences (e.g. a damaged cache file): the field at fault, what was expected, what was found
+    (
+        "seq_dtype",
+        lambda tp: _corrupt(indptr_dtype=np.int32).validate(),
+        ValueError,
+        r"^indptr, items: expected int64 arrays, got int32 and int64$",
+    ),
+    (
+        "seq_indptr",
+        lambda tp: _corrupt(indptr=(0, 3)).validate(),
+        ValueError,
+        r"^indptr: expected a 1-d array from 0 to len\(items\)=2 that gives every user >= 1 item, "
+        r"got 0\.\.3, smallest step 3$",
+    ),
+    (
+        "seq_items",
+        lambda tp: _corrupt(items=(1, 9)).validate(),
+        ValueError,
+        r"^items: expected item ids in 1\.\.2, got min 1, max 9$",
+    ),
+    (
+        "seq_user_ids",
+        lambda tp: Sequences(
+            indptr=np.array([0, 2]), items=np.array([1, 2]), user_ids=np.arange(1), item_ids=np.arange(3)
+        ).validate(),
+        ValueError,
+        r"^user_ids: expected num_users \+ 1 = 2 entries, got 1$",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [b[1:] for b in BAD_ARGUMENTS], ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments_name_the_argument(tmp_path, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(tmp_path)
+
+
 def test_synthetic_is_seeded_and_goes_through_the_pipeline():
     a = load_dataset("synthetic", max_len=50)
     b = load_dataset("synthetic", max_len=50)
@@ -461,7 +680,11 @@ def test_synthetic_is_seeded_and_goes_through_the_pipeline():
     raw = make_synthetic(num_users=50, num_items=40, seed=3, min_len=5, max_len=9, num_clusters=2)
     assert len(raw) == 50 and all(5 <= len(v) <= 9 for v in raw.values())
     assert all([t for _, t in v] == sorted(t for _, t in v) for v in raw.values())
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError,
+        match=r"^p_first \+ p_second \+ p_cluster: expected at most 1, "
+        r"got 1\.5 \(0\.9 \+ 0\.5 \+ 0\.1\)$",
+    ):
         make_synthetic(p_first=0.9, p_second=0.5)
 
 
@@ -469,9 +692,9 @@ def test_synthetic_has_sequential_signal_beyond_popularity():
     """A first-order Markov model fitted on the training part beats popularity by a wide margin
     (so a sequential model has something to learn) and the popularity skew is real."""
     ds = load_dataset("synthetic", max_len=50)
-    I = ds.num_items
+    n_items = ds.num_items
     ip, ix = ds.history_csr("train", np.arange(1, ds.num_users + 1))
-    trans = np.zeros((I + 1, I + 1))
+    trans = np.zeros((n_items + 1, n_items + 1))
     same_user = np.repeat(np.arange(len(ip) - 1), np.diff(ip))
     nxt = same_user[1:] == same_user[:-1]
     np.add.at(trans, (ix[:-1][nxt], ix[1:][nxt]), 1.0)
@@ -480,7 +703,7 @@ def test_synthetic_has_sequential_signal_beyond_popularity():
 
     def ndcg10(scores):
         t = scores[np.arange(len(scores)), ds.test_target][:, None]
-        above = (scores > t)
+        above = scores > t
         above[:, 0] = False
         r = above.sum(1)
         return float(np.where(r < 10, 1 / np.log2(r + 2), 0).mean())
@@ -488,7 +711,7 @@ def test_synthetic_has_sequential_signal_beyond_popularity():
     pop_ndcg, markov_ndcg = ndcg10(pop), ndcg10(markov)
     assert markov_ndcg > 2.5 * pop_ndcg and markov_ndcg > 0.2, (pop_ndcg, markov_ndcg)
     counts = np.sort(ds.item_counts[1:])[::-1]
-    assert counts[: I // 10].sum() > 0.3 * counts.sum()  # top 10% of items get > 30% of interactions
+    assert counts[: n_items // 10].sum() > 0.3 * counts.sum()  # top 10% of items get > 30% of interactions
 
 
 def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
@@ -497,8 +720,9 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
     import hashlib
     import zipfile
 
-    src = _write(tmp_path / "ratings.dat", "".join(f"{u}::{i}::4::{u * 100 + i}\n"
-                                                   for u in range(1, 8) for i in range(1, 8)))
+    src = _write(
+        tmp_path / "ratings.dat", "".join(f"{u}::{i}::4::{u * 100 + i}\n" for u in range(1, 8) for i in range(1, 8))
+    )
     archive = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(src, "ml-1m/ratings.dat")

@@ -33,9 +33,9 @@ def test_rank_by_hand_and_padding_ignored():
         s = SCORES.clone()
         s[0, 0] = pad
         assert rank_of_target(s, [3]).tolist() == [2]
-    with pytest.raises(ValueError, match="0 is padding"):
+    with pytest.raises(ValueError, match=r"^targets: expected item ids in 1\.\.5 \(0 is padding\), got 0$"):
         rank_of_target(SCORES, torch.tensor([0]))
-    with pytest.raises(ValueError, match="1..5"):
+    with pytest.raises(ValueError, match=r"^targets: expected item ids in 1\.\.5 \(0 is padding\), got 6$"):
         rank_of_target(SCORES, torch.tensor([6]))
 
 
@@ -47,7 +47,7 @@ def test_tie_rule():
     const = torch.zeros(1, 6)  # a collapsed model: perfect under the optimistic rule, worst otherwise
     assert rank_of_target(const, [3]).tolist() == [0]
     assert rank_of_target(const, [3], ties="pessimistic").tolist() == [4]
-    with pytest.raises(ValueError, match="ties"):
+    with pytest.raises(ValueError, match=r"^ties: expected one of \['optimistic', 'pessimistic'\], got 'average'$"):
         rank_of_target(SCORES, [2], ties="average")
     # NDCG with ties, by hand: ranks 0 (optimistic) vs 1 (pessimistic)
     opt = metrics_from_ranks(rank_of_target(SCORES, [2]))
@@ -59,7 +59,11 @@ def test_tie_rule():
 def test_nan_scores_are_rejected():
     s = SCORES.clone()
     s[0, 5] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(
+        ValueError,
+        match=r"^scores: expected no NaN outside the padding column 0, got 1 NaN "
+        r"\(the first at row 0, column 5\)$",
+    ):
         rank_of_target(s, [3])
     s = SCORES.clone()
     s[0, 0] = float("nan")  # padding column may hold anything
@@ -75,9 +79,13 @@ def test_exclude_history_mask_and_index_forms():
     # the target is never excluded, listing it changes nothing
     assert rank_of_target(SCORES, [3], exclude=[[3]]).tolist() == [2]
     assert rank_of_target(SCORES, [3], exclude=[[0, 3, 1]]).tolist() == [2]
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"^exclude: expected a torch\.bool mask of shape \(1, 6\), "
+        r"got torch\.bool \(1, 5\)$",
+    ):
         rank_of_target(SCORES, [3], exclude=torch.zeros(1, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match=r"^exclude: expected 1 rows \(one per score row\), got 2$"):
         rank_of_target(SCORES, [3], exclude=[[1], [2]])
 
 
@@ -97,8 +105,7 @@ def test_csr_mask_matches_index_mask_and_dataset_history():
     assert vm[1].nonzero().flatten().tolist() == [1, 3]
 
 
-@given(st.lists(st.lists(st.integers(0, 4), min_size=7, max_size=7), min_size=1, max_size=6),
-       st.data())
+@given(st.lists(st.lists(st.integers(0, 4), min_size=7, max_size=7), min_size=1, max_size=6), st.data())
 def test_rank_matches_brute_force(rows, data):
     scores = torch.tensor(rows, dtype=torch.float32)
     B, C = scores.shape
@@ -117,7 +124,10 @@ def test_rank_matches_brute_force(rows, data):
 def test_accumulator_hand_values_and_batching():
     ranks = [0, 2, 9, 30]
     expected = {
-        "recall@1": 0.25, "recall@5": 0.5, "recall@10": 0.75, "recall@20": 0.75,
+        "recall@1": 0.25,
+        "recall@5": 0.5,
+        "recall@10": 0.75,
+        "recall@20": 0.75,
         "ndcg@1": 0.25,
         "ndcg@5": (1 + 1 / math.log2(4)) / 4,
         "ndcg@10": (1 + 1 / math.log2(4) + 1 / math.log2(11)) / 4,
@@ -138,19 +148,21 @@ def test_accumulator_hand_values_and_batching():
     sampled = MetricAccumulator(ks=(10,), prefix="sampled_")
     sampled.update([0])
     assert sampled.result() == {"sampled_recall@10": 1.0, "sampled_ndcg@10": 1.0, "sampled_mrr": 1.0}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^ranks: expected finite values >= 0, got -1\.0$"):
         acc.update([-1])
+    with pytest.raises(ValueError, match=r"^ranks: expected finite values >= 0, got nan$"):
+        acc.update([0, float("nan")])
 
 
 def test_sampled_protocol_is_deterministic_and_respects_history():
-    I, B = 300, 8
+    n_items, B = 300, 8
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(B, I + 1, generator=g)
-    targets = torch.randint(1, I + 1, (B,), generator=g)
-    hist = [torch.randint(1, I + 1, (40,), generator=g) for _ in range(B)]
-    n1 = sample_negatives(targets, I, hist, generator=torch.Generator().manual_seed(7))
-    n2 = sample_negatives(targets, I, hist, generator=torch.Generator().manual_seed(7))
-    n3 = sample_negatives(targets, I, hist, generator=torch.Generator().manual_seed(8))
+    scores = torch.randn(B, n_items + 1, generator=g)
+    targets = torch.randint(1, n_items + 1, (B,), generator=g)
+    hist = [torch.randint(1, n_items + 1, (40,), generator=g) for _ in range(B)]
+    n1 = sample_negatives(targets, n_items, hist, generator=torch.Generator().manual_seed(7))
+    n2 = sample_negatives(targets, n_items, hist, generator=torch.Generator().manual_seed(7))
+    n3 = sample_negatives(targets, n_items, hist, generator=torch.Generator().manual_seed(8))
     assert torch.equal(n1, n2) and not torch.equal(n1, n3)
     assert n1.shape == (B, 100) and n1.dtype == torch.int64
     for r in range(B):
@@ -167,7 +179,11 @@ def test_sampled_protocol_is_deterministic_and_respects_history():
     best = scores.clone()
     best[torch.arange(B), targets] = 1e6
     assert sampled_rank_of_target(best, targets, hist).tolist() == [0] * B
-    with pytest.raises(ValueError, match="eligible"):
+    with pytest.raises(
+        ValueError,
+        match=r"^num_negatives: expected at most the number of eligible negative items "
+        r"of every row \(49 in the poorest row\), got 100$",
+    ):
         sample_negatives(torch.tensor([1]), 50, None, num_negatives=100)
 
 
@@ -180,3 +196,34 @@ def test_popularity_scores_break_ties_by_id():
     full = s.expand(3, -1)
     assert rank_of_target(full, [2, 5, 4]).tolist() == [0, 1, 4]
     assert rank_of_target(full, [2, 5, 4], ties="pessimistic").tolist() == [0, 1, 4]
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: rank_of_target(SCORES[0], [3]),
+            r"^scores: expected shape \(B, num_items \+ 1\) with num_items >= 1, "
+            r"got \(6,\)$",
+        ),
+        (lambda: rank_of_target(SCORES, [3, 4]), r"^targets: expected 1 item ids \(one per score row\), got 2$"),
+        (lambda: rank_of_target(SCORES, [3], exclude=[[7]]), r"^exclude: expected item ids in 0\.\.5, got 7$"),
+        (lambda: exclusion_mask([[1], [-1]], 6), r"^items_per_row: expected item ids in 0\.\.5, got -1$"),
+        (
+            lambda: csr_exclusion_mask(np.array([0, 2]), np.array([1, 9]), 6),
+            r"^indices: expected item ids in 0\.\.5, got 9$",
+        ),
+        (
+            lambda: MetricAccumulator(ks=(5, 0)),
+            r"^ks: expected a non-empty sequence of positive integers, got \(5, 0\)$",
+        ),
+        (
+            lambda: popularity_scores([3]),
+            r"^train_counts: expected num_items \+ 1 >= 2 entries \(entry 0 = padding\), "
+            r"got 1$",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

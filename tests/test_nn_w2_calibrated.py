@@ -13,7 +13,6 @@ from awr_fast.ops.w2_refined import WEIGHTS as W2_WEIGHTS
 from helpers import left_padding_mask
 
 
-
 def _gaussian_inputs(batch=3, n=7, d=8, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(batch, n, d, generator=g, dtype=dtype)
@@ -22,6 +21,7 @@ def _gaussian_inputs(batch=3, n=7, d=8, seed=0, dtype=torch.float64):
 
 
 # ---- WassersteinAttention ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mechanism", W2_MECHANISMS)
 @pytest.mark.parametrize("per_head", [False, True])
@@ -54,8 +54,9 @@ def test_w2_matches_hand_written_stosa_layer():
 
     mq, mk, mv = (split(lin(mu)) for lin in (layer.mean_query, layer.mean_key, layer.mean_value))
     sq, sk, sv = (split(F.elu(lin(sigma)) + 1) for lin in (layer.cov_query, layer.cov_key, layer.cov_value))
-    w2 = (((mq[..., :, None, :] - mk[..., None, :, :]) ** 2).sum(-1)
-          + ((sq.sqrt()[..., :, None, :] - sk.sqrt()[..., None, :, :]) ** 2).sum(-1))
+    w2 = ((mq[..., :, None, :] - mk[..., None, :, :]) ** 2).sum(-1) + (
+        (sq.sqrt()[..., :, None, :] - sk.sqrt()[..., None, :, :]) ** 2
+    ).sum(-1)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     p = torch.softmax((-w2 / math.sqrt(d // heads)).masked_fill(~causal, -math.inf), dim=-1)
     ctx_mu, ctx_sig = ((p @ mv).transpose(1, 2).reshape(2, n, d), ((p * p) @ sv).transpose(1, 2).reshape(2, n, d))
@@ -94,8 +95,8 @@ def test_w2_module_is_causal(mechanism):
     base = layer(mu, sigma, mask)
     t = 4
     mu2, sigma2 = mu.clone(), sigma.clone()
-    mu2[:, t + 1:] += 1.0
-    sigma2[:, t + 1:] *= 1.7
+    mu2[:, t + 1 :] += 1.0
+    sigma2[:, t + 1 :] *= 1.7
     out = layer(mu2, sigma2, mask)
     for o, b in zip(out, base):
         torch.testing.assert_close(o[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-12)
@@ -116,6 +117,7 @@ def test_w2_module_bad_input():
 
 
 # ---- CalibratedAttention ----------------------------------------------------------------------------------
+
 
 def _x(batch=3, n=7, d=8, seed=0, dtype=torch.float64):
     return torch.randn(batch, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -187,9 +189,21 @@ def test_calibrated_matches_functional_composition():
 
     q_full, k_full = layer.query(x), layer.key(x)
     ref = awr_fast.calibrated_attention(
-        split(q_full), split(k_full), split(layer.value(x)), w_oq=layer.w_oq, w_ok=layer.w_ok, b_o=layer.b_o,
-        w_dq=layer.w_dq, w_dk=layer.w_dk, b_d=layer.b_d, dist_scale=layer.dist_scale,
-        q_adv=split(q_full @ layer.a_q), k_adv=split(k_full @ layer.a_k), gate_logits=layer.gate(q_full), noise=noise)
+        split(q_full),
+        split(k_full),
+        split(layer.value(x)),
+        w_oq=layer.w_oq,
+        w_ok=layer.w_ok,
+        b_o=layer.b_o,
+        w_dq=layer.w_dq,
+        w_dk=layer.w_dk,
+        b_d=layer.b_d,
+        dist_scale=layer.dist_scale,
+        q_adv=split(q_full @ layer.a_q),
+        k_adv=split(k_full @ layer.a_k),
+        gate_logits=layer.gate(q_full),
+        noise=noise,
+    )
     for ctx, h in ((ref.out_cal, out.h_cal), (ref.out_att, out.h_att)):
         expected = layer.layer_norm(layer.dense(ctx.transpose(1, 2).reshape(2, 7, 8)) + x)
         torch.testing.assert_close(h, expected, rtol=1e-12, atol=1e-12)
@@ -207,7 +221,7 @@ def test_calibrated_module_is_causal(adversarial):
     base = layer(x, mask, noise=noise)
     t = 4
     x2 = x.clone()
-    x2[:, t + 1:] += 1.0
+    x2[:, t + 1 :] += 1.0
     out = layer(x2, mask, noise=noise)
     for o, b in zip(out, base):
         if b is not None:

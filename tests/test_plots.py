@@ -12,7 +12,6 @@ from awr_fast.plots import main, plot_runs  # noqa: E402
 from awr_fast.train import train  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _private_cache(tmp_path_factory):
     """Preprocessed-data cache in a temporary folder, not ~/.cache."""
@@ -36,8 +35,24 @@ def _data_file(path, num_users=120, num_items=50):
 
 def _run(base, data, name, model, attention):
     out = base / name
-    train(dict(model=model, attention=attention, d_model=16, n_layers=1, n_heads=2, max_len=20, epochs=2,
-               batch_size=32, lr=1e-2, quiet=True, num_threads=1, data=str(data), kcore="none", out=str(out)))
+    train(
+        dict(
+            model=model,
+            attention=attention,
+            d_model=16,
+            n_layers=1,
+            n_heads=2,
+            max_len=20,
+            epochs=2,
+            batch_size=32,
+            lr=1e-2,
+            quiet=True,
+            num_threads=1,
+            data=str(data),
+            kcore="none",
+            out=str(out),
+        )
+    )
     return out
 
 

@@ -22,12 +22,23 @@ def make_inputs(batch=2, heads=2, n=7, d_h=3, adversarial=True, dtype=torch.floa
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
     qkv = {name: randn(batch, heads, n, d_h) for name in ("q", "k", "v")}
-    params = dict(w_oq=randn(d_h), w_ok=randn(d_h), b_o=randn(()), w_dq=randn(d_h), w_dk=randn(d_h),
-                  b_d=randn(()), dist_scale=randn(()))
+    params = dict(
+        w_oq=randn(d_h),
+        w_ok=randn(d_h),
+        b_o=randn(()),
+        w_dq=randn(d_h),
+        w_dk=randn(d_h),
+        b_d=randn(()),
+        dist_scale=randn(()),
+    )
     adv = {}
     if adversarial:
-        adv = dict(q_adv=randn(batch, heads, n, d_h), k_adv=randn(batch, heads, n, d_h),
-                   gate_logits=randn(batch, n, n), noise=randn(batch, heads, n, n))
+        adv = dict(
+            q_adv=randn(batch, heads, n, d_h),
+            k_adv=randn(batch, heads, n, d_h),
+            gate_logits=randn(batch, n, n),
+            noise=randn(batch, heads, n, n),
+        )
     if requires_grad:
         for t in (*qkv.values(), *params.values(), *(adv[k] for k in ADV_NAMES if k in adv)):
             t.requires_grad_(True)
@@ -39,6 +50,7 @@ def _call(qkv, params, adv, **kwargs):
 
 
 # ---- the released algorithm, literally -------------------------------------------------------------------
+
 
 def released_ac_tsr(q, k, v, w_oq, w_ok, b_o, w_dq, w_dk, b_d, dist_scale, q_adv, k_adv, gate_logits, noise):
     """AttackRTransformerLayer (AIM-SE/AC-TSR, combine_option='gate', two_level=True, eval mode) on
@@ -138,8 +150,9 @@ def _gradcheck(adversarial, n, lengths, fast_mode):
     names = (*PARAM_NAMES, *adv)
 
     def fn(q, k, v, *rest):
-        out = awr_fast.calibrated_attention(q, k, v, noise=noise, key_padding_mask=mask, backend="reference",
-                                            **dict(zip(names, rest)))
+        out = awr_fast.calibrated_attention(
+            q, k, v, noise=noise, key_padding_mask=mask, backend="reference", **dict(zip(names, rest))
+        )
         return tuple(t for t in out if t is not None)  # (out_cal, out_att, perturb) or (out_cal,)
 
     inputs = (*qkv.values(), *params.values(), *adv.values())
@@ -155,6 +168,7 @@ def test_every_input_receives_gradient():
 
 
 # ---- causality --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("adversarial", [True, False])
 def test_causality(adversarial):
@@ -185,6 +199,7 @@ def test_causality(adversarial):
 
 
 # ---- padding ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("adversarial", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -222,27 +237,31 @@ def test_float16_order_term_stays_finite():
 
 # ---- bad input: errors name the argument ------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("k_shape", ValueError, "k: expected shape"),
-    ("v_dtype", TypeError, "v: expected dtype"),
-    ("int_q", TypeError, "q: expected a floating dtype"),
-    ("w_oq_shape", ValueError, "w_oq: expected shape \\(3,\\)"),
-    ("w_dk_2d", ValueError, "w_dk: expected a 1-d tensor"),
-    ("b_o_vector", ValueError, "b_o: expected a scalar"),
-    ("dist_scale_type", TypeError, "dist_scale: expected a torch.Tensor"),
-    ("partial_adv", ValueError, "q_adv, k_adv, gate_logits"),
-    ("k_adv_shape", ValueError, "k_adv: expected shape"),
-    ("q_adv_dtype", TypeError, "q_adv: expected dtype"),
-    ("gate_shape", ValueError, "gate_logits: expected shape"),
-    ("noise_shape", ValueError, "noise: expected shape"),
-    ("noise_without_adv", ValueError, "noise: expected None without the adversarial calibrator"),
-    ("mask_shape", ValueError, "key_padding_mask: expected shape"),
-    ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
-    ("dropout", ValueError, "dropout_p: expected a float in"),
-    ("perturb_dropout", ValueError, "perturb_dropout_p: expected a float in"),
-    ("scale", ValueError, "scale: expected None or a positive float"),
-    ("backend", ValueError, "backend: expected one of"),
-])
+
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("k_shape", ValueError, "k: expected shape"),
+        ("v_dtype", TypeError, "v: expected dtype"),
+        ("int_q", TypeError, "q: expected a floating dtype"),
+        ("w_oq_shape", ValueError, "w_oq: expected shape \\(3,\\)"),
+        ("w_dk_2d", ValueError, "w_dk: expected a 1-d tensor"),
+        ("b_o_vector", ValueError, "b_o: expected a scalar"),
+        ("dist_scale_type", TypeError, "dist_scale: expected a torch.Tensor"),
+        ("partial_adv", ValueError, "q_adv, k_adv, gate_logits"),
+        ("k_adv_shape", ValueError, "k_adv: expected shape"),
+        ("q_adv_dtype", TypeError, "q_adv: expected dtype"),
+        ("gate_shape", ValueError, "gate_logits: expected shape"),
+        ("noise_shape", ValueError, "noise: expected shape"),
+        ("noise_without_adv", ValueError, "noise: expected None without the adversarial calibrator"),
+        ("mask_shape", ValueError, "key_padding_mask: expected shape"),
+        ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
+        ("dropout", ValueError, "dropout_p: expected a float in"),
+        ("perturb_dropout", ValueError, "perturb_dropout_p: expected a float in"),
+        ("scale", ValueError, "scale: expected None or a positive float"),
+        ("backend", ValueError, "backend: expected one of"),
+    ],
+)
 def test_bad_input(case, exc, match):
     qkv, params, adv = make_inputs(n=7, dtype=torch.float32)
     kwargs = {}

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import awr_fast
-from awr_fast.reference.dot_refined import dot_refined
-from helpers import left_padding_mask, random_lengths
+from helpers import left_padding_mask
 
 MECHANISMS = ("none", "simp", "add", "value")
 
 
-def make_inputs(batch=2, heads=2, n=7, d_h=3, mechanism="simp", per_head=False, dtype=torch.float64, seed=0,
-                requires_grad=False):
+def make_inputs(
+    batch=2, heads=2, n=7, d_h=3, mechanism="simp", per_head=False, dtype=torch.float64, seed=0, requires_grad=False
+):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, d_h, generator=g, dtype=dtype) for _ in range(3))
     wshape = (heads, n, n) if per_head else (n, n)
@@ -37,8 +37,9 @@ def test_gradcheck(mechanism, per_head, n, lengths):
     names = list(ws)
 
     def fn(q, k, v, *w):
-        return awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask,
-                                          backend="reference", **dict(zip(names, w)))
+        return awr_fast.refined_attention(
+            q, k, v, mechanism=mechanism, key_padding_mask=mask, backend="reference", **dict(zip(names, w))
+        )
 
     with pytest.warns(UserWarning) if mechanism == "value_literal" else _no_warning():
         assert torch.autograd.gradcheck(fn, (q, k, v, *ws.values()), eps=1e-6, atol=1e-6)
@@ -51,9 +52,17 @@ def test_gradcheck_refine_input_scores(mechanism):
     names = list(ws)
 
     def fn(q, k, v, *w):
-        return awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask,
-                                          refine_input="scores", refine_scale=0.3, scale=0.7,
-                                          **dict(zip(names, w)))
+        return awr_fast.refined_attention(
+            q,
+            k,
+            v,
+            mechanism=mechanism,
+            key_padding_mask=mask,
+            refine_input="scores",
+            refine_scale=0.3,
+            scale=0.7,
+            **dict(zip(names, w)),
+        )
 
     assert torch.autograd.gradcheck(fn, (q, k, v, *ws.values()), eps=1e-6, atol=1e-6)
 
@@ -61,6 +70,7 @@ def test_gradcheck_refine_input_scores(mechanism):
 class _no_warning:
     def __enter__(self):
         import warnings
+
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.simplefilter("error")
@@ -95,17 +105,19 @@ def test_causality(mechanism, refine_input):
     n = 13
     q, k, v, ws = make_inputs(batch=2, n=n, d_h=5, mechanism=mechanism)
     mask = left_padding_mask([13, 9], n)
-    out = awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask,
-                                     refine_input=refine_input, **ws)
+    out = awr_fast.refined_attention(
+        q, k, v, mechanism=mechanism, key_padding_mask=mask, refine_input=refine_input, **ws
+    )
     for t in (3, 8, 11):
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         g = torch.Generator().manual_seed(t)
         for x in (q2, k2, v2):
-            x[:, :, t + 1:] = torch.randn(x[:, :, t + 1:].shape, generator=g, dtype=x.dtype) * 3
-        out2 = awr_fast.refined_attention(q2, k2, v2, mechanism=mechanism, key_padding_mask=mask,
-                                          refine_input=refine_input, **ws)
+            x[:, :, t + 1 :] = torch.randn(x[:, :, t + 1 :].shape, generator=g, dtype=x.dtype) * 3
+        out2 = awr_fast.refined_attention(
+            q2, k2, v2, mechanism=mechanism, key_padding_mask=mask, refine_input=refine_input, **ws
+        )
         assert (out2[:, :, : t + 1] - out[:, :, : t + 1]).abs().max() <= 1e-12
-        assert (out2[:, :, t + 1:] - out[:, :, t + 1:]).abs().max() > 1e-6  # the perturbation did something
+        assert (out2[:, :, t + 1 :] - out[:, :, t + 1 :]).abs().max() > 1e-6  # the perturbation did something
 
 
 def test_value_literal_leaks_the_future():
@@ -114,7 +126,7 @@ def test_value_literal_leaks_the_future():
     with pytest.warns(UserWarning, match="future"):
         out = awr_fast.refined_attention(q, k, v, mechanism="value_literal", **ws)
         k2 = k.clone()
-        k2[:, :, t + 1:] += 2.0
+        k2[:, :, t + 1 :] += 2.0
         out2 = awr_fast.refined_attention(q, k2, v, mechanism="value_literal", **ws)
     assert (out2[:, :, : t + 1] - out[:, :, : t + 1]).abs().max() > 1e-6
 
@@ -128,7 +140,7 @@ def test_fully_padded_rows_are_zero_and_finite(dtype, mechanism):
     out = awr_fast.refined_attention(q, k, v, mechanism=mechanism, key_padding_mask=mask, **ws)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all()
-    assert (out[1, :, : n - 3] == 0).all() and (out[1, :, n - 3:] != 0).any()
+    assert (out[1, :, : n - 3] == 0).all() and (out[1, :, n - 3 :] != 0).any()
     (out.float() * torch.randn(out.shape)).sum().backward()
     for t in (q, k, v, *ws.values()):
         assert torch.isfinite(t.grad).all()
@@ -138,8 +150,7 @@ def test_fully_padded_rows_are_zero_and_finite(dtype, mechanism):
 def test_dropout_is_random_and_unbiased():
     q, k, v, ws = make_inputs(batch=2, n=9, d_h=4, mechanism="simp")
     torch.manual_seed(0)
-    outs = torch.stack([awr_fast.refined_attention(q, k, v, mechanism="simp", dropout_p=0.3, **ws)
-                        for _ in range(400)])
+    outs = torch.stack([awr_fast.refined_attention(q, k, v, mechanism="simp", dropout_p=0.3, **ws) for _ in range(400)])
     plain = awr_fast.refined_attention(q, k, v, mechanism="simp", **ws)
     assert not torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs.mean(0), plain, atol=0.15, rtol=0)
@@ -147,31 +158,35 @@ def test_dropout_is_random_and_unbiased():
 
 # ---- bad input: errors name the argument --------------------------------------------------------------
 
+
 def _good(n=7):
     q, k, v, ws = make_inputs(n=n, mechanism="simp", dtype=torch.float32)
     return q, k, v, ws
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("k_shape", ValueError, "k: expected shape"),
-    ("v_dtype", TypeError, "v: expected dtype"),
-    ("int_q", TypeError, "q: expected a floating dtype"),
-    ("q_3d", ValueError, "q: expected a 4-d tensor"),
-    ("w_size", ValueError, "w_rq: expected shape \\(7, r\\)"),
-    ("w_columns", ValueError, "w_rk: expected 9 columns \\(those of w_rq"),
-    ("w_rv_square", ValueError, "w_rv: expected shape \\(7, 7\\)"),
-    ("w_heads", ValueError, "w_rk: expected shape"),
-    ("w_missing", ValueError, "w_rk: required"),
-    ("w_rv_unused", ValueError, "w_rv: not used"),
-    ("mask_shape", ValueError, "key_padding_mask: expected shape"),
-    ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
-    ("mechanism", ValueError, "mechanism: expected one of"),
-    ("backend", ValueError, "backend: expected one of"),
-    ("refine_input", ValueError, "refine_input: expected one of"),
-    ("dropout", ValueError, "dropout_p: expected a float in"),
-    ("scale", ValueError, "scale: expected None or a positive float"),
-    ("w_device", ValueError, "w_rq: expected device"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("k_shape", ValueError, "k: expected shape"),
+        ("v_dtype", TypeError, "v: expected dtype"),
+        ("int_q", TypeError, "q: expected a floating dtype"),
+        ("q_3d", ValueError, "q: expected a 4-d tensor"),
+        ("w_size", ValueError, "w_rq: expected shape \\(7, r\\)"),
+        ("w_columns", ValueError, "w_rk: expected 9 columns \\(those of w_rq"),
+        ("w_rv_square", ValueError, "w_rv: expected shape \\(7, 7\\)"),
+        ("w_heads", ValueError, "w_rk: expected shape"),
+        ("w_missing", ValueError, "w_rk: required"),
+        ("w_rv_unused", ValueError, "w_rv: expected None \\(mechanism='"),
+        ("mask_shape", ValueError, "key_padding_mask: expected shape"),
+        ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
+        ("mechanism", ValueError, "mechanism: expected one of"),
+        ("backend", ValueError, "backend: expected one of"),
+        ("refine_input", ValueError, "refine_input: expected one of"),
+        ("dropout", ValueError, "dropout_p: expected a float in"),
+        ("scale", ValueError, "scale: expected None or a positive float"),
+        ("w_device", ValueError, "w_rq: expected device"),
+    ],
+)
 def test_bad_input(case, exc, match):
     q, k, v, ws = _good()
     kwargs = dict(mechanism="simp", **ws)
@@ -215,7 +230,6 @@ def test_bad_input(case, exc, match):
         awr_fast.refined_attention(q, k, v, **kwargs)
 
 
-
 def test_explicit_backend_explains_refusal(monkeypatch):
     q, k, v, ws = _good()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -229,16 +243,20 @@ def test_lengths_equal_left_padding_mask():
     q, k, v, ws = make_inputs(batch=3, n=9, d_h=4, mechanism="simp")
     lengths = torch.tensor([9, 4, 0])
     via_lengths = awr_fast.refined_attention(q, k, v, mechanism="simp", lengths=lengths, **ws)
-    via_mask = awr_fast.refined_attention(q, k, v, mechanism="simp", key_padding_mask=left_padding_mask(lengths, 9),
-                                          **ws)
+    via_mask = awr_fast.refined_attention(
+        q, k, v, mechanism="simp", key_padding_mask=left_padding_mask(lengths, 9), **ws
+    )
     assert torch.equal(via_lengths, via_mask)
 
 
-@pytest.mark.parametrize("lengths,exc,match", [
-    (torch.tensor([9, 10]), ValueError, "lengths: expected values in \\[0, n=9\\]"),
-    (torch.tensor([9]), ValueError, "lengths: expected shape \\(2,\\)"),
-    (torch.tensor([9.0, 3.0]), TypeError, "lengths: expected an int32/int64"),
-])
+@pytest.mark.parametrize(
+    "lengths,exc,match",
+    [
+        (torch.tensor([9, 10]), ValueError, "lengths: expected values in \\[0, n=9\\]"),
+        (torch.tensor([9]), ValueError, "lengths: expected shape \\(2,\\)"),
+        (torch.tensor([9.0, 3.0]), TypeError, "lengths: expected an int32/int64"),
+    ],
+)
 def test_bad_lengths(lengths, exc, match):
     q, k, v, ws = make_inputs(batch=2, n=9, d_h=4, mechanism="simp")
     with pytest.raises(exc, match=match):
@@ -247,6 +265,7 @@ def test_bad_lengths(lengths, exc, match):
 
 def test_lengths_and_mask_together_is_an_error():
     q, k, v, ws = make_inputs(batch=2, n=9, d_h=4, mechanism="simp")
-    with pytest.raises(ValueError, match="lengths: give key_padding_mask or lengths, not both"):
-        awr_fast.refined_attention(q, k, v, mechanism="simp", lengths=torch.tensor([9, 3]),
-                                   key_padding_mask=left_padding_mask([9, 3], 9), **ws)
+    with pytest.raises(ValueError, match="lengths: expected None when key_padding_mask is given"):
+        awr_fast.refined_attention(
+            q, k, v, mechanism="simp", lengths=torch.tensor([9, 3]), key_padding_mask=left_padding_mask([9, 3], 9), **ws
+        )

@@ -11,13 +11,19 @@ from awr_fast.reference.w2_refined import w2_distance, w2_refined
 from helpers import left_padding_mask
 
 MECHANISMS = ("none", "simp", "add", "value", "stoc")
-WEIGHT_NAMES = {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk"), "value": ("w_rq", "w_rk", "w_rv"),
-                "stoc": ("w_mu", "w_sigma")}
+WEIGHT_NAMES = {
+    "none": (),
+    "simp": ("w_rq", "w_rk"),
+    "add": ("w_rq", "w_rk"),
+    "value": ("w_rq", "w_rk", "w_rv"),
+    "stoc": ("w_mu", "w_sigma"),
+}
 TENSOR_NAMES = ("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v")
 
 
-def make_inputs(batch=2, heads=2, n=7, d_h=3, mechanism="simp", per_head=False, dtype=torch.float64, seed=0,
-                requires_grad=False):
+def make_inputs(
+    batch=2, heads=2, n=7, d_h=3, mechanism="simp", per_head=False, dtype=torch.float64, seed=0, requires_grad=False
+):
     """(tensors dict, weights dict); covariances positive (rand + 0.5), nothing zero."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -27,8 +33,10 @@ def make_inputs(batch=2, heads=2, n=7, d_h=3, mechanism="simp", per_head=False, 
         else:
             tensors[name] = torch.randn(batch, heads, n, d_h, generator=g, dtype=torch.float64).to(dtype)
     wshape = (heads, n, n) if per_head else (n, n)
-    ws = {name: (torch.randn(*wshape, generator=g, dtype=torch.float64) / math.sqrt(n)).to(dtype)
-          for name in WEIGHT_NAMES[mechanism]}
+    ws = {
+        name: (torch.randn(*wshape, generator=g, dtype=torch.float64) / math.sqrt(n)).to(dtype)
+        for name in WEIGHT_NAMES[mechanism]
+    }
     if requires_grad:
         for t in (*tensors.values(), *ws.values()):
             t.requires_grad_(True)
@@ -40,6 +48,7 @@ def _call(mechanism, tensors, ws, **kwargs):
 
 
 # ---- W2 distance ------------------------------------------------------------------------------------------
+
 
 def _w2_elementwise(mu1, sig1, mu2, sig2):
     """sum_c (mu1 - mu2)^2 + (sqrt sig1 - sqrt sig2)^2 over every pair, by broadcasting (no matmul)."""
@@ -55,8 +64,9 @@ def test_w2_distance_closed_form(shape1, shape2):
     mu2 = torch.randn(*shape2, generator=g, dtype=torch.float64)
     sig1 = torch.rand(*shape1, generator=g, dtype=torch.float64) + 0.5
     sig2 = torch.rand(*shape2, generator=g, dtype=torch.float64) + 0.5
-    torch.testing.assert_close(w2_distance(mu1, sig1, mu2, sig2), _w2_elementwise(mu1, sig1, mu2, sig2),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        w2_distance(mu1, sig1, mu2, sig2), _w2_elementwise(mu1, sig1, mu2, sig2), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_w2_scores_public():
@@ -70,18 +80,22 @@ def test_w2_scores_public():
     out = awr_fast.w2_scores(mu, sig, item_mu, item_sig)
     assert out.shape == (3, 11)
     torch.testing.assert_close(out, _w2_elementwise(mu, sig, item_mu, item_sig), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *a: awr_fast.w2_scores(*a, backend="reference"),
-                                    (mu, sig, item_mu, item_sig), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda *a: awr_fast.w2_scores(*a, backend="reference"), (mu, sig, item_mu, item_sig), eps=1e-6, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("mu_1d", ValueError, "mu: expected a 2-d"),
-    ("sig_shape", ValueError, "sig: expected shape"),
-    ("item_sig_dtype", TypeError, "item_sig: expected dtype"),
-    ("item_width", ValueError, "item_mu: expected 6 columns"),
-    ("item_dtype", TypeError, "item_mu: expected dtype"),
-    ("int_mu", TypeError, "mu: expected a floating dtype"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("mu_1d", ValueError, "mu: expected a 2-d"),
+        ("sig_shape", ValueError, "sig: expected shape"),
+        ("item_sig_dtype", TypeError, "item_sig: expected dtype"),
+        ("item_width", ValueError, "item_mu: expected 6 columns"),
+        ("item_dtype", TypeError, "item_mu: expected dtype"),
+        ("int_mu", TypeError, "mu: expected a floating dtype"),
+    ],
+)
 def test_w2_scores_bad_input(case, exc, match):
     mu, sig = torch.randn(3, 6), torch.rand(3, 6) + 0.5
     item_mu, item_sig = torch.randn(11, 6), torch.rand(11, 6) + 0.5
@@ -103,13 +117,20 @@ def test_w2_scores_bad_input(case, exc, match):
 
 # ---- forward semantics ------------------------------------------------------------------------------------
 
+
 def test_none_matches_hand_written_stosa():
     """STOSA DistSelfAttention's attention, written out independently: -W2 / sqrt(d_h), -inf mask, P^2 for sigma."""
     n, d_h = 6, 4
     t, _ = make_inputs(batch=1, heads=1, n=n, d_h=d_h, mechanism="none")
     mu_q, sig_q, mu_k, sig_k, mu_v, sig_v = (x[0, 0] for x in t.values())
-    w2 = torch.stack([torch.stack([((mu_q[i] - mu_k[j]) ** 2).sum() + ((sig_q[i].sqrt() - sig_k[j].sqrt()) ** 2).sum()
-                                   for j in range(n)]) for i in range(n)])
+    w2 = torch.stack(
+        [
+            torch.stack(
+                [((mu_q[i] - mu_k[j]) ** 2).sum() + ((sig_q[i].sqrt() - sig_k[j].sqrt()) ** 2).sum() for j in range(n)]
+            )
+            for i in range(n)
+        ]
+    )
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     p = torch.softmax((-w2 / math.sqrt(d_h)).masked_fill(~causal, -math.inf), dim=-1)
     mu_out, sig_out = _call("none", t, {})
@@ -143,8 +164,9 @@ def test_refinement_is_dot_refined_on_w2_probs(mechanism):
     (_, weights) = w2_refined(*t.values(), mechanism=mechanism, key_padding_mask=mask, return_weights=True, **ws)
     (_, plain) = w2_refined(*t.values(), mechanism="none", key_padding_mask=mask, return_weights=True)
     visible = visible_mask(n, mask, "cpu")
-    b = refine_scores(plain["P"], visible, mechanism=mechanism, c=0.5, w_rv=ws.get("w_rv"),
-                      w_rq=ws["w_rq"], w_rk=ws["w_rk"])
+    b = refine_scores(
+        plain["P"], visible, mechanism=mechanism, c=0.5, w_rv=ws.get("w_rv"), w_rq=ws["w_rq"], w_rk=ws["w_rk"]
+    )
     torch.testing.assert_close(weights["A"], plain["P"], rtol=0, atol=0)
     torch.testing.assert_close(weights["P"], masked_softmax(b, visible), rtol=1e-12, atol=1e-12)
 
@@ -153,9 +175,17 @@ def test_refine_input_scores_uses_masked_logits():
     n = 7
     t, ws = make_inputs(n=n, mechanism="simp")
     mask = left_padding_mask([7, 3], n)
-    (_, w) = w2_refined(*t.values(), mechanism="simp", key_padding_mask=mask, refine_input="scores", scale=0.7,
-                        return_weights=True, **ws)
+    (_, w) = w2_refined(
+        *t.values(),
+        mechanism="simp",
+        key_padding_mask=mask,
+        refine_input="scores",
+        scale=0.7,
+        return_weights=True,
+        **ws,
+    )
     from awr_fast.reference.masking import visible_mask
+
     visible = visible_mask(n, mask, "cpu")
     expected = torch.where(visible, -w2_distance(t["mu_q"], t["sig_q"], t["mu_k"], t["sig_k"]) * 0.7, 0.0)
     torch.testing.assert_close(w["A"], expected, rtol=0, atol=0)
@@ -199,8 +229,9 @@ def _gradcheck(mechanism, n, lengths, per_head, fast_mode):
     names = list(ws)
 
     def fn(*args):
-        return awr_fast.wasserstein_attention(*args[:6], mechanism=mechanism, key_padding_mask=mask,
-                                              backend="reference", **dict(zip(names, args[6:])))
+        return awr_fast.wasserstein_attention(
+            *args[:6], mechanism=mechanism, key_padding_mask=mask, backend="reference", **dict(zip(names, args[6:]))
+        )
 
     assert torch.autograd.gradcheck(fn, (*t.values(), *ws.values()), eps=1e-6, atol=1e-6, fast_mode=fast_mode)
 
@@ -212,14 +243,21 @@ def test_gradcheck_refine_input_scores(mechanism):
     names = list(ws)
 
     def fn(*args):
-        return awr_fast.wasserstein_attention(*args[:6], mechanism=mechanism, key_padding_mask=mask,
-                                              refine_input="scores", refine_scale=0.3, scale=0.7,
-                                              **dict(zip(names, args[6:])))
+        return awr_fast.wasserstein_attention(
+            *args[:6],
+            mechanism=mechanism,
+            key_padding_mask=mask,
+            refine_input="scores",
+            refine_scale=0.3,
+            scale=0.7,
+            **dict(zip(names, args[6:])),
+        )
 
     assert torch.autograd.gradcheck(fn, (*t.values(), *ws.values()), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 # ---- causality --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("refine_input", ["probs", "scores"])
@@ -233,19 +271,20 @@ def test_causality(mechanism, refine_input):
         changed = {}
         for name, x in t.items():
             x = x.clone()
-            shape = x[..., pos + 1:, :].shape
+            shape = x[..., pos + 1 :, :].shape
             if name.startswith("sig"):
-                x[..., pos + 1:, :] = torch.rand(shape, generator=g, dtype=x.dtype) + 0.5
+                x[..., pos + 1 :, :] = torch.rand(shape, generator=g, dtype=x.dtype) + 0.5
             else:
-                x[..., pos + 1:, :] = torch.randn(shape, generator=g, dtype=x.dtype)
+                x[..., pos + 1 :, :] = torch.randn(shape, generator=g, dtype=x.dtype)
             changed[name] = x
         out = _call(mechanism, changed, ws, key_padding_mask=mask, refine_input=refine_input)
         for o, b in zip(out, base):
             torch.testing.assert_close(o[..., : pos + 1, :], b[..., : pos + 1, :], rtol=0, atol=1e-12)
-            assert not torch.allclose(o[..., pos + 1:, :], b[..., pos + 1:, :])
+            assert not torch.allclose(o[..., pos + 1 :, :], b[..., pos + 1 :, :])
 
 
 # ---- padding ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -267,30 +306,34 @@ def test_padding_rows_are_zero_never_nan(mechanism, dtype):
 
 # ---- bad input: errors name the argument ------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("sig_k_shape", ValueError, "sig_k: expected shape"),
-    ("mu_v_dtype", TypeError, "mu_v: expected dtype"),
-    ("int_inputs", TypeError, "mu_q: expected a floating dtype"),
-    ("mu_q_3d", ValueError, "mu_q: expected a 4-d tensor"),
-    ("w_size", ValueError, "w_rq: expected shape \\(7, r\\)"),
-    ("w_heads", ValueError, "w_rk: expected shape"),
-    ("w_missing", ValueError, "w_rk: required"),
-    ("w_rv_unused", ValueError, "w_rv: not used"),
-    ("w_mu_unused", ValueError, "w_mu: not used"),
-    ("stoc_missing_w_mu", ValueError, "w_mu: required"),
-    ("stoc_missing_w_sigma", ValueError, "w_sigma: required"),
-    ("stoc_w_sigma_size", ValueError, "w_sigma: expected shape \\(7, r\\)"),
-    ("stoc_w_sigma_columns", ValueError, "w_sigma: expected 7 columns \\(those of w_mu"),
-    ("stoc_w_rq_unused", ValueError, "w_rq: not used"),
-    ("mask_shape", ValueError, "key_padding_mask: expected shape"),
-    ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
-    ("mechanism", ValueError, "mechanism: expected one of"),
-    ("value_literal", ValueError, "mechanism: expected one of"),
-    ("backend", ValueError, "backend: expected one of"),
-    ("refine_input", ValueError, "refine_input: expected one of"),
-    ("dropout", ValueError, "dropout_p: expected a float in"),
-    ("refine_scale", ValueError, "refine_scale: expected None or a positive float"),
-])
+
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("sig_k_shape", ValueError, "sig_k: expected shape"),
+        ("mu_v_dtype", TypeError, "mu_v: expected dtype"),
+        ("int_inputs", TypeError, "mu_q: expected a floating dtype"),
+        ("mu_q_3d", ValueError, "mu_q: expected a 4-d tensor"),
+        ("w_size", ValueError, "w_rq: expected shape \\(7, r\\)"),
+        ("w_heads", ValueError, "w_rk: expected shape"),
+        ("w_missing", ValueError, "w_rk: required"),
+        ("w_rv_unused", ValueError, "w_rv: expected None \\(mechanism='"),
+        ("w_mu_unused", ValueError, "w_mu: expected None \\(mechanism='"),
+        ("stoc_missing_w_mu", ValueError, "w_mu: required"),
+        ("stoc_missing_w_sigma", ValueError, "w_sigma: required"),
+        ("stoc_w_sigma_size", ValueError, "w_sigma: expected shape \\(7, r\\)"),
+        ("stoc_w_sigma_columns", ValueError, "w_sigma: expected 7 columns \\(those of w_mu"),
+        ("stoc_w_rq_unused", ValueError, "w_rq: expected None \\(mechanism='"),
+        ("mask_shape", ValueError, "key_padding_mask: expected shape"),
+        ("mask_dtype", TypeError, "key_padding_mask: expected dtype torch.bool"),
+        ("mechanism", ValueError, "mechanism: expected one of"),
+        ("value_literal", ValueError, "mechanism: expected one of"),
+        ("backend", ValueError, "backend: expected one of"),
+        ("refine_input", ValueError, "refine_input: expected one of"),
+        ("dropout", ValueError, "dropout_p: expected a float in"),
+        ("refine_scale", ValueError, "refine_scale: expected None or a positive float"),
+    ],
+)
 def test_bad_input(case, exc, match):
     t, ws = make_inputs(n=7, mechanism="simp", dtype=torch.float32)
     mechanism = "simp"

@@ -71,8 +71,19 @@ def crafted_file(tmp_path_factory):
 
 
 def tiny(**kw):
-    base = {"d_model": 32, "n_layers": 1, "n_heads": 1, "max_len": MAX_LEN, "dropout": 0.1, "lr": 1e-2,
-            "batch_size": 32, "epochs": 3, "quiet": True, "num_threads": 1, "seed": 3}
+    base = {
+        "d_model": 32,
+        "n_layers": 1,
+        "n_heads": 1,
+        "max_len": MAX_LEN,
+        "dropout": 0.1,
+        "lr": 1e-2,
+        "batch_size": 32,
+        "epochs": 3,
+        "quiet": True,
+        "num_threads": 1,
+        "seed": 3,
+    }
     base.update(kw)
     return base
 
@@ -94,8 +105,9 @@ def _subprocess_env(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # convergence: a few epochs beat popularity for every model x mechanism
 
-COMBOS = [("sasrec", a) for a in ("none", "simp", "add", "value")] + \
-         [("stosa", a) for a in ("none", "simp", "add", "value", "stoc")]
+COMBOS = [("sasrec", a) for a in ("none", "simp", "add", "value")] + [
+    ("stosa", a) for a in ("none", "simp", "add", "value", "stoc")
+]
 
 
 @pytest.mark.parametrize("model,attention", COMBOS, ids=[f"{m}-{a}" for m, a in COMBOS])
@@ -118,8 +130,15 @@ def embedded():
 @pytest.mark.parametrize("model,attention", COMBOS, ids=[f"{m}-{a}" for m, a in COMBOS])
 def test_convergence_on_embedded_dataset(tmp_path, embedded, model, attention):
     """A few epochs on the embedded dataset beat the popularity baseline for every model x mechanism."""
-    cfg = tiny(model=model, attention=attention, max_len=30, n_heads=1 if model == "sasrec" else 2, epochs=4,
-               batch_size=64, out=str(tmp_path / "run"))
+    cfg = tiny(
+        model=model,
+        attention=attention,
+        max_len=30,
+        n_heads=1 if model == "sasrec" else 2,
+        epochs=4,
+        batch_size=64,
+        out=str(tmp_path / "run"),
+    )
     final = train(cfg, seq_dataset=embedded)
     test, pop = final["test"], final["popularity"]["test"]
     assert test["ndcg@10"] > 1.3 * pop["ndcg@10"], (test, pop)
@@ -348,7 +367,6 @@ def test_length_bucketing_covers_every_row_once_and_is_deterministic():
     assert work < 0.8 * work_plain
 
 
-
 def test_trailing_widths():
     inputs = np.array([[0, 0, 3, 4], [0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 5]])
     targets = np.array([[0, 2, 4, 5], [0, 0, 0, 0], [2, 3, 4, 5], [0, 0, 0, 6]])
@@ -384,10 +402,11 @@ def test_trim_padding_trains_the_same_model(tmp_path, crafted, model, attention)
             assert b["valid"][key] == pytest.approx(a["valid"][key], rel=1e-4, abs=1e-6), key
     for name, value in full_params.items():
         if name.endswith("k_proj.bias"):  # softmax is shift-invariant: its gradient is rounding noise,
-            continue                       # which Adam scales up to full steps either way
+            continue  # which Adam scales up to full steps either way
         torch.testing.assert_close(trim_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
     widths = trailing_widths(crafted.train_input, crafted.train_pos)
     assert widths.max() < MAX_LEN and np.median(widths) < widths.max()  # every batch was trimmed
+
 
 def test_shard_batch_partitions_the_batch():
     batch = np.arange(10, 17)  # 7 rows over 3 ranks -> padded cyclically to 9
@@ -413,14 +432,39 @@ def test_config_defaults_and_validation():
 # ------------------------------------------------------------------------------------------------
 # command line and DDP (subprocesses)
 
-CLI_FLAGS = ["--kcore", "none", "--d-model", "16", "--n-layers", "1", "--max-len", str(MAX_LEN),
-             "--batch-size", "32", "--num-threads", "1", "--eval-batch-size", "64"]
+CLI_FLAGS = [
+    "--kcore",
+    "none",
+    "--d-model",
+    "16",
+    "--n-layers",
+    "1",
+    "--max-len",
+    str(MAX_LEN),
+    "--batch-size",
+    "32",
+    "--num-threads",
+    "1",
+    "--eval-batch-size",
+    "64",
+]
 
 
 def test_cli_end_to_end(tmp_path, crafted_file):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "awr_fast.train", "--epochs", "1", "--data", str(crafted_file), "--out", str(out),
-           "--exclude-history", *CLI_FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "awr_fast.train",
+        "--epochs",
+        "1",
+        "--data",
+        str(crafted_file),
+        "--out",
+        str(out),
+        "--exclude-history",
+        *CLI_FLAGS,
+    ]
     res = subprocess.run(cmd, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "final.json"):
@@ -439,14 +483,31 @@ def test_ddp_two_process_gloo(tmp_path, crafted_file):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "awr_fast.train", "--epochs", "3", "--lr", "0.01", "--data", str(crafted_file), "--out", str(out),
-           "--device", "cpu", "--quiet", *CLI_FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "awr_fast.train",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--data",
+        str(crafted_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        *CLI_FLAGS,
+    ]
     res = subprocess.run(cmd, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     final = json.loads((out / "final.json").read_text())
     assert final["timing"]["world_size"] == 2
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
     assert final["test"]["ndcg@10"] > 2 * final["popularity"]["test"]["ndcg@10"]
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "final.json", "last.pt",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "final.json", "last.pt", "metrics.jsonl"]

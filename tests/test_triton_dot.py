@@ -36,15 +36,24 @@ def make_case(mechanism, n, d_h, *, batch=3, heads=2, per_head=False, padded=Tru
     mask = left_padding_mask(random_lengths(batch, n, generator=g), n) if padded else None
     grad = torch.randn(batch, heads, n, d_h, generator=g)
     to = dict(device=DEVICE)
-    return ({"q": q.to(dtype=dtype, **to), "k": k.to(dtype=dtype, **to), "v": v.to(dtype=dtype, **to)},
-            {name: w.to(dtype=dtype, **to) for name, w in weights.items()},
-            None if mask is None else mask.to(DEVICE), grad.to(dtype=dtype, **to))
+    return (
+        {"q": q.to(dtype=dtype, **to), "k": k.to(dtype=dtype, **to), "v": v.to(dtype=dtype, **to)},
+        {name: w.to(dtype=dtype, **to) for name, w in weights.items()},
+        None if mask is None else mask.to(DEVICE),
+        grad.to(dtype=dtype, **to),
+    )
 
 
 def run(fn, tensors, weights, mask, grad, **options):
     leaves = {name: t.detach().clone().requires_grad_(True) for name, t in {**tensors, **weights}.items()}
-    out = fn(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=mask,
-             **{name: leaves[name] for name in weights}, **options)
+    out = fn(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        key_padding_mask=mask,
+        **{name: leaves[name] for name in weights},
+        **options,
+    )
     grads = torch.autograd.grad(out, list(leaves.values()), grad)
     return {"out": out.detach(), **{f"d{name}": g for name, g in zip(leaves, grads)}}
 
@@ -69,15 +78,18 @@ def grid_cases():
         for n_index, n in enumerate(GRID_N):
             d_h = GRID_D[(n_index + m_index) % 3]
             per_head = (n_index % 2 == 1) and mechanism != "none"
-            cases.append(pytest.param(mechanism, n, d_h, per_head, id=f"{mechanism}-n{n}-d{d_h}-{'H' if per_head else 'S'}"))
+            cases.append(
+                pytest.param(mechanism, n, d_h, per_head, id=f"{mechanism}-n{n}-d{d_h}-{'H' if per_head else 'S'}")
+            )
     return cases
 
 
 @pytest.mark.parametrize("mechanism,n,d_h,per_head", grid_cases())
 def test_grid_fp32(mechanism, n, d_h, per_head):
     batch, heads = (4, 2) if n <= 128 else (3, 1)
-    tensors, weights, mask, grad = make_case(mechanism, n, d_h, batch=batch, heads=heads, per_head=per_head,
-                                             seed=n * 7 + d_h)
+    tensors, weights, mask, grad = make_case(
+        mechanism, n, d_h, batch=batch, heads=heads, per_head=per_head, seed=n * 7 + d_h
+    )
     assert_matches_reference(mechanism, tensors, weights, mask, grad)
 
 
@@ -91,8 +103,9 @@ def test_head_dims_without_padding(mechanism, d_h):
 @pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
 def test_refine_input_scores_and_custom_scales(mechanism):
     tensors, weights, mask, grad = make_case(mechanism, 50, 16, seed=5)
-    assert_matches_reference(mechanism, tensors, weights, mask, grad, refine_input="scores", scale=0.2,
-                             refine_scale=0.05)
+    assert_matches_reference(
+        mechanism, tensors, weights, mask, grad, refine_input="scores", scale=0.2, refine_scale=0.05
+    )
 
 
 def test_arbitrary_padding_not_only_left():
@@ -109,9 +122,13 @@ def test_batch_equals_each_sequence_alone(mechanism):
     tensors, weights, mask, grad = make_case(mechanism, 40, 16, batch=4, seed=3)
     together = triton_dot.dot_refined(**tensors, mechanism=mechanism, key_padding_mask=mask, **weights)
     for b in range(4):
-        alone = triton_dot.dot_refined(**{k: t[b:b + 1] for k, t in tensors.items()}, mechanism=mechanism,
-                                       key_padding_mask=mask[b:b + 1], **weights)
-        torch.testing.assert_close(together[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+        alone = triton_dot.dot_refined(
+            **{k: t[b : b + 1] for k, t in tensors.items()},
+            mechanism=mechanism,
+            key_padding_mask=mask[b : b + 1],
+            **weights,
+        )
+        torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -131,13 +148,14 @@ def test_causality(mechanism):
     t = 9
     perturbed = {k: x.clone() for k, x in tensors.items()}
     for x in perturbed.values():
-        x[:, :, t + 1:] += 3.0 * torch.randn_like(x[:, :, t + 1:])
+        x[:, :, t + 1 :] += 3.0 * torch.randn_like(x[:, :, t + 1 :])
     out2 = triton_dot.dot_refined(**perturbed, mechanism=mechanism, **weights)
     assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1])
-    assert not torch.equal(out2[:, :, t + 1:], out[:, :, t + 1:])
+    assert not torch.equal(out2[:, :, t + 1 :], out[:, :, t + 1 :])
 
 
 # ---- the two kernel paths: fused single-program (n <= FUSED_MAX_N) and tiled ---------------------------
+
 
 @pytest.fixture
 def tiled_only(monkeypatch):
@@ -175,8 +193,14 @@ def test_fused_forward_saves_no_square_tensors(mechanism):
     leaves = {k: t.clone().requires_grad_(True) for k, t in {**tensors, **weights}.items()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        triton_dot.dot_refined(leaves["q"], leaves["k"], leaves["v"], mechanism=mechanism, key_padding_mask=mask,
-                               **{k: leaves[k] for k in weights})
+        triton_dot.dot_refined(
+            leaves["q"],
+            leaves["k"],
+            leaves["v"],
+            mechanism=mechanism,
+            key_padding_mask=mask,
+            **{k: leaves[k] for k in weights},
+        )
     assert saved, "nothing saved: the hook did not see the autograd function"
     assert all(tuple(shape[-2:]) != (n, n) or len(shape) < 4 for shape in saved), saved
 
@@ -197,7 +221,6 @@ def test_fused_and_tiled_paths_draw_the_same_dropout(mechanism, monkeypatch):
         torch.testing.assert_close(fused[name], tiled[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-
 @pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
 @pytest.mark.parametrize("n", [20, 70])
 def test_rectangular_projections(mechanism, n):
@@ -210,6 +233,7 @@ def test_rectangular_projections(mechanism, n):
         weights[name] = (torch.randn(n, r, generator=g) * math.sqrt(2.0 / (2 * r)) * 4).to(DEVICE)
     assert_matches_reference(mechanism, tensors, weights, mask, grad)
 
+
 def test_fused_max_n_env_is_validated(monkeypatch):
     monkeypatch.setenv("AWR_FAST_TRITON_FUSED_MAX_N", "lots")
     with pytest.raises(ValueError, match="AWR_FAST_TRITON_FUSED_MAX_N"):
@@ -217,7 +241,9 @@ def test_fused_max_n_env_is_validated(monkeypatch):
     monkeypatch.setenv("AWR_FAST_TRITON_FUSED_MAX_N", "0")
     assert triton_dot._fused_max_n_from_env() == 0
 
+
 # ---- dropout: same Philox mask in forward and backward ------------------------------------------------
+
 
 def recover_dropped_weights(mechanism, tensors, weights, mask, p, seed):
     """With V = identity (d_h >= n) the output *is* the dropped weight matrix."""
@@ -225,8 +251,9 @@ def recover_dropped_weights(mechanism, tensors, weights, mask, p, seed):
     eye_v = torch.zeros_like(tensors["v"])
     eye_v[..., :n] = torch.eye(n, device=eye_v.device)
     torch.manual_seed(seed)
-    return triton_dot.dot_refined(tensors["q"], tensors["k"], eye_v, mechanism=mechanism, key_padding_mask=mask,
-                                  dropout_p=p, **weights)[..., :n]
+    return triton_dot.dot_refined(
+        tensors["q"], tensors["k"], eye_v, mechanism=mechanism, key_padding_mask=mask, dropout_p=p, **weights
+    )[..., :n]
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -234,8 +261,13 @@ def test_dropout_forward_and_backward_share_one_mask(mechanism):
     p, seed = 0.25, 1234
     tensors, weights, mask, grad = make_case(mechanism, 13, 16, batch=3, seed=8)
     dropped = recover_dropped_weights(mechanism, tensors, weights, mask, p, seed).double()
-    _, ref_w = reference(*(tensors[k].double() for k in "qkv"), mechanism=mechanism, key_padding_mask=mask,
-                         return_weights=True, **{k: w.double() for k, w in weights.items()})
+    _, ref_w = reference(
+        *(tensors[k].double() for k in "qkv"),
+        mechanism=mechanism,
+        key_padding_mask=mask,
+        return_weights=True,
+        **{k: w.double() for k, w in weights.items()},
+    )
     probs = ref_w["P"]
     keep = dropped != 0
     # kept entries are P / (1 - p), dropped ones 0, and about p of the visible entries are dropped
@@ -273,35 +305,51 @@ st = hypothesis.strategies
 
 
 @hypothesis.given(
-    mechanism=st.sampled_from(MECHANISMS), batch=st.integers(1, 3), heads=st.integers(1, 3),
-    n=st.integers(1, 80), d_h=st.sampled_from([16, 24, 32, 50, 64]), per_head=st.booleans(),
-    padded=st.booleans(), seed=st.integers(0, 10_000))
+    mechanism=st.sampled_from(MECHANISMS),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    n=st.integers(1, 80),
+    d_h=st.sampled_from([16, 24, 32, 50, 64]),
+    per_head=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_hypothesis_sweep(mechanism, batch, heads, n, d_h, per_head, padded, seed):
-    tensors, weights, mask, grad = make_case(mechanism, n, d_h, batch=batch, heads=heads,
-                                             per_head=per_head and mechanism != "none", padded=padded, seed=seed)
+    tensors, weights, mask, grad = make_case(
+        mechanism, n, d_h, batch=batch, heads=heads, per_head=per_head and mechanism != "none", padded=padded, seed=seed
+    )
     assert_matches_reference(mechanism, tensors, weights, mask, grad)
 
 
 # ---- dispatch, custom ops, torch.compile ------------------------------------------------------------
 
+
 def test_public_api_selects_triton():
     tensors, weights, mask, _ = make_case("simp", 13, 16, seed=1)
-    via_api = awr_fast.refined_attention(**tensors, mechanism="simp", key_padding_mask=mask, backend="triton",
-                                         **weights)
+    via_api = awr_fast.refined_attention(
+        **tensors, mechanism="simp", key_padding_mask=mask, backend="triton", **weights
+    )
     direct = triton_dot.dot_refined(**tensors, mechanism="simp", key_padding_mask=mask, **weights)
     assert torch.equal(via_api, direct)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("value_literal", "literal M_value is not causal"),
-    ("float64", "dtype torch.float64 is not supported"),
-    ("long", "n=300 exceeds this backend's limit of 256"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("value_literal", "literal M_value is not causal"),
+        ("float64", "dtype torch.float64 is not supported"),
+        ("long", "n=300 exceeds this backend's limit of 256"),
+    ],
+)
 def test_triton_backend_explains_refusals(case, match):
-    mechanism, n, dtype = {"value_literal": ("value_literal", 7, torch.float32),
-                           "float64": ("simp", 7, torch.float64), "long": ("none", 300, torch.float32)}[case]
-    tensors, weights, mask, _ = make_case("value" if mechanism == "value_literal" else mechanism, n, 16,
-                                          batch=1, heads=1, dtype=dtype, padded=False)
+    mechanism, n, dtype = {
+        "value_literal": ("value_literal", 7, torch.float32),
+        "float64": ("simp", 7, torch.float64),
+        "long": ("none", 300, torch.float32),
+    }[case]
+    tensors, weights, mask, _ = make_case(
+        "value" if mechanism == "value_literal" else mechanism, n, 16, batch=1, heads=1, dtype=dtype, padded=False
+    )
     with pytest.raises(awr_fast.UnsupportedInputError, match=match):
         awr_fast.refined_attention(**tensors, mechanism=mechanism, backend="triton", **weights)
 
@@ -311,9 +359,20 @@ def test_opcheck(mechanism):
     tensors, weights, mask, grad = make_case(mechanism, 11, 16, batch=2, seed=9)
     m1 = None if mechanism == "none" else (weights["w_rq"] @ weights["w_rk"].T).requires_grad_(True)
     w_rv = weights.get("w_rv")
-    args = (tensors["q"].requires_grad_(True), tensors["k"].requires_grad_(True),
-            tensors["v"].requires_grad_(True), m1, None if w_rv is None else w_rv.requires_grad_(True), mask,
-            torch.zeros(1, dtype=torch.int64, device=DEVICE), mechanism, 0.25, 0.25, False, 0.0)
+    args = (
+        tensors["q"].requires_grad_(True),
+        tensors["k"].requires_grad_(True),
+        tensors["v"].requires_grad_(True),
+        m1,
+        None if w_rv is None else w_rv.requires_grad_(True),
+        mask,
+        torch.zeros(1, dtype=torch.int64, device=DEVICE),
+        mechanism,
+        0.25,
+        0.25,
+        False,
+        0.0,
+    )
     torch.library.opcheck(torch.ops.awr_fast.dot_refined_fwd.default, args)
 
 
@@ -334,10 +393,12 @@ def test_torch_compile_fullgraph_no_graph_break():
 
 # ---- GPU: the grid natively in half precision (skips without CUDA) ---------------------------------
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mechanism,n,d_h,per_head", grid_cases())
 def test_grid_gpu_dtypes(dtype, mechanism, n, d_h, per_head):
-    tensors, weights, mask, grad = make_case(mechanism, n, d_h, batch=8, heads=2, per_head=per_head, dtype=dtype,
-                                             seed=n + d_h)
+    tensors, weights, mask, grad = make_case(
+        mechanism, n, d_h, batch=8, heads=2, per_head=per_head, dtype=dtype, seed=n + d_h
+    )
     assert_matches_reference(mechanism, tensors, weights, mask, grad)

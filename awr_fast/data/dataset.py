@@ -79,27 +79,44 @@ KNOWN_DATASETS: Dict[str, _Remote] = {
     # (tensorflow_datasets/url_checksums/movielens.txt).
     "ml-1m": _Remote(
         url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20", size=5917549,
-        filename="ml-1m.zip", member="ml-1m/ratings.dat", member_name="ml-1m_ratings.dat",
+        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        size=5917549,
+        filename="ml-1m.zip",
+        member="ml-1m/ratings.dat",
+        member_name="ml-1m_ratings.dat",
         local_names=("ml-1m.txt.gz", "ml-1m.txt"),
-        description="MovieLens-1M ratings (GroupLens)"),
+        description="MovieLens-1M ratings (GroupLens)",
+    ),
     "ml-100k": _Remote(
         url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-        sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229", size=4924029,
-        filename="ml-100k.zip", member="ml-100k/u.data", member_name="ml-100k_u.data",
+        sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        size=4924029,
+        filename="ml-100k.zip",
+        member="ml-100k/u.data",
+        member_name="ml-100k_u.data",
         local_names=("ml-100k_u.data",),
-        description="MovieLens-100K u.data (GroupLens)"),
+        description="MovieLens-100K u.data (GroupLens)",
+    ),
     # The 5-core Amazon Beauty sequences used by S3Rec/STOSA/ICLRec, pinned to a commit.
     "beauty": _Remote(
         url="https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/"
-            "2a81540ae18615d88ef88227b0c066e5b74781e5/data/Beauty.txt",
-        sha256="226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8", size=None,
-        filename="Beauty.txt", member=None, member_name=None,
+        "2a81540ae18615d88ef88227b0c066e5b74781e5/data/Beauty.txt",
+        sha256="226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8",
+        size=None,
+        filename="Beauty.txt",
+        member=None,
+        member_name=None,
         local_names=("Beauty.txt",),
-        description="Amazon Beauty 5-core sequences (RUCAIBox/CIKM2020-S3Rec)"),
+        description="Amazon Beauty 5-core sequences (RUCAIBox/CIKM2020-S3Rec)",
+    ),
 }
-_ALIASES = {"movielens-1m": "ml-1m", "ml1m": "ml-1m", "movielens-100k": "ml-100k", "ml100k": "ml-100k",
-            "amazon-beauty": "beauty"}
+_ALIASES = {
+    "movielens-1m": "ml-1m",
+    "ml1m": "ml-1m",
+    "movielens-100k": "ml-100k",
+    "ml100k": "ml-100k",
+    "amazon-beauty": "beauty",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,27 +211,51 @@ class SeqDataset:
     def summary(self) -> str:
         """One-line description (counts, lengths, split sizes)."""
         lens = np.diff(self.history_indptr)
-        return (f"{self.name}: {self.num_users} users, {self.num_items} items, {self.num_interactions} "
-                f"interactions (len {int(lens.min())}..{int(lens.max())}, mean {lens.mean():.1f}); "
-                f"train rows {len(self.train_users)}, eval users {len(self.valid_users)}, n={self.max_len}")
+        return (
+            f"{self.name}: {self.num_users} users, {self.num_items} items, {self.num_interactions} "
+            f"interactions (len {int(lens.min())}..{int(lens.max())}, mean {lens.mean():.1f}); "
+            f"train rows {len(self.train_users)}, eval users {len(self.valid_users)}, n={self.max_len}"
+        )
 
 
-def build_dataset(seqs: pp.Sequences, *, max_len: int, name: str = "custom", source_hash: str = "",
-                  options: Optional[Dict[str, Any]] = None) -> SeqDataset:
+def build_dataset(
+    seqs: pp.Sequences,
+    *,
+    max_len: int,
+    name: str = "custom",
+    source_hash: str = "",
+    options: Optional[Dict[str, Any]] = None,
+) -> SeqDataset:
     """Split and pad preprocessed :class:`~awr_fast.data.preprocess.Sequences` into a SeqDataset."""
     max_len = int(max_len)
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ValueError(f"max_len: expected an int >= 1, got {max_len}")
     tr_u, tr_in, tr_pos = pp.train_arrays(seqs, max_len)
     va_u, va_in, va_t = pp.eval_arrays(seqs, "valid", max_len)
     te_u, te_in, te_t = pp.eval_arrays(seqs, "test", max_len)
     return SeqDataset(
-        name=name, source_hash=source_hash, options=dict(options or {}), num_users=seqs.num_users,
-        num_items=seqs.num_items, max_len=max_len, history_indptr=seqs.indptr, history_items=seqs.items,
-        user_ids=seqs.user_ids, item_ids=seqs.item_ids, item_counts=pp.train_item_counts(seqs),
-        train_users=tr_u, train_input=tr_in, train_pos=tr_pos,
-        valid_users=va_u, valid_input=va_in, valid_target=va_t,
-        test_users=te_u, test_input=te_in, test_target=te_t, _seqs=seqs)
+        name=name,
+        source_hash=source_hash,
+        options=dict(options or {}),
+        num_users=seqs.num_users,
+        num_items=seqs.num_items,
+        max_len=max_len,
+        history_indptr=seqs.indptr,
+        history_items=seqs.items,
+        user_ids=seqs.user_ids,
+        item_ids=seqs.item_ids,
+        item_counts=pp.train_item_counts(seqs),
+        train_users=tr_u,
+        train_input=tr_in,
+        train_pos=tr_pos,
+        valid_users=va_u,
+        valid_input=va_in,
+        valid_target=va_t,
+        test_users=te_u,
+        test_input=te_in,
+        test_target=te_t,
+        _seqs=seqs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,14 +282,20 @@ def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _cache_key(source_hash: str, options: Dict[str, Any]) -> str:
-    blob = json.dumps({"source_sha256": source_hash, "preprocess_version": PREPROCESS_VERSION, **options},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"source_sha256": source_hash, "preprocess_version": PREPROCESS_VERSION, **options}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _save_sequences(path: Path, seqs: pp.Sequences, meta: Dict[str, Any]) -> None:
-    arrays = dict(indptr=seqs.indptr, items=seqs.items, user_ids=seqs.user_ids, item_ids=seqs.item_ids,
-                  meta=np.array(json.dumps(meta, sort_keys=True)))
+    arrays = dict(
+        indptr=seqs.indptr,
+        items=seqs.items,
+        user_ids=seqs.user_ids,
+        item_ids=seqs.item_ids,
+        meta=np.array(json.dumps(meta, sort_keys=True)),
+    )
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -266,9 +313,17 @@ def _load_sequences(path: Path, key: str) -> Optional[pp.Sequences]:
         return None
 
 
-def load_sequences(path: PathLike, *, fmt: Optional[str] = None, kcore: str = "iterative", user_min: int = 5,
-                   item_min: int = 5, csv_order: str = "auto", cache_dir: Optional[PathLike] = None,
-                   use_cache: bool = True) -> Tuple[pp.Sequences, str, Dict[str, Any]]:
+def load_sequences(
+    path: PathLike,
+    *,
+    fmt: Optional[str] = None,
+    kcore: str = "iterative",
+    user_min: int = 5,
+    item_min: int = 5,
+    csv_order: str = "auto",
+    cache_dir: Optional[PathLike] = None,
+    use_cache: bool = True,
+) -> Tuple[pp.Sequences, str, Dict[str, Any]]:
     """Read and preprocess a file, through the cache.
 
     Returns:
@@ -282,7 +337,7 @@ def load_sequences(path: PathLike, *, fmt: Optional[str] = None, kcore: str = "i
     if resolved == "amazon-csv":
         options["csv_order"] = csv_order
     if kcore not in pp.KCORE_MODES:
-        raise ValueError(f"kcore must be one of {pp.KCORE_MODES}, got {kcore!r}")
+        raise ValueError(f"kcore: expected one of {list(pp.KCORE_MODES)}, got {kcore!r}")
     source_hash = file_sha256(path)
     key = _cache_key(source_hash, options)
     cache_file = default_cache_dir(cache_dir) / "preprocessed" / f"{_safe_stem(path)}-{key[:20]}.npz"
@@ -293,8 +348,13 @@ def load_sequences(path: PathLike, *, fmt: Optional[str] = None, kcore: str = "i
     interactions = read_interactions(path, resolved, csv_order=csv_order)
     seqs = pp.preprocess(interactions, kcore=kcore, user_min=user_min, item_min=item_min)
     if use_cache:
-        meta = {"key": key, "source_sha256": source_hash, "source": str(path), **options,
-                "preprocess_version": PREPROCESS_VERSION}
+        meta = {
+            "key": key,
+            "source_sha256": source_hash,
+            "source": str(path),
+            **options,
+            "preprocess_version": PREPROCESS_VERSION,
+        }
         try:
             _save_sequences(cache_file, seqs, meta)
         except OSError:  # a read-only or full cache must not stop the run
@@ -315,10 +375,12 @@ def _safe_stem(path: Path) -> str:
 
 
 def _download(remote: _Remote, name: str, dest: Path) -> None:
-    hint = (f"Could not obtain the '{name}' data set ({remote.description}) from {remote.url}. "
-            f"Without network access, download it elsewhere (or use any supported local file) and "
-            f"pass its path instead: --data PATH (or load_dataset(PATH, ...)); alternatively set "
-            f"{DATA_ENV} to a folder holding {' or '.join(remote.local_names)}.")
+    hint = (
+        f"Could not obtain the '{name}' data set ({remote.description}) from {remote.url}. "
+        f"Without network access, download it elsewhere (or use any supported local file) and "
+        f"pass its path instead: --data PATH (or load_dataset(PATH, ...)); alternatively set "
+        f"{DATA_ENV} to a folder holding {' or '.join(remote.local_names)}."
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".part", dir=dest.parent)
     h = hashlib.sha256()
@@ -333,8 +395,9 @@ def _download(remote: _Remote, name: str, dest: Path) -> None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise DatasetUnavailableError(f"{hint} ({exc.__class__.__name__}: {exc})") from exc
         if h.hexdigest() != remote.sha256:
-            raise DatasetUnavailableError(f"{hint} (checksum mismatch: got sha256 {h.hexdigest()}, "
-                                          f"expected {remote.sha256})")
+            raise DatasetUnavailableError(
+                f"{hint} (checksum mismatch: got sha256 {h.hexdigest()}, expected {remote.sha256})"
+            )
         os.replace(tmp, dest)
     finally:
         if fd is not None:
@@ -352,7 +415,10 @@ def resolve_source(name: str, *, cache_dir: Optional[PathLike] = None, download:
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in KNOWN_DATASETS:
-        raise KeyError(f"unknown data set {name!r}; known: synthetic, {', '.join(KNOWN_DATASETS)}")
+        raise KeyError(
+            f"name: expected a known data set (one of {list(KNOWN_DATASETS)}, or an alias: "
+            f"{sorted(_ALIASES)}), got {name!r}"
+        )
     remote = KNOWN_DATASETS[key]
     data_dir = os.environ.get(DATA_ENV)
     if data_dir:
@@ -370,7 +436,8 @@ def resolve_source(name: str, *, cache_dir: Optional[PathLike] = None, download:
             raise DatasetUnavailableError(
                 f"The '{key}' data set ({remote.description}) is not available locally and downloading "
                 f"is disabled. Pass a local file instead: --data PATH (or load_dataset(PATH, ...)), or set "
-                f"{DATA_ENV} to a folder holding {' or '.join(remote.local_names)}.")
+                f"{DATA_ENV} to a folder holding {' or '.join(remote.local_names)}."
+            )
         _download(remote, key, archive)
     if remote.member is not None:
         try:
@@ -381,10 +448,20 @@ def resolve_source(name: str, *, cache_dir: Optional[PathLike] = None, download:
     return final
 
 
-def load_dataset(name_or_path: Union[str, PathLike], *, max_len: int, kcore: str = "iterative",
-                 user_min: int = 5, item_min: int = 5, cache_dir: Optional[PathLike] = None,
-                 fmt: Optional[str] = None, csv_order: str = "auto", download: bool = True,
-                 use_cache: bool = True, synthetic: Optional[Dict[str, Any]] = None) -> SeqDataset:
+def load_dataset(
+    name_or_path: Union[str, PathLike],
+    *,
+    max_len: int,
+    kcore: str = "iterative",
+    user_min: int = 5,
+    item_min: int = 5,
+    cache_dir: Optional[PathLike] = None,
+    fmt: Optional[str] = None,
+    csv_order: str = "auto",
+    download: bool = True,
+    use_cache: bool = True,
+    synthetic: Optional[Dict[str, Any]] = None,
+) -> SeqDataset:
     """Load, preprocess (k-core, remap, leave-one-out split) and pad a data set.
 
     Args:
@@ -406,15 +483,23 @@ def load_dataset(name_or_path: Union[str, PathLike], *, max_len: int, kcore: str
     options_extra: Dict[str, Any] = {}
     if isinstance(name_or_path, str) and name_or_path.lower() == "synthetic" and not Path(name_or_path).is_file():
         if kcore not in pp.KCORE_MODES:
-            raise ValueError(f"kcore must be one of {pp.KCORE_MODES}, got {kcore!r}")
+            raise ValueError(f"kcore: expected one of {list(pp.KCORE_MODES)}, got {kcore!r}")
         cfg = synthetic_config(**(synthetic or {}))
         source_hash = synthetic_hash(**cfg)
         seqs = pp.preprocess(make_synthetic(**cfg), kcore=kcore, user_min=user_min, item_min=item_min)
-        options = {"format": "synthetic", "kcore": kcore, "user_min": int(user_min), "item_min": int(item_min),
-                   "synthetic": cfg}
+        options = {
+            "format": "synthetic",
+            "kcore": kcore,
+            "user_min": int(user_min),
+            "item_min": int(item_min),
+            "synthetic": cfg,
+        }
         return build_dataset(seqs, max_len=max_len, name="synthetic", source_hash=source_hash, options=options)
     if synthetic:
-        raise ValueError("synthetic= is only meaningful with name 'synthetic'")
+        raise ValueError(
+            f"synthetic: expected None unless the data set is 'synthetic', got {synthetic!r} "
+            f"for {os.fspath(name_or_path)!r}"
+        )
     path = Path(os.fspath(name_or_path)).expanduser()
     name = path.name
     if not path.is_file():
@@ -424,10 +509,20 @@ def load_dataset(name_or_path: Union[str, PathLike], *, max_len: int, kcore: str
             path = resolve_source(name, cache_dir=cache_dir, download=download)
             options_extra["resolved_from"] = name
         else:
-            raise FileNotFoundError(f"{os.fspath(name_or_path)!r} is neither a data file nor a known data set "
-                                    f"(synthetic, {', '.join(KNOWN_DATASETS)}); supported file layouts: "
-                                    f"{', '.join(FORMATS)}")
-    seqs, source_hash, options = load_sequences(path, fmt=fmt, kcore=kcore, user_min=user_min, item_min=item_min,
-                                                csv_order=csv_order, cache_dir=cache_dir, use_cache=use_cache)
+            raise FileNotFoundError(
+                f"{os.fspath(name_or_path)!r} is neither a data file nor a known data set "
+                f"(synthetic, {', '.join(KNOWN_DATASETS)}); supported file layouts: "
+                f"{', '.join(FORMATS)}"
+            )
+    seqs, source_hash, options = load_sequences(
+        path,
+        fmt=fmt,
+        kcore=kcore,
+        user_min=user_min,
+        item_min=item_min,
+        csv_order=csv_order,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+    )
     options = {**options, "source": str(path), **options_extra}
     return build_dataset(seqs, max_len=max_len, name=name, source_hash=source_hash, options=options)

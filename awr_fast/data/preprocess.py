@@ -88,20 +88,30 @@ class Sequences:
     def sequence(self, user: int) -> np.ndarray:
         """The chronological item sequence of ``user`` (1-based id)."""
         if not 1 <= user <= self.num_users:
-            raise IndexError(f"user id {user} out of range 1..{self.num_users}")
-        return self.items[self.indptr[user - 1]:self.indptr[user]]
+            raise IndexError(f"user: expected a user id in 1..{self.num_users}, got {user}")
+        return self.items[self.indptr[user - 1] : self.indptr[user]]
 
     def validate(self) -> None:
         """Check the structural invariants; raise ValueError if one fails."""
         ip, it = self.indptr, self.items
         if ip.dtype != np.int64 or it.dtype != np.int64:
-            raise ValueError("indptr and items must be int64")
+            raise ValueError(f"indptr, items: expected int64 arrays, got {ip.dtype} and {it.dtype}")
         if ip.ndim != 1 or ip.shape[0] < 1 or ip[0] != 0 or ip[-1] != it.shape[0] or np.any(np.diff(ip) < 1):
-            raise ValueError("indptr must start at 0, end at len(items) and give every user >= 1 item")
+            got = (
+                f"shape {ip.shape}"
+                if ip.ndim != 1 or ip.shape[0] < 1
+                else f"{ip[0]}..{ip[-1]}" + (f", smallest step {int(np.diff(ip).min())}" if ip.shape[0] > 1 else "")
+            )
+            raise ValueError(
+                f"indptr: expected a 1-d array from 0 to len(items)={it.shape[0]} that gives every "
+                f"user >= 1 item, got {got}"
+            )
         if it.size and (it.min() < 1 or it.max() > self.num_items):
-            raise ValueError(f"item ids must lie in 1..{self.num_items}")
+            raise ValueError(f"items: expected item ids in 1..{self.num_items}, got min {it.min()}, max {it.max()}")
         if self.user_ids.shape[0] != self.num_users + 1:
-            raise ValueError("user_ids must have num_users + 1 entries")
+            raise ValueError(
+                f"user_ids: expected num_users + 1 = {self.num_users + 1} entries, got {self.user_ids.shape[0]}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,12 +134,16 @@ def sort_by_time(interactions: Interactions) -> Interactions:
         elif n_none == len(lst):
             out[user] = list(lst)
         else:
-            raise ValueError(f"user {user!r} has timestamps on some interactions but not on others")
+            raise ValueError(
+                f"interactions: expected timestamps on all or none of a user's interactions, "
+                f"got user {user!r} with {n_none} of {len(lst)} without one"
+            )
     return out
 
 
-def kcore_mask(user_idx: np.ndarray, item_idx: np.ndarray, *, user_min: int = 5, item_min: int = 5,
-               mode: str = "iterative") -> np.ndarray:
+def kcore_mask(
+    user_idx: np.ndarray, item_idx: np.ndarray, *, user_min: int = 5, item_min: int = 5, mode: str = "iterative"
+) -> np.ndarray:
     """Boolean keep-mask over interactions for k-core filtering.
 
     Counts are numbers of interactions (a repeated user-item pair counts each time).
@@ -144,9 +158,10 @@ def kcore_mask(user_idx: np.ndarray, item_idx: np.ndarray, *, user_min: int = 5,
             the thresholds); ``"none"`` keeps everything.
     """
     if mode not in KCORE_MODES:
-        raise ValueError(f"kcore must be one of {KCORE_MODES}, got {mode!r}")
-    if user_min < 0 or item_min < 0:
-        raise ValueError("user_min and item_min must be >= 0")
+        raise ValueError(f"mode: expected one of {list(KCORE_MODES)}, got {mode!r}")
+    for name, value in (("user_min", user_min), ("item_min", item_min)):
+        if value < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
     user_idx = np.asarray(user_idx, dtype=np.int64)
     item_idx = np.asarray(item_idx, dtype=np.int64)
     keep = np.ones(user_idx.shape[0], dtype=bool)
@@ -179,8 +194,9 @@ def _placeholder(arr: np.ndarray) -> np.ndarray:
     return np.concatenate([pad, arr])
 
 
-def preprocess(interactions: Interactions, *, kcore: str = "iterative", user_min: int = 5,
-               item_min: int = 5, sort: bool = True) -> Sequences:
+def preprocess(
+    interactions: Interactions, *, kcore: str = "iterative", user_min: int = 5, item_min: int = 5, sort: bool = True
+) -> Sequences:
     """Turn reader output into remapped chronological :class:`Sequences`.
 
     Steps: (1) stable sort by timestamp per user (``sort=True`` and timestamps present);
@@ -191,14 +207,14 @@ def preprocess(interactions: Interactions, *, kcore: str = "iterative", user_min
         ValueError: nothing survives the filter, or an invalid option.
     """
     if kcore not in KCORE_MODES:
-        raise ValueError(f"kcore must be one of {KCORE_MODES}, got {kcore!r}")
+        raise ValueError(f"kcore: expected one of {list(KCORE_MODES)}, got {kcore!r}")
     if sort:
         interactions = sort_by_time(interactions)
     users = list(interactions.keys())
     lengths = np.fromiter((len(interactions[u]) for u in users), dtype=np.int64, count=len(users))
     raw_items = [it for u in users for it, _ in interactions[u]]
     if not raw_items:
-        raise ValueError("no interactions to preprocess")
+        raise ValueError(f"interactions: expected at least one interaction, got none ({len(users)} users)")
     user_code = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
     item_raw = _raw_id_array(raw_items)
     item_uniq, item_code = np.unique(item_raw, return_inverse=True)
@@ -206,8 +222,10 @@ def preprocess(interactions: Interactions, *, kcore: str = "iterative", user_min
 
     keep = kcore_mask(user_code, item_code, user_min=user_min, item_min=item_min, mode=kcore)
     if not keep.any():
-        raise ValueError(f"no interactions left after {kcore} k-core filtering "
-                         f"(user_min={user_min}, item_min={item_min})")
+        raise ValueError(
+            f"user_min/item_min: expected thresholds that leave some interactions after {kcore} "
+            f"k-core filtering, got none left with user_min={user_min}, item_min={item_min}"
+        )
     user_code, item_code = user_code[keep], item_code[keep]
 
     # Items: np.unique already sorted the raw ids; keep the surviving ones in that order.
@@ -227,8 +245,12 @@ def preprocess(interactions: Interactions, *, kcore: str = "iterative", user_min
     counts = np.bincount(new_u, minlength=order.shape[0] + 1)[1:]
     indptr = np.zeros(order.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    seqs = Sequences(indptr=indptr, items=items.astype(np.int64, copy=False),
-                     user_ids=_placeholder(user_raw[order]), item_ids=_placeholder(item_uniq[kept_items]))
+    seqs = Sequences(
+        indptr=indptr,
+        items=items.astype(np.int64, copy=False),
+        user_ids=_placeholder(user_raw[order]),
+        item_ids=_placeholder(item_uniq[kept_items]),
+    )
     seqs.validate()
     return seqs
 
@@ -261,7 +283,7 @@ def left_pad(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len: 
     """Gather ``values[starts[r]:ends[r]]`` for every row r, keep the last ``max_len`` entries and
     right-align them in an int64 ``(R, max_len)`` array whose remaining (left) cells are 0."""
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ValueError(f"max_len: expected an int >= 1, got {max_len}")
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
     rows = starts.shape[0]
@@ -309,7 +331,7 @@ def eval_arrays(seqs: Sequences, split: str, max_len: int) -> Tuple[np.ndarray, 
         users int64 ``(R,)``, input int64 ``(R, max_len)`` (left padded), target int64 ``(R,)``.
     """
     if split not in ("valid", "test"):
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        raise ValueError(f"split: expected one of ['valid', 'test'], got {split!r}")
     lens = seqs.lengths
     rows = np.nonzero(lens >= 3)[0]
     starts = seqs.indptr[rows]
@@ -334,19 +356,24 @@ def history_csr(seqs: Sequences, split: str, users: Optional[np.ndarray] = None)
         indptr int64 ``(len(users) + 1,)``, indices int64 (item ids).
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
     lens = seqs.lengths
     if users is None:
         rows = np.nonzero(lens >= (1 if split == "train" else 3))[0]
     else:
         rows = np.asarray(users, dtype=np.int64) - 1
         if rows.size and (rows.min() < 0 or rows.max() >= seqs.num_users):
-            raise IndexError(f"user ids must lie in 1..{seqs.num_users}")
+            bad = rows[(rows < 0) | (rows >= seqs.num_users)][0] + 1
+            raise IndexError(f"users: expected user ids in 1..{seqs.num_users}, got {bad}")
     if split == "train":
         hl = train_lengths(seqs)[rows]
     else:
         if rows.size and lens[rows].min() < 3:
-            raise ValueError(f"{split} history requested for a user with fewer than 3 items (train-only user)")
+            short = rows[lens[rows] < 3][0]
+            raise ValueError(
+                f"users: expected users with >= 3 items for the {split} history, got user {short + 1} "
+                f"with {lens[short]} (fewer than 3: a train-only user)"
+            )
         hl = lens[rows] - (2 if split == "valid" else 1)
     indptr = np.zeros(rows.shape[0] + 1, dtype=np.int64)
     np.cumsum(hl, out=indptr[1:])

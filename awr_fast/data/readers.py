@@ -73,10 +73,20 @@ Interactions = Dict[Hashable, List[Tuple[Hashable, Timestamp]]]
 
 FORMATS = ("sasrec", "seq", "ml-dat", "ml-tsv", "amazon-json", "amazon-csv")
 FORMAT_ALIASES = {
-    "s3rec": "seq", "stosa": "seq", "iclrec": "seq", "sequence": "seq", "sequences": "seq",
-    "ratings.dat": "ml-dat", "movielens": "ml-dat", "dat": "ml-dat",
-    "u.data": "ml-tsv", "ml-100k": "ml-tsv", "tsv": "ml-tsv",
-    "json": "amazon-json", "jsonl": "amazon-json", "csv": "amazon-csv",
+    "s3rec": "seq",
+    "stosa": "seq",
+    "iclrec": "seq",
+    "sequence": "seq",
+    "sequences": "seq",
+    "ratings.dat": "ml-dat",
+    "movielens": "ml-dat",
+    "dat": "ml-dat",
+    "u.data": "ml-tsv",
+    "ml-100k": "ml-tsv",
+    "tsv": "ml-tsv",
+    "json": "amazon-json",
+    "jsonl": "amazon-json",
+    "csv": "amazon-csv",
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -129,15 +139,21 @@ def iter_lines(path: PathLike, limit: Optional[int] = None) -> Iterator[Tuple[in
             except StopIteration:
                 break
             except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-                raise DataFormatError(path, lineno + 1,
-                                      f"corrupt or truncated gzip stream ({exc.__class__.__name__}: {exc})") from exc
+                raise DataFormatError(
+                    path,
+                    lineno + 1,
+                    f"expected a complete gzip stream, got a corrupt or truncated one "
+                    f"({exc.__class__.__name__}: {exc})",
+                ) from exc
             lineno += 1
             if limit is not None and lineno > limit:
                 break
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataFormatError(path, lineno, f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+                raise DataFormatError(
+                    path, lineno, f"expected UTF-8 text, got invalid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from exc
             if lineno == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             text = text.rstrip("\r\n")
@@ -183,7 +199,7 @@ def _ts(value, path: PathLike, lineno: int, line: str) -> Union[int, float]:
 
 def _finish(path: PathLike, out: Interactions) -> Interactions:
     if not out:
-        raise DataFormatError(path, None, "no interactions found (empty file?)")
+        raise DataFormatError(path, None, "expected at least one interaction, got none (empty file?)")
     return out
 
 
@@ -203,13 +219,19 @@ def read_sasrec(path: PathLike) -> Interactions:
         parts = line.split()
         if ncols is None:
             if len(parts) not in (2, 3):
-                raise DataFormatError(path, lineno,
-                                      f"expected 'user item' or 'user item timestamp', got {len(parts)} fields in {_show(line)}")
+                raise DataFormatError(
+                    path,
+                    lineno,
+                    f"expected 'user item' or 'user item timestamp', got {len(parts)} fields in {_show(line)}",
+                )
             ncols = len(parts)
         elif len(parts) != ncols:
             expected = "'user item'" if ncols == 2 else "'user item timestamp'"
-            raise DataFormatError(path, lineno,
-                                  f"expected {expected} ({ncols} fields, as on the first line), got {len(parts)} fields in {_show(line)}")
+            raise DataFormatError(
+                path,
+                lineno,
+                f"expected {expected} ({ncols} fields, as on the first line), got {len(parts)} fields in {_show(line)}",
+            )
         user = _int(parts[0], path, lineno, "user id", line)
         item = _int(parts[1], path, lineno, "item id", line)
         ts = _number(parts[2], path, lineno, "timestamp", line) if ncols == 3 else None
@@ -231,11 +253,17 @@ def read_sequences(path: PathLike) -> Interactions:
     for lineno, line in iter_lines(path):
         parts = line.split()
         if len(parts) < 2:
-            raise DataFormatError(path, lineno, f"expected 'user item1 item2 ...' (at least 2 fields), got {_show(line)}")
+            raise DataFormatError(
+                path, lineno, f"expected 'user item1 item2 ...' (at least 2 fields), got {_show(line)}"
+            )
         user = _int(parts[0], path, lineno, "user id", line)
         if user in out:
-            raise DataFormatError(path, lineno,
-                                  f"user {user} already appeared on line {first_line[user]}; the 'user item1 item2 ...' layout has one line per user")
+            raise DataFormatError(
+                path,
+                lineno,
+                f"expected one line per user in the 'user item1 item2 ...' layout, "
+                f"got user {user} again (first on line {first_line[user]})",
+            )
         try:
             items = [int(t) for t in parts[1:]]
         except ValueError:
@@ -259,7 +287,9 @@ def _read_movielens(path: PathLike, sep: Optional[str], layout: str) -> Interact
     for lineno, line in iter_lines(path):
         parts = line.split(sep) if sep is not None else line.split()
         if len(parts) != 4:
-            raise DataFormatError(path, lineno, f"expected {layout} (4 fields), got {len(parts)} fields in {_show(line)}")
+            raise DataFormatError(
+                path, lineno, f"expected {layout} (4 fields), got {len(parts)} fields in {_show(line)}"
+            )
         user = _int(parts[0].strip(), path, lineno, "user id", line)
         item = _int(parts[1].strip(), path, lineno, "item id", line)
         _number(parts[2].strip(), path, lineno, "rating", line)
@@ -302,20 +332,31 @@ def read_amazon_json(path: PathLike) -> Interactions:
             try:
                 obj = ast.literal_eval(line.strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise DataFormatError(path, lineno, f"expected one JSON object (or python dict) per line, got {_show(line)}") from None
+                raise DataFormatError(
+                    path, lineno, f"expected one JSON object (or python dict) per line, got {_show(line)}"
+                ) from None
         if not isinstance(obj, dict):
             raise DataFormatError(path, lineno, f"expected a JSON object, got {type(obj).__name__} in {_show(line)}")
         for ukey, ikeys, tkey in _JSON_KEYS:
             if ukey in obj:
                 break
         else:
-            raise DataFormatError(path, lineno, f"expected a 'reviewerID' (or 'user_id') field in {_show(line)}")
+            raise DataFormatError(path, lineno, f"expected a 'reviewerID' (or 'user_id') field, got {_show(line)}")
         ikey = next((k for k in ikeys if k in obj), None)
         if ikey is None or tkey not in obj:
             missing = [k for k in (ikeys[0] if ikey is None else None, tkey if tkey not in obj else None) if k]
-            raise DataFormatError(path, lineno, f"record with '{ukey}' lacks {', '.join(repr(m) for m in missing)}")
+            raise DataFormatError(
+                path,
+                lineno,
+                f"expected {' and '.join(repr(m) for m in missing)} in a record with '{ukey}', got {_show(line)}",
+            )
         user, item = obj[ukey], obj[ikey]
-        if not isinstance(user, (str, int)) or not isinstance(item, (str, int)) or isinstance(user, bool) or isinstance(item, bool):
+        if (
+            not isinstance(user, (str, int))
+            or not isinstance(item, (str, int))
+            or isinstance(user, bool)
+            or isinstance(item, bool)
+        ):
             raise DataFormatError(path, lineno, f"expected string ids in '{ukey}'/'{ikey}', got {user!r}/{item!r}")
         ts = _ts(obj[tkey], path, lineno, line)
         lst = out.get(str(user))
@@ -363,11 +404,11 @@ def read_amazon_csv(path: PathLike, order: str = "auto") -> Interactions:
             upper-case alphanumerics) and ``item,user`` is assumed when that does not decide.
     """
     if order not in ("auto", "item,user", "user,item"):
-        raise ValueError(f"order must be 'auto', 'item,user' or 'user,item', got {order!r}")
+        raise ValueError(f"order: expected one of ['auto', 'item,user', 'user,item'], got {order!r}")
     # Pass 1 (cheap, bounded): header detection and column order.
     head = [(n, _csv_split(t)) for n, t in iter_lines(path, limit=_SNIFF_LINES)]
     if not head:
-        raise DataFormatError(path, None, "no interactions found (empty file?)")
+        raise DataFormatError(path, None, "expected at least one interaction, got none (empty file?)")
     first_no, first = head[0]
     header = len(first) == 4 and not _is_number(first[3].strip())
     cols = {"user": 0, "item": 1, "rating": 2, "time": 3}
@@ -375,19 +416,26 @@ def read_amazon_csv(path: PathLike, order: str = "auto") -> Interactions:
         names = [c.strip().strip('"').lower() for c in first]
         found = {}
         for idx, name in enumerate(names):
-            for key, vocab in (("user", _CSV_USER_NAMES), ("item", _CSV_ITEM_NAMES),
-                               ("rating", _CSV_RATING_NAMES), ("time", _CSV_TIME_NAMES)):
+            for key, vocab in (
+                ("user", _CSV_USER_NAMES),
+                ("item", _CSV_ITEM_NAMES),
+                ("rating", _CSV_RATING_NAMES),
+                ("time", _CSV_TIME_NAMES),
+            ):
                 if name in vocab:
                     found[key] = idx
         if set(found) != {"user", "item", "rating", "time"}:
-            raise DataFormatError(path, first_no,
-                                  f"header {first!r} does not name user, item, rating and timestamp columns")
+            raise DataFormatError(
+                path, first_no, f"expected a header naming user, item, rating and timestamp columns, got {first!r}"
+            )
         cols = found
     else:
         resolved = order if order != "auto" else _infer_csv_order([r for _, r in head if len(r) == 4])
         if resolved == "item,user":
             cols = {"item": 0, "user": 1, "rating": 2, "time": 3}
-    expected = "'" + ",".join(k if k != "time" else "timestamp" for k, _ in sorted(cols.items(), key=lambda kv: kv[1])) + "'"
+    expected = (
+        "'" + ",".join(k if k != "time" else "timestamp" for k, _ in sorted(cols.items(), key=lambda kv: kv[1])) + "'"
+    )
 
     out: Interactions = {}
     for lineno, line in iter_lines(path):
@@ -395,11 +443,15 @@ def read_amazon_csv(path: PathLike, order: str = "auto") -> Interactions:
             continue
         parts = _csv_split(line)
         if len(parts) != 4:
-            raise DataFormatError(path, lineno, f"expected {expected} (4 comma-separated fields), got {len(parts)} fields in {_show(line)}")
+            raise DataFormatError(
+                path,
+                lineno,
+                f"expected {expected} (4 comma-separated fields), got {len(parts)} fields in {_show(line)}",
+            )
         user = parts[cols["user"]].strip()
         item = parts[cols["item"]].strip()
         if not user or not item:
-            raise DataFormatError(path, lineno, f"empty user or item id in {_show(line)}")
+            raise DataFormatError(path, lineno, f"expected non-empty user and item ids, got {_show(line)}")
         _number(parts[cols["rating"]].strip(), path, lineno, "rating", line)
         ts = _number(parts[cols["time"]].strip(), path, lineno, "timestamp", line)
         lst = out.get(user)
@@ -426,8 +478,7 @@ def normalize_format(fmt: str) -> str:
     key = fmt.strip().lower()
     key = FORMAT_ALIASES.get(key, key)
     if key not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)} "
-                         f"(aliases: {', '.join(sorted(FORMAT_ALIASES))})")
+        raise ValueError(f"fmt: expected one of {list(FORMATS)} (or an alias: {sorted(FORMAT_ALIASES)}), got {fmt!r}")
     return key
 
 
@@ -447,13 +498,18 @@ def detect_format(path: PathLike) -> str:
     name = os.path.basename(os.fspath(path)).lower()
     if name.endswith(".gz"):
         name = name[:-3]
-    for suffix, fmt in ((".dat", "ml-dat"), (".data", "ml-tsv"), (".json", "amazon-json"),
-                        (".jsonl", "amazon-json"), (".csv", "amazon-csv")):
+    for suffix, fmt in (
+        (".dat", "ml-dat"),
+        (".data", "ml-tsv"),
+        (".json", "amazon-json"),
+        (".jsonl", "amazon-json"),
+        (".csv", "amazon-csv"),
+    ):
         if name.endswith(suffix):
             return fmt
     lines = list(iter_lines(path, limit=_SNIFF_LINES))
     if not lines:
-        raise DataFormatError(path, None, "no interactions found (empty file?)")
+        raise DataFormatError(path, None, "expected at least one interaction, got none (empty file?)")
     first_no, first = lines[0]
     stripped = first.lstrip()
     if stripped.startswith("{"):
@@ -480,8 +536,12 @@ def detect_format(path: PathLike) -> str:
             return "ml-tsv"
         if not repeated:
             return "seq"
-    raise DataFormatError(path, first_no, f"cannot tell the layout from the first lines (e.g. {_show(first)}); "
-                                          f"pass fmt= explicitly (one of {', '.join(FORMATS)})")
+    raise DataFormatError(
+        path,
+        first_no,
+        f"expected a layout that the first lines tell apart, got e.g. "
+        f"{_show(first)}; pass fmt= explicitly (one of {', '.join(FORMATS)})",
+    )
 
 
 _READERS = {

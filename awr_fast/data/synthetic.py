@@ -40,30 +40,66 @@ __all__ = ["SYNTHETIC_VERSION", "make_synthetic", "synthetic_config", "synthetic
 SYNTHETIC_VERSION = 2
 
 
-def synthetic_config(num_users: int = 2000, num_items: int = 500, seed: int = 0, *, min_len: int = 10,
-                     max_len: int = 60, group_size: int = 8, branching: int = 2, num_clusters: int = 8,
-                     p_first: float = 0.6, p_second: float = 0.25, p_cluster: float = 0.1,
-                     zipf_a: float = 0.8, successor_skew: float = 0.5) -> Dict[str, Any]:
+def synthetic_config(
+    num_users: int = 2000,
+    num_items: int = 500,
+    seed: int = 0,
+    *,
+    min_len: int = 10,
+    max_len: int = 60,
+    group_size: int = 8,
+    branching: int = 2,
+    num_clusters: int = 8,
+    p_first: float = 0.6,
+    p_second: float = 0.25,
+    p_cluster: float = 0.1,
+    zipf_a: float = 0.8,
+    successor_skew: float = 0.5,
+) -> Dict[str, Any]:
     """Validated, complete argument dict for :func:`make_synthetic` (also what gets hashed)."""
-    cfg = dict(num_users=int(num_users), num_items=int(num_items), seed=int(seed), min_len=int(min_len),
-               max_len=int(max_len), group_size=int(group_size), branching=int(branching),
-               num_clusters=int(num_clusters), p_first=float(p_first), p_second=float(p_second),
-               p_cluster=float(p_cluster), zipf_a=float(zipf_a), successor_skew=float(successor_skew))
-    if cfg["num_users"] < 1:
-        raise ValueError("num_users must be >= 1")
-    if cfg["group_size"] < 1 or cfg["branching"] < 1:
-        raise ValueError("group_size and branching must be >= 1")
-    if cfg["num_items"] // cfg["group_size"] < cfg["branching"] + 1:
-        raise ValueError("need num_items // group_size >= branching + 1 groups")
+    cfg = dict(
+        num_users=int(num_users),
+        num_items=int(num_items),
+        seed=int(seed),
+        min_len=int(min_len),
+        max_len=int(max_len),
+        group_size=int(group_size),
+        branching=int(branching),
+        num_clusters=int(num_clusters),
+        p_first=float(p_first),
+        p_second=float(p_second),
+        p_cluster=float(p_cluster),
+        zipf_a=float(zipf_a),
+        successor_skew=float(successor_skew),
+    )
+    for name in ("num_users", "group_size", "branching"):
+        if cfg[name] < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {cfg[name]}")
+    groups = cfg["num_items"] // cfg["group_size"]
+    if groups < cfg["branching"] + 1:
+        raise ValueError(
+            f"num_items: expected num_items // group_size >= branching + 1 = {cfg['branching'] + 1} "
+            f"groups, got {cfg['num_items']} // {cfg['group_size']} = {groups}"
+        )
     if not 1 <= cfg["min_len"] <= cfg["max_len"]:
-        raise ValueError("need 1 <= min_len <= max_len")
-    if not 1 <= cfg["num_clusters"] <= cfg["num_items"] // cfg["group_size"]:
-        raise ValueError("need 1 <= num_clusters <= number of groups")
-    probs = (cfg["p_first"], cfg["p_second"], cfg["p_cluster"])
-    if min(probs) < 0 or sum(probs) > 1 + 1e-12:
-        raise ValueError("p_first, p_second, p_cluster must be >= 0 and sum to at most 1")
-    if cfg["zipf_a"] < 0 or cfg["successor_skew"] < 0:
-        raise ValueError("zipf_a and successor_skew must be >= 0")
+        raise ValueError(f"min_len: expected 1 <= min_len <= max_len = {cfg['max_len']}, got {cfg['min_len']}")
+    if not 1 <= cfg["num_clusters"] <= groups:
+        raise ValueError(
+            f"num_clusters: expected 1..{groups} (the number of groups, num_items // group_size), "
+            f"got {cfg['num_clusters']}"
+        )
+    probs = {name: cfg[name] for name in ("p_first", "p_second", "p_cluster")}
+    for name, p in probs.items():
+        if p < 0:
+            raise ValueError(f"{name}: expected a probability >= 0, got {p}")
+    if sum(probs.values()) > 1 + 1e-12:
+        raise ValueError(
+            f"p_first + p_second + p_cluster: expected at most 1, got {sum(probs.values()):.6g} "
+            f"({' + '.join(str(p) for p in probs.values())})"
+        )
+    for name in ("zipf_a", "successor_skew"):
+        if cfg[name] < 0:
+            raise ValueError(f"{name}: expected a float >= 0, got {cfg[name]}")
     return cfg
 
 
@@ -115,17 +151,17 @@ def make_synthetic(num_users: int = 2000, num_items: int = 500, seed: int = 0, *
     """
     cfg = synthetic_config(num_users, num_items, seed, **kwargs)
     rng = np.random.default_rng(cfg["seed"])
-    U, I, b = cfg["num_users"], cfg["num_items"], cfg["branching"]
+    U, n_items, b = cfg["num_users"], cfg["num_items"], cfg["branching"]
 
     # Popularity: Zipf over a random permutation of the items.
-    pop = 1.0 / np.power(rng.permutation(I) + 1.0, cfg["zipf_a"])
+    pop = 1.0 / np.power(rng.permutation(n_items) + 1.0, cfg["zipf_a"])
     pop /= pop.sum()
     pop_cdf = np.cumsum(pop)
 
     # Groups: a random partition into G groups whose sizes differ by at most one.
-    G = I // cfg["group_size"]
-    group_of = np.empty(I, dtype=np.int64)
-    group_of[rng.permutation(I)] = np.arange(I) % G
+    G = n_items // cfg["group_size"]
+    group_of = np.empty(n_items, dtype=np.int64)
+    group_of[rng.permutation(n_items)] = np.arange(n_items) % G
     K = int(np.bincount(group_of, minlength=G).max())
     members = np.full((G, K), -1, dtype=np.int64)
     for g in range(G):
@@ -155,7 +191,7 @@ def make_synthetic(num_users: int = 2000, num_items: int = 500, seed: int = 0, *
         return in_group(g, rng.random(U))
 
     def from_pop() -> np.ndarray:
-        return np.minimum(np.searchsorted(pop_cdf, rng.random(U), side="right"), I - 1)
+        return np.minimum(np.searchsorted(pop_cdf, rng.random(U), side="right"), n_items - 1)
 
     seq[:, 0] = np.where(rng.random(U) < 0.5, from_cluster(), from_pop())
     p1 = cfg["p_first"]
@@ -170,8 +206,9 @@ def make_synthetic(num_users: int = 2000, num_items: int = 500, seed: int = 0, *
         nxt_second = in_group(second[group_of[prev2], branch], rng.random(U))
         nxt_cluster = from_cluster()
         nxt_pop = from_pop()
-        seq[:, t] = np.where(mode < p1, nxt_first,
-                             np.where(mode < p2, nxt_second, np.where(mode < p3, nxt_cluster, nxt_pop)))
+        seq[:, t] = np.where(
+            mode < p1, nxt_first, np.where(mode < p2, nxt_second, np.where(mode < p3, nxt_cluster, nxt_pop))
+        )
 
     gaps = rng.integers(1, 3600, size=(U, T))
     times = 1_000_000_000 + np.cumsum(gaps, axis=1)

@@ -6,8 +6,22 @@ from ..ops.dot_refined import WEIGHTS, default_scale
 from . import factored
 
 
-def dot_refined(q, k, v, *, mechanism, w_rq=None, w_rk=None, w_rv=None, key_padding_mask=None, scale=None,
-                refine_scale=None, refine_input="probs", dropout_p=0.0, return_weights=False):
+def dot_refined(
+    q,
+    k,
+    v,
+    *,
+    mechanism,
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    key_padding_mask=None,
+    scale=None,
+    refine_scale=None,
+    refine_input="probs",
+    dropout_p=0.0,
+    return_weights=False,
+):
     """The reference's dot_refined for mechanisms simp, add and value (inputs validated by the API).
 
     Returns out (B, H, n, d_h), or (out, {"A", "B", "P"}) each (B, H, n, n) with return_weights.
@@ -19,8 +33,15 @@ def dot_refined(q, k, v, *, mechanism, w_rq=None, w_rk=None, w_rv=None, key_padd
     weights = {name: given[name] for name in WEIGHTS[mechanism]}
 
     def core(window, x):
-        a, probs, plan = factored.refine(window, window.group(x["q"]) * scale, window.group(x["k"]),
-                                         mechanism=mechanism, weights=weights, c=c, refine_input=refine_input)
+        a, probs, plan = factored.refine(
+            window,
+            window.group(x["q"]) * scale,
+            window.group(x["k"]),
+            mechanism=mechanism,
+            weights=weights,
+            c=c,
+            refine_input=refine_input,
+        )
         values = window.group(x["v"])
         return [factored.apply_probs(factored.dropout_blocks(probs, dropout_p), plan, values)], a, probs, plan
 

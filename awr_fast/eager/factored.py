@@ -32,7 +32,9 @@ from torch.autograd.function import once_differentiable
 
 BLOCK_TARGET = 50  # rows per block: smaller blocks skip more zeros, larger ones make more efficient GEMMs
 BUCKET_RATIO = 0.7  # a length bucket holds sequences down to this fraction of its longest one ...
-BUCKET_MIN = 16  # ... and at least this many
+BUCKET_MIN = 16  # ... and at least this many; ...
+BUCKET_MIN_LENGTH = 64  # ... and sequences shorter than this share one bucket: the per-bucket ops (gather,
+# merge, one more set of GEMM launches) cost more than the arithmetic a split would skip
 
 
 def row_blocks(length: int, target: int) -> list[tuple[int, int]]:
@@ -58,13 +60,13 @@ class Window:
             real = (~host_mask).any(0).nonzero()
             # no real position at all: keep the last one (all padding, so every output is zero)
             self.w0 = int(real[0]) if len(real) else n - 1
-            if bool(host_mask[:, self.w0:].any()):
-                self.key_padding = key_padding_mask[:, self.w0:]
+            if bool(host_mask[:, self.w0 :].any()):
+                self.key_padding = key_padding_mask[:, self.w0 :]
         self.length = n - self.w0
 
     def group(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, n, d) -> the window's rows (G, L, d)."""
-        x = x[:, :, self.w0:]
+        x = x[:, :, self.w0 :]
         if self.heads_first:
             x = x.transpose(0, 1)
         return x.reshape(-1, *x.shape[2:])
@@ -85,6 +87,7 @@ class Window:
 @dataclass
 class Plan:
     """What the Function needs besides tensors: the mechanism, the row blocks and the window's masks."""
+
     mechanism: str
     refine_input: str
     blocks: list
@@ -100,16 +103,27 @@ class Plan:
         return self.padded_query is not None
 
 
+_UPPER: dict = {}  # (length, device) -> the strict upper triangle, built once (read-only everywhere)
+
+
+def _upper(length: int, device) -> torch.Tensor:
+    key = (length, str(device))
+    upper = _UPPER.get(key)
+    if upper is None:
+        upper = _UPPER[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+    return upper
+
+
 def make_plan(window: Window, mechanism: str, refine_input: str, c: float, sqrt_clamp: float, device) -> Plan:
     length = window.length
     blocks = row_blocks(length, BLOCK_TARGET)
-    upper = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+    upper = _upper(length, device)
     hidden, padded_query = upper, None
     if window.key_padding is not None:
         kp = window.key_padding[None] if window.heads_first else window.key_padding[:, None]
         hidden = upper | kp[..., None, :] | kp[..., :, None]  # padded keys, and every key of a padded query
         padded_query = kp
-    causal_block = [upper[:e - s, :e - s] for s, e in blocks]
+    causal_block = [upper[: e - s, : e - s] for s, e in blocks]
     return Plan(mechanism, refine_input, blocks, window.groups, hidden, padded_query, causal_block, c, sqrt_clamp)
 
 
@@ -217,11 +231,15 @@ class RefinedProbs(torch.autograd.Function):
         plan, blocks = ctx.plan, ctx.plan.blocks
         nb, nr = ctx.counts
         fq, fk, m, w2, a, sig, sq, *rest = ctx.saved_tensors
-        rows, t, p = rest[:nb], rest[nb:2 * nb], rest[2 * nb + 2 * nr:]
-        r, z = rest[2 * nb:2 * nb + nr], rest[2 * nb + nr:2 * nb + 2 * nr]
+        rows, t, p = rest[:nb], rest[nb : 2 * nb], rest[2 * nb + 2 * nr :]
+        r, z = rest[2 * nb : 2 * nb + nr], rest[2 * nb + nr : 2 * nb + 2 * nr]
         # dB_i, the final softmax's backward; a missing gradient means the block was not used
-        db = [torch.zeros_like(p[i]) if grad_p[i] is None
-              else torch._softmax_backward_data(grad_p[i], p[i], -1, p[i].dtype) for i in range(nb)]
+        db = [
+            torch.zeros_like(p[i])
+            if grad_p[i] is None
+            else torch._softmax_backward_data(grad_p[i], p[i], -1, p[i].dtype)
+            for i in range(nb)
+        ]
         dm = torch.zeros_like(m) if ctx.needs_input_grad[2] else None
         dw2 = torch.zeros_like(w2) if w2 is not None and ctx.needs_input_grad[3] else None
         d_second, dz, dcol = db, [], None  # d_second: the gradient of the second-order scores A m A^T
@@ -297,6 +315,7 @@ def _stoc_sigma_grad(db, sig, sq, dcol, plan: Plan, i: int) -> torch.Tensor:
 
 def refinement_weights(mechanism: str, weights: dict, c: float, w0: int):
     """(m, w2) of RefinedProbs for the window [w0, n), differentiably; m is computed once per call."""
+
     def window_rows(name):
         return weights[name][..., w0:, :]
 
@@ -324,8 +343,7 @@ def dropout_blocks(probs, dropout_p: float):
 
 def apply_probs(probs, plan: Plan, values: torch.Tensor, square: bool = False) -> torch.Tensor:
     """P values (or (P o P) values) from the row blocks of P: (G, L, d)."""
-    return torch.cat([torch.bmm(p * p if square else p, values[:, :e]) for p, (s, e) in zip(probs, plan.blocks)],
-                     dim=1)
+    return torch.cat([torch.bmm(p * p if square else p, values[:, :e]) for p, (s, e) in zip(probs, plan.blocks)], dim=1)
 
 
 def dense_probs(probs, plan: Plan) -> torch.Tensor:
@@ -339,19 +357,25 @@ def split_batch(key_padding_mask: torch.Tensor | None, batch: int, n: int):
 
     A sequence's positions before its first real one are padding, so a bucket is cropped to its longest
     sequence: sorted by length, a bucket takes the next sequences down to BUCKET_RATIO of its first, and at
-    least BUCKET_MIN of them (tiny GEMMs cost more than they skip). This is the path's one host sync."""
+    least BUCKET_MIN of them (tiny GEMMs cost more than they skip); the sequences shorter than
+    BUCKET_MIN_LENGTH all go to the last bucket. This is the path's one host sync."""
     if key_padding_mask is None:
         return None, [batch], [None]
     host = key_padding_mask.detach().cpu()
+    if batch < 2 * BUCKET_MIN:  # the remainder of a first bucket would be too small for a second
+        return None, [batch], [host]
     real = ~host
     lengths = torch.where(real.any(1), n - real.int().argmax(1), 0)
+    if int(lengths.max()) < BUCKET_MIN_LENGTH:
+        return None, [batch], [host]
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_lengths = lengths[order].tolist()
     sizes, start = [], 0
     while start < len(order):
-        stop = start + 1
-        while stop < len(order) and (stop - start < BUCKET_MIN
-                                     or sorted_lengths[stop] >= BUCKET_RATIO * sorted_lengths[start]):
+        stop = start + 1 if sorted_lengths[start] >= BUCKET_MIN_LENGTH else len(order)
+        while stop < len(order) and (
+            stop - start < BUCKET_MIN or sorted_lengths[stop] >= BUCKET_RATIO * sorted_lengths[start]
+        ):
             stop += 1
         if len(order) - stop < BUCKET_MIN:  # too few left for a bucket of their own
             stop = len(order)
@@ -390,8 +414,10 @@ def run_buckets(key_padding_mask, inputs: dict, weights: dict, core):
     outs = [merge([part[1][j] for part in parts]) for j in range(len(parts[0][1]))]
 
     def weights_fn():
-        return {"A": merge([window.ungroup_square(a) for window, _, a, _, _ in parts]),
-                "P": merge([window.ungroup_square(dense_probs(probs, plan)) for window, _, _, probs, plan in parts])}
+        return {
+            "A": merge([window.ungroup_square(a) for window, _, a, _, _ in parts]),
+            "P": merge([window.ungroup_square(dense_probs(probs, plan)) for window, _, _, probs, plan in parts]),
+        }
 
     return outs, weights_fn
 

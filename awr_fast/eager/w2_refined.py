@@ -19,15 +19,34 @@ def w2_features(mu_q, sig_q, mu_k, sig_k, scale: float):
     norm_q = ((mu_q * mu_q).sum(-1) + sig_q.sum(-1))[..., None]
     norm_k = ((mu_k * mu_k).sum(-1) + sig_k.sum(-1))[..., None]
     root_q, root_k = (torch.sqrt(torch.clamp(s, min=SQRT_CLAMP)) for s in (sig_q, sig_k))
-    fq = torch.cat([(2.0 * scale) * mu_q, (2.0 * scale) * root_q, -scale * norm_q, torch.full_like(norm_q, -scale)],
-                   dim=-1)
+    fq = torch.cat(
+        [(2.0 * scale) * mu_q, (2.0 * scale) * root_q, -scale * norm_q, torch.full_like(norm_q, -scale)], dim=-1
+    )
     fk = torch.cat([mu_k, root_k, torch.ones_like(norm_k), norm_k], dim=-1)
     return fq, fk
 
 
-def w2_refined(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, *, mechanism, w_rq=None, w_rk=None, w_rv=None, w_mu=None,
-               w_sigma=None, key_padding_mask=None, scale=None, refine_scale=None, refine_input="probs",
-               dropout_p=0.0, return_weights=False):
+def w2_refined(
+    mu_q,
+    sig_q,
+    mu_k,
+    sig_k,
+    mu_v,
+    sig_v,
+    *,
+    mechanism,
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    w_mu=None,
+    w_sigma=None,
+    key_padding_mask=None,
+    scale=None,
+    refine_scale=None,
+    refine_input="probs",
+    dropout_p=0.0,
+    return_weights=False,
+):
     """The reference's w2_refined for mechanisms simp, add, value and stoc (inputs validated by the API).
 
     Returns (mu_out, sig_out), or ((mu_out, sig_out), {"A", "B", "P"}) with return_weights.
@@ -40,11 +59,14 @@ def w2_refined(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, *, mechanism, w_rq=None, w
 
     def core(window, x):
         fq, fk = w2_features(*(window.group(x[name]) for name in ("mu_q", "sig_q", "mu_k", "sig_k")), scale)
-        a, probs, plan = factored.refine(window, fq, fk, mechanism=mechanism, weights=weights, c=c,
-                                         refine_input=refine_input, sqrt_clamp=SQRT_CLAMP)
+        a, probs, plan = factored.refine(
+            window, fq, fk, mechanism=mechanism, weights=weights, c=c, refine_input=refine_input, sqrt_clamp=SQRT_CLAMP
+        )
         dropped = factored.dropout_blocks(probs, dropout_p)
-        outs = [factored.apply_probs(dropped, plan, window.group(x["mu_v"])),
-                factored.apply_probs(dropped, plan, window.group(x["sig_v"]), square=True)]
+        outs = [
+            factored.apply_probs(dropped, plan, window.group(x["mu_v"])),
+            factored.apply_probs(dropped, plan, window.group(x["sig_v"]), square=True),
+        ]
         return outs, a, probs, plan
 
     inputs = {"mu_q": mu_q, "sig_q": sig_q, "mu_k": mu_k, "sig_k": sig_k, "mu_v": mu_v, "sig_v": sig_v}

@@ -40,11 +40,23 @@ def build_model(name: str, *, num_items: int, max_len: int, **kwargs) -> nn.Modu
     options = model_options(name)
     for key in kwargs:
         if key not in options:
-            raise ValueError(f"{key}: not an option of model {name!r} (options: {sorted(options)})")
+            raise ValueError(
+                f"{key}: expected an option of model {name!r} (one of {sorted(options)}), got {key}={kwargs[key]!r}"
+            )
     return MODELS[name](num_items=num_items, max_len=max_len, **kwargs)
 
 
 __all__ = [
-    "MODELS", "SASRec", "STOSA", "SequentialRecommender", "bce_loss", "build_model", "full_ce_loss",
-    "model_options", "sample_negatives", "sampled_ce_loss", "w2_bpr_loss", "w2_pair_distance",
+    "MODELS",
+    "SASRec",
+    "STOSA",
+    "SequentialRecommender",
+    "bce_loss",
+    "build_model",
+    "full_ce_loss",
+    "model_options",
+    "sample_negatives",
+    "sampled_ce_loss",
+    "w2_bpr_loss",
+    "w2_pair_distance",
 ]

@@ -35,8 +35,9 @@ def _as_k(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def _check_pos(h: torch.Tensor, pos: torch.Tensor) -> None:
     if pos.shape != h.shape[:2]:
-        raise ValueError(f"pos: expected shape {tuple(h.shape[:2])} (the (B, n) of the hidden states), "
-                         f"got {tuple(pos.shape)}")
+        raise ValueError(
+            f"pos: expected shape {tuple(h.shape[:2])} (the (B, n) of the hidden states), got {tuple(pos.shape)}"
+        )
 
 
 def bce_loss(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,17 @@ def w2_pair_distance(mu1: torch.Tensor, sig1: torch.Tensor, mu2: torch.Tensor, s
     return mean + ((s1 - s2) ** 2).sum(-1)
 
 
-def w2_bpr_loss(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, item_sig: torch.Tensor,
-                pos: torch.Tensor, neg: torch.Tensor, pvn: float = 0.005, *, return_terms: bool = False):
+def w2_bpr_loss(
+    mu: torch.Tensor,
+    sig: torch.Tensor,
+    item_mu: torch.Tensor,
+    item_sig: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    pvn: float = 0.005,
+    *,
+    return_terms: bool = False,
+):
     """STOSA's loss (SPEC §4, ``bpr_optimization`` + pvn term of the released trainer).
 
     mu, sig (B, n, d): the sequence Gaussians; item_mu = E_mu (num_items + 1, d) and item_sig =

@@ -25,9 +25,16 @@ def _in_sorted_rows(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch.Te
     return sorted_rows.gather(1, idx) == values
 
 
-def sample_negatives(seq: torch.Tensor, pos: torch.Tensor | None, num_items: int, k: int = 1,
-                     generator: torch.Generator | None = None, exclude_seq: bool = True, *,
-                     max_rounds: int = MAX_ROUNDS) -> torch.Tensor:
+def sample_negatives(
+    seq: torch.Tensor,
+    pos: torch.Tensor | None,
+    num_items: int,
+    k: int = 1,
+    generator: torch.Generator | None = None,
+    exclude_seq: bool = True,
+    *,
+    max_rounds: int = MAX_ROUNDS,
+) -> torch.Tensor:
     """Uniform negatives in 1..num_items for every position of a left-padded batch.
 
     seq (B, n) is the input row, pos (B, n) its next-item targets (0 = padding position) or None.
@@ -47,8 +54,10 @@ def sample_negatives(seq: torch.Tensor, pos: torch.Tensor | None, num_items: int
     if not isinstance(seq, torch.Tensor) or seq.dim() != 2 or seq.dtype.is_floating_point:
         raise ValueError(f"seq: expected an integer tensor (B, n), got {getattr(seq, 'shape', type(seq))}")
     if pos is not None and (not isinstance(pos, torch.Tensor) or pos.shape != seq.shape):
-        raise ValueError(f"pos: expected a tensor of shape {tuple(seq.shape)} (that of seq) or None, "
-                         f"got {getattr(pos, 'shape', type(pos))}")
+        raise ValueError(
+            f"pos: expected a tensor of shape {tuple(seq.shape)} (that of seq) or None, "
+            f"got {getattr(pos, 'shape', type(pos))}"
+        )
     if not isinstance(num_items, int) or num_items < 1:
         raise ValueError(f"num_items: expected an int >= 1, got {num_items!r}")
     if not isinstance(k, int) or k < 1:

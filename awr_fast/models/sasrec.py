@@ -20,8 +20,9 @@ from . import losses
 from .negatives import sample_negatives
 
 #: Parameter names of the AWRSR n x n matrices, in every model.
-REFINE_PARAMS = tuple(dict.fromkeys(name for spec in (dot_spec, w2_spec) for names in spec.WEIGHTS.values()
-                                    for name in names))
+REFINE_PARAMS = tuple(
+    dict.fromkeys(name for spec in (dot_spec, w2_spec) for names in spec.WEIGHTS.values() for name in names)
+)
 SASREC_ATTENTIONS = dot_spec.CAUSAL_MECHANISMS
 SASREC_LAYOUTS = ("original", "post_ln")
 SASREC_LOSSES = ("bce", "ce", "sampled_ce")
@@ -31,6 +32,7 @@ SASREC_LN_EPS = 1e-8  # kang205 / pmixer
 
 # ----------------------------------------------------------------------------------------------------
 # Argument checks shared by the models: each error names the argument.
+
 
 def check_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -52,8 +54,22 @@ def check_bool(name: str, value) -> None:
         raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
-def check_common(*, num_items, max_len, d_model, n_layers, n_heads, dropout, attn_dropout, attention, attentions,
-                 per_head_refine, refine_input, refine_scale, backend) -> None:
+def check_common(
+    *,
+    num_items,
+    max_len,
+    d_model,
+    n_layers,
+    n_heads,
+    dropout,
+    attn_dropout,
+    attention,
+    attentions,
+    per_head_refine,
+    refine_input,
+    refine_scale,
+    backend,
+) -> None:
     check_int("num_items", num_items)
     check_int("max_len", max_len)
     check_int("d_model", d_model)
@@ -71,6 +87,7 @@ def check_common(*, num_items, max_len, d_model, n_layers, n_heads, dropout, att
 
 
 # ----------------------------------------------------------------------------------------------------
+
 
 class SequentialRecommender(nn.Module):
     """Shared plumbing. Inputs are LongTensor (B, n) left-padded with item 0, n <= max_len. A batch
@@ -90,12 +107,16 @@ class SequentialRecommender(nn.Module):
         """seq as int64 (B, n), 1 <= n <= max_len: the last n positions."""
         integer = isinstance(seq, torch.Tensor) and not seq.dtype.is_floating_point and seq.dtype != torch.bool
         if not integer or seq.dim() != 2:
-            raise ValueError(f"{name}: expected an integer tensor (B, n) left-padded with 0, "
-                             f"got {getattr(seq, 'dtype', type(seq))} {tuple(getattr(seq, 'shape', ()))}")
+            raise ValueError(
+                f"{name}: expected an integer tensor (B, n) left-padded with 0, "
+                f"got {getattr(seq, 'dtype', type(seq))} {tuple(getattr(seq, 'shape', ()))}"
+            )
         n = seq.shape[1]
         if n > self.max_len:
-            raise ValueError(f"{name}: expected at most max_len={self.max_len} positions, got {n} "
-                             f"(keep the most recent max_len items)")
+            raise ValueError(
+                f"{name}: expected at most max_len={self.max_len} positions, got {n} "
+                f"(keep the most recent max_len items)"
+            )
         if n == 0:
             raise ValueError(f"{name}: expected at least one position, got shape {tuple(seq.shape)}")
         return seq.long()
@@ -112,15 +133,18 @@ class SequentialRecommender(nn.Module):
 
     def _check_targets(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         if not isinstance(pos, torch.Tensor) or pos.shape != seq.shape:
-            raise ValueError(f"pos: expected a tensor of shape {tuple(seq.shape)} (that of seq), "
-                             f"got {tuple(getattr(pos, 'shape', ()))}")
+            raise ValueError(
+                f"pos: expected a tensor of shape {tuple(seq.shape)} (that of seq), "
+                f"got {tuple(getattr(pos, 'shape', ()))}"
+            )
 
     def _negatives(self, seq, pos, neg, k, generator):
         if neg is None:
             return sample_negatives(seq, pos, self.num_items, k=k, generator=generator)
         if neg.shape != pos.shape and not (neg.dim() == 3 and neg.shape[:2] == pos.shape):
-            raise ValueError(f"neg: expected shape {tuple(pos.shape)} or {tuple(pos.shape)} + (k,), "
-                             f"got {tuple(neg.shape)}")
+            raise ValueError(
+                f"neg: expected shape {tuple(pos.shape)} or {tuple(pos.shape)} + (k,), got {tuple(neg.shape)}"
+            )
         return neg.long()
 
     @staticmethod
@@ -141,8 +165,9 @@ class SequentialRecommender(nn.Module):
         """Parameters by model part: item_embedding, position_embedding, attention (projections,
         output dense), refinement (the AWRSR n x n matrices), ffn, norm (LayerNorms). For optimiser
         groups, e.g. a separate learning rate or no weight decay for the refinement."""
-        parts: dict[str, dict[str, nn.Parameter]] = {key: {} for key in (
-            "item_embedding", "position_embedding", "attention", "refinement", "ffn", "norm")}
+        parts: dict[str, dict[str, nn.Parameter]] = {
+            key: {} for key in ("item_embedding", "position_embedding", "attention", "refinement", "ffn", "norm")
+        }
         for name, param in self.named_parameters():
             leaf_module = name.split(".")[-2] if "." in name else ""
             if name.split(".")[-1] in REFINE_PARAMS:
@@ -181,15 +206,36 @@ class SASRecBlock(nn.Module):
     layout="post_ln": x = LN(x + Drop(MHA(x, x, x))); x = LN(x + FFN(x)).
     Padding positions are zeroed after the block, as pmixer does."""
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, *, layout: str, dropout: float,
-                 attn_dropout: float, attention: str, per_head_refine: bool, refine_input: str,
-                 refine_scale: str, backend: str):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_len: int,
+        *,
+        layout: str,
+        dropout: float,
+        attn_dropout: float,
+        attention: str,
+        per_head_refine: bool,
+        refine_input: str,
+        refine_scale: str,
+        backend: str,
+    ):
         super().__init__()
         self.layout = layout
         self.attn_norm = nn.LayerNorm(d_model, eps=SASREC_LN_EPS)
         self.attn = RefinedMultiheadAttention(
-            d_model, n_heads, max_len, attention, per_head_refine=per_head_refine, dropout=attn_dropout,
-            refine_input=refine_input, refine_scale=refine_scale, out_proj=(layout == "post_ln"), backend=backend)
+            d_model,
+            n_heads,
+            max_len,
+            attention,
+            per_head_refine=per_head_refine,
+            dropout=attn_dropout,
+            refine_input=refine_input,
+            refine_scale=refine_scale,
+            out_proj=(layout == "post_ln"),
+            backend=backend,
+        )
         self.attn_dropout = nn.Dropout(dropout) if layout == "post_ln" else nn.Identity()
         self.ffn_norm = nn.LayerNorm(d_model, eps=SASREC_LN_EPS)
         self.ffn = PointWiseFeedForward(d_model, dropout)
@@ -220,16 +266,41 @@ class SASRec(SequentialRecommender):
     LayerNorm 1/0, attention biases 0, FFN biases PyTorch's uniform), then the padding row E[0] = 0.
     """
 
-    def __init__(self, num_items: int, max_len: int, *, d_model: int = 64, n_layers: int = 1, n_heads: int = 1,
-                 dropout: float = 0.2, attn_dropout: float = 0.0, attention: str = "none",
-                 per_head_refine: bool = False, refine_input: str = "probs", refine_scale: str = "d_h",
-                 backend: str = "auto", layout: str = "original", loss: str = "bce",
-                 num_negatives: int | None = None):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        *,
+        d_model: int = 64,
+        n_layers: int = 1,
+        n_heads: int = 1,
+        dropout: float = 0.2,
+        attn_dropout: float = 0.0,
+        attention: str = "none",
+        per_head_refine: bool = False,
+        refine_input: str = "probs",
+        refine_scale: str = "d_h",
+        backend: str = "auto",
+        layout: str = "original",
+        loss: str = "bce",
+        num_negatives: int | None = None,
+    ):
         super().__init__()
-        check_common(num_items=num_items, max_len=max_len, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                     dropout=dropout, attn_dropout=attn_dropout, attention=attention, attentions=SASREC_ATTENTIONS,
-                     per_head_refine=per_head_refine, refine_input=refine_input, refine_scale=refine_scale,
-                     backend=backend)
+        check_common(
+            num_items=num_items,
+            max_len=max_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            attention=attention,
+            attentions=SASREC_ATTENTIONS,
+            per_head_refine=per_head_refine,
+            refine_input=refine_input,
+            refine_scale=refine_scale,
+            backend=backend,
+        )
         check_choice("layout", layout, SASREC_LAYOUTS)
         check_choice("loss", loss, SASREC_LOSSES)
         if num_negatives is None:
@@ -241,10 +312,22 @@ class SASRec(SequentialRecommender):
         self.item_emb = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, d_model)
         self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(SASRecBlock(
-            d_model, n_heads, max_len, layout=layout, dropout=dropout, attn_dropout=attn_dropout,
-            attention=attention, per_head_refine=per_head_refine, refine_input=refine_input,
-            refine_scale=refine_scale, backend=backend) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            SASRecBlock(
+                d_model,
+                n_heads,
+                max_len,
+                layout=layout,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                attention=attention,
+                per_head_refine=per_head_refine,
+                refine_input=refine_input,
+                refine_scale=refine_scale,
+                backend=backend,
+            )
+            for _ in range(n_layers)
+        )
         self.final_norm = nn.LayerNorm(d_model, eps=SASREC_LN_EPS) if layout == "original" else nn.Identity()
         self.reset_parameters()
 
@@ -275,8 +358,14 @@ class SASRec(SequentialRecommender):
         """seq (B, n) left-padded, the last n <= max_len positions -> final hidden states (B, n, d)."""
         return self.final_norm(self._encode(self._check_seq(seq)))
 
-    def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        seq: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Training loss at every non-padding target of pos (B, n). neg (B, n) or (B, n, k) is drawn with
         awr_fast.models.negatives when None (num_negatives per position); "ce" uses no negatives."""
         self._check_targets(seq, pos)
@@ -323,5 +412,7 @@ class SASRec(SequentialRecommender):
         return {**maps, "key_padding_mask": key_padding_mask}
 
     def extra_repr(self) -> str:
-        return (f"num_items={self.num_items}, max_len={self.max_len}, attention={self.attention!r}, "
-                f"layout={self.layout!r}, loss={self.loss_type!r}, num_negatives={self.num_negatives}")
+        return (
+            f"num_items={self.num_items}, max_len={self.max_len}, attention={self.attention!r}, "
+            f"layout={self.layout!r}, loss={self.loss_type!r}, num_negatives={self.num_negatives}"
+        )

@@ -41,18 +41,40 @@ class STOSALayer(nn.Module):
     """STOSA's DistLayer: W2 attention (output dense, residual, shared LN inside), then a mean FFN and a
     covariance FFN followed by ELU(.) + 1."""
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, *, attention: str, per_head_refine: bool,
-                 attn_dropout: float, dropout: float, refine_input: str, refine_scale: str, backend: str):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_len: int,
+        *,
+        attention: str,
+        per_head_refine: bool,
+        attn_dropout: float,
+        dropout: float,
+        refine_input: str,
+        refine_scale: str,
+        backend: str,
+    ):
         super().__init__()
         self.attention = WassersteinAttention(
-            d_model, n_heads, max_len, attention, per_head_refine=per_head_refine, attn_dropout=attn_dropout,
-            hidden_dropout=dropout, refine_input=refine_input, refine_scale=refine_scale, backend=backend,
-            layer_norm_eps=STOSA_LN_EPS)
+            d_model,
+            n_heads,
+            max_len,
+            attention,
+            per_head_refine=per_head_refine,
+            attn_dropout=attn_dropout,
+            hidden_dropout=dropout,
+            refine_input=refine_input,
+            refine_scale=refine_scale,
+            backend=backend,
+            layer_norm_eps=STOSA_LN_EPS,
+        )
         self.mean_ffn = GaussianFeedForward(d_model, dropout)
         self.cov_ffn = GaussianFeedForward(d_model, dropout)
 
-    def forward(self, mu: torch.Tensor, sigma: torch.Tensor, key_padding_mask: torch.Tensor,
-                mean_stream: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, mu: torch.Tensor, sigma: torch.Tensor, key_padding_mask: torch.Tensor, mean_stream: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """mean_stream=False skips the mean FFN (its output would be discarded; returns None for mu)."""
         mu, sigma = self.attention(mu, sigma, key_padding_mask)
         sigma = F.elu(self.cov_ffn(sigma)) + 1.0
@@ -75,15 +97,40 @@ class STOSA(SequentialRecommender):
     the masks) N(0.01, 0.02), biases 0, LayerNorms 1/0; refinement matrices N(0.01, 0.02).
     """
 
-    def __init__(self, num_items: int, max_len: int, *, d_model: int = 64, n_layers: int = 1, n_heads: int = 4,
-                 dropout: float = 0.3, attn_dropout: float = 0.0, attention: str = "none",
-                 per_head_refine: bool = False, refine_input: str = "probs", refine_scale: str = "d_h",
-                 backend: str = "auto", pvn: float = 0.005, stosa_compat: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        *,
+        d_model: int = 64,
+        n_layers: int = 1,
+        n_heads: int = 4,
+        dropout: float = 0.3,
+        attn_dropout: float = 0.0,
+        attention: str = "none",
+        per_head_refine: bool = False,
+        refine_input: str = "probs",
+        refine_scale: str = "d_h",
+        backend: str = "auto",
+        pvn: float = 0.005,
+        stosa_compat: bool = False,
+    ):
         super().__init__()
-        check_common(num_items=num_items, max_len=max_len, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                     dropout=dropout, attn_dropout=attn_dropout, attention=attention, attentions=STOSA_ATTENTIONS,
-                     per_head_refine=per_head_refine, refine_input=refine_input, refine_scale=refine_scale,
-                     backend=backend)
+        check_common(
+            num_items=num_items,
+            max_len=max_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            attention=attention,
+            attentions=STOSA_ATTENTIONS,
+            per_head_refine=per_head_refine,
+            refine_input=refine_input,
+            refine_scale=refine_scale,
+            backend=backend,
+        )
         if isinstance(pvn, bool) or not isinstance(pvn, (int, float)) or not pvn >= 0.0:
             raise ValueError(f"pvn: expected a weight >= 0, got {pvn!r}")
         check_bool("stosa_compat", stosa_compat)
@@ -97,10 +144,21 @@ class STOSA(SequentialRecommender):
         self.pos_cov_emb = nn.Embedding(max_len, d_model)
         self.emb_norm = nn.LayerNorm(d_model, eps=STOSA_LN_EPS)
         self.emb_dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(STOSALayer(
-            d_model, n_heads, max_len, attention=attention, per_head_refine=per_head_refine,
-            attn_dropout=attn_dropout, dropout=dropout, refine_input=refine_input, refine_scale=refine_scale,
-            backend=backend) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            STOSALayer(
+                d_model,
+                n_heads,
+                max_len,
+                attention=attention,
+                per_head_refine=per_head_refine,
+                attn_dropout=attn_dropout,
+                dropout=dropout,
+                refine_input=refine_input,
+                refine_scale=refine_scale,
+                backend=backend,
+            )
+            for _ in range(n_layers)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,8 +197,14 @@ class STOSA(SequentialRecommender):
         """seq (B, n) left-padded, the last n <= max_len positions -> (mu, sigma), each (B, n, d)."""
         return self._encode(self._check_seq(seq))
 
-    def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        seq: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """STOSA's W2 BPR loss + pvn term (losses.w2_bpr_loss) at every non-padding target of pos (B, n);
         one uniform negative per position is drawn when neg is None."""
         self._check_targets(seq, pos)
@@ -158,8 +222,13 @@ class STOSA(SequentialRecommender):
         item_mu, item_sig = self.item_gaussians()
         dtype = self._scoring_dtype(mu, item_mu, item_sig)
         with torch.autocast(device_type=mu.device.type, enabled=False):
-            dist = w2_scores(mu[:, -1].to(dtype).contiguous(), sigma[:, -1].to(dtype).contiguous(),
-                             item_mu.to(dtype), item_sig.to(dtype), backend=self.scores_backend)
+            dist = w2_scores(
+                mu[:, -1].to(dtype).contiguous(),
+                sigma[:, -1].to(dtype).contiguous(),
+                item_mu.to(dtype),
+                item_sig.to(dtype),
+                backend=self.scores_backend,
+            )
         return self._mask_padding_column(-dist)
 
     def score_items(self, seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -170,8 +239,9 @@ class STOSA(SequentialRecommender):
         item_sig = F.elu(self.item_cov_emb(items)) + 1.0
         dtype = self._scoring_dtype(mu, item_mu, item_sig)
         with torch.autocast(device_type=mu.device.type, enabled=False):
-            dist = losses.w2_pair_distance(mu[:, -1:].to(dtype), sigma[:, -1:].to(dtype), item_mu.to(dtype),
-                                           item_sig.to(dtype))
+            dist = losses.w2_pair_distance(
+                mu[:, -1:].to(dtype), sigma[:, -1:].to(dtype), item_mu.to(dtype), item_sig.to(dtype)
+            )
         return (-dist).masked_fill(items == 0, float("-inf"))
 
     @torch.no_grad()
@@ -186,5 +256,7 @@ class STOSA(SequentialRecommender):
         return {**maps, "key_padding_mask": key_padding_mask}
 
     def extra_repr(self) -> str:
-        return (f"num_items={self.num_items}, max_len={self.max_len}, attention={self.attention!r}, "
-                f"pvn={self.pvn}, stosa_compat={self.stosa_compat}")
+        return (
+            f"num_items={self.num_items}, max_len={self.max_len}, attention={self.attention!r}, "
+            f"pvn={self.pvn}, stosa_compat={self.stosa_compat}"
+        )

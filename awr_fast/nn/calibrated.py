@@ -15,6 +15,7 @@ RECBOLE_INIT_STD = 0.02  # RecBole's initializer_range, used by the released AC-
 class CalibratedLayerOutput(NamedTuple):
     """h_cal feeds the next layer; h_att (perturbed) and perturb (the mask M, (B, H, n, n)) exist only
     with the adversarial calibrator."""
+
     h_cal: torch.Tensor
     h_att: torch.Tensor | None
     perturb: torch.Tensor | None
@@ -37,9 +38,19 @@ class CalibratedAttention(nn.Module):
     perturb_dropout (dropout on M) defaults to attn_dropout, as the released layer uses one dropout for both.
     """
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, *, adversarial: bool = True,
-                 attn_dropout: float = 0.0, hidden_dropout: float = 0.5, perturb_dropout: float | None = None,
-                 layer_norm_eps: float = 1e-12, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_len: int,
+        *,
+        adversarial: bool = True,
+        attn_dropout: float = 0.0,
+        hidden_dropout: float = 0.5,
+        perturb_dropout: float | None = None,
+        layer_norm_eps: float = 1e-12,
+        backend: str = "auto",
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
@@ -98,8 +109,9 @@ class CalibratedAttention(nn.Module):
     def _output(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.layer_norm(self.out_dropout(self.dense(self.merge_heads(ctx))) + x)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
-                noise: torch.Tensor | None = None) -> CalibratedLayerOutput:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None
+    ) -> CalibratedLayerOutput:
         """noise: optional fixed N(0, 1) draw (B, H, n, n) for the perturbed attention (drawn when None)."""
         if x.dim() != 3 or x.shape[1] != self.max_len or x.shape[2] != self.d_model:
             raise ValueError(f"x: expected (B, max_len={self.max_len}, d={self.d_model}), got {tuple(x.shape)}")
@@ -107,18 +119,35 @@ class CalibratedAttention(nn.Module):
         q, k, v = self.split_heads(q_full), self.split_heads(k_full), self.split_heads(self.value(x))
         adv = {}
         if self.adversarial:
-            adv = dict(q_adv=self.split_heads(q_full @ self.a_q), k_adv=self.split_heads(k_full @ self.a_k),
-                       gate_logits=self.gate(q_full), noise=noise)
+            adv = dict(
+                q_adv=self.split_heads(q_full @ self.a_q),
+                k_adv=self.split_heads(k_full @ self.a_k),
+                gate_logits=self.gate(q_full),
+                noise=noise,
+            )
         out = calibrated_attention(
-            q, k, v, w_oq=self.w_oq, w_ok=self.w_ok, b_o=self.b_o, w_dq=self.w_dq, w_dk=self.w_dk, b_d=self.b_d,
-            dist_scale=self.dist_scale, key_padding_mask=key_padding_mask,
+            q,
+            k,
+            v,
+            w_oq=self.w_oq,
+            w_ok=self.w_ok,
+            b_o=self.b_o,
+            w_dq=self.w_dq,
+            w_dk=self.w_dk,
+            b_d=self.b_d,
+            dist_scale=self.dist_scale,
+            key_padding_mask=key_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            perturb_dropout_p=self.perturb_dropout if self.training else 0.0, backend=self.backend, **adv)
+            perturb_dropout_p=self.perturb_dropout if self.training else 0.0,
+            backend=self.backend,
+            **adv,
+        )
         h_cal = self._output(out.out_cal, x)
         h_att = self._output(out.out_att, x) if out.out_att is not None else None
         return CalibratedLayerOutput(h_cal, h_att, out.perturb)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
-                f"adversarial={self.adversarial}, backend={self.backend!r}")
-
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
+            f"adversarial={self.adversarial}, backend={self.backend!r}"
+        )

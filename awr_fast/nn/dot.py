@@ -20,8 +20,10 @@ def weights_backend(op: str, backend: str) -> str:
 
 def check_window(name: str, x: torch.Tensor, max_len: int, d_model: int) -> None:
     if x.dim() != 3 or not 1 <= x.shape[1] <= max_len or x.shape[2] != d_model:
-        raise ValueError(f"{name}: expected (B, n, d={d_model}) with 1 <= n <= max_len={max_len} (the last n "
-                         f"positions), got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected (B, n, d={d_model}) with 1 <= n <= max_len={max_len} (the last n "
+            f"positions), got {tuple(x.shape)}"
+        )
 
 
 def window_refine_weights(module: nn.Module, names: tuple[str, ...], max_len: int, n: int) -> dict[str, torch.Tensor]:
@@ -48,9 +50,21 @@ class RefinedMultiheadAttention(nn.Module):
     out_proj=False gives the original SASRec layer (no output projection), True the pmixer/torch one.
     """
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, mechanism: str = "none", *,
-                 per_head_refine: bool = False, dropout: float = 0.0, refine_input: str = "probs",
-                 refine_scale: str = "d_h", bias: bool = True, out_proj: bool = True, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_len: int,
+        mechanism: str = "none",
+        *,
+        per_head_refine: bool = False,
+        dropout: float = 0.0,
+        refine_input: str = "probs",
+        refine_scale: str = "d_h",
+        bias: bool = True,
+        out_proj: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
@@ -86,8 +100,14 @@ class RefinedMultiheadAttention(nn.Module):
         """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
         return window_refine_weights(self, spec.WEIGHTS[self.mechanism], self.max_len, n)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None, *, return_weights: bool = False):
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ):
         """(B, n, d) -> (B, n, d); with return_weights=True, (out, weights) with the op's weights {"A", "B",
         "P"} of this call, each (B, H, n, n) (a backend that stores them runs: eager or reference)."""
         keys = queries if keys is None else keys
@@ -96,15 +116,25 @@ class RefinedMultiheadAttention(nn.Module):
         k = self.split_heads(self.k_proj(keys))
         v = self.split_heads(self.v_proj(keys))
         out = refined_attention(
-            q, k, v, mechanism=self.mechanism, **self.refinement_weights(queries.shape[1]),
-            key_padding_mask=key_padding_mask, refine_scale=self.refine_scale, refine_input=self.refine_input,
-            dropout_p=self.dropout if self.training else 0.0, return_weights=return_weights,
-            backend=weights_backend("dot_refined", self.backend) if return_weights else self.backend)
+            q,
+            k,
+            v,
+            mechanism=self.mechanism,
+            **self.refinement_weights(queries.shape[1]),
+            key_padding_mask=key_padding_mask,
+            refine_scale=self.refine_scale,
+            refine_input=self.refine_input,
+            dropout_p=self.dropout if self.training else 0.0,
+            return_weights=return_weights,
+            backend=weights_backend("dot_refined", self.backend) if return_weights else self.backend,
+        )
         out, weights = out if return_weights else (out, None)
         batch, _, n, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.d_model))
         return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
-                f"mechanism={self.mechanism!r}, backend={self.backend!r}")
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
+            f"mechanism={self.mechanism!r}, backend={self.backend!r}"
+        )

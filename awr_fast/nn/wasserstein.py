@@ -28,10 +28,21 @@ class WassersteinAttention(nn.Module):
     Initialisation is STOSA's: weights N(0.01, 0.02) (linears and refinement matrices), biases 0.
     """
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, mechanism: str = "none", *,
-                 per_head_refine: bool = False, attn_dropout: float = 0.0, hidden_dropout: float = 0.3,
-                 refine_input: str = "probs", refine_scale: str = "d_h", backend: str = "auto",
-                 layer_norm_eps: float = 1e-12):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_len: int,
+        mechanism: str = "none",
+        *,
+        per_head_refine: bool = False,
+        attn_dropout: float = 0.0,
+        hidden_dropout: float = 0.3,
+        refine_input: str = "probs",
+        refine_scale: str = "d_h",
+        backend: str = "auto",
+        layer_norm_eps: float = 1e-12,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
@@ -58,8 +69,16 @@ class WassersteinAttention(nn.Module):
         self.reset_parameters()
 
     def linears(self) -> tuple[nn.Linear, ...]:
-        return (self.mean_query, self.mean_key, self.mean_value, self.cov_query, self.cov_key, self.cov_value,
-                self.mean_dense, self.cov_dense)
+        return (
+            self.mean_query,
+            self.mean_key,
+            self.mean_value,
+            self.cov_query,
+            self.cov_key,
+            self.cov_value,
+            self.mean_dense,
+            self.cov_dense,
+        )
 
     def reset_parameters(self) -> None:
         for lin in self.linears():
@@ -81,27 +100,47 @@ class WassersteinAttention(nn.Module):
         """The refinement matrices for a batch of the last n positions (n = max_len: all of them)."""
         return window_refine_weights(self, spec.WEIGHTS[self.mechanism], self.max_len, n)
 
-    def forward(self, mu: torch.Tensor, sigma: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
-                return_weights: bool = False):
+    def forward(
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        return_weights: bool = False,
+    ):
         """-> (mu', sigma'); with return_weights=True, ((mu', sigma'), weights) with the op's weights {"A",
         "B", "P"} of this call, each (B, H, n, n)."""
         check_window("mu", mu, self.max_len, self.d_model)
         if sigma.shape != mu.shape:
             raise ValueError(f"sigma: expected shape {tuple(mu.shape)} (that of mu), got {tuple(sigma.shape)}")
         mu_q, mu_k, mu_v = (self.split_heads(lin(mu)) for lin in (self.mean_query, self.mean_key, self.mean_value))
-        sig_q, sig_k, sig_v = (self.split_heads(F.elu(lin(sigma)) + 1.0)
-                               for lin in (self.cov_query, self.cov_key, self.cov_value))
+        sig_q, sig_k, sig_v = (
+            self.split_heads(F.elu(lin(sigma)) + 1.0) for lin in (self.cov_query, self.cov_key, self.cov_value)
+        )
         weights = self.refinement_weights(mu.shape[1])
         out = wasserstein_attention(
-            mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, mechanism=self.mechanism, key_padding_mask=key_padding_mask,
-            refine_scale=self.refine_scale, refine_input=self.refine_input,
-            dropout_p=self.attn_dropout if self.training else 0.0, return_weights=return_weights,
-            backend=weights_backend("w2_refined", self.backend) if return_weights else self.backend, **weights)
+            mu_q,
+            sig_q,
+            mu_k,
+            sig_k,
+            mu_v,
+            sig_v,
+            mechanism=self.mechanism,
+            key_padding_mask=key_padding_mask,
+            refine_scale=self.refine_scale,
+            refine_input=self.refine_input,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            return_weights=return_weights,
+            backend=weights_backend("w2_refined", self.backend) if return_weights else self.backend,
+            **weights,
+        )
         (ctx_mu, ctx_sig), maps = out if return_weights else (out, None)
         mu_out = self.layer_norm(self.out_dropout(self.mean_dense(self.merge_heads(ctx_mu))) + mu)
         sig_out = self.layer_norm(self.out_dropout(self.cov_dense(self.merge_heads(ctx_sig))) + sigma)
         return ((mu_out, sig_out), maps) if return_weights else (mu_out, sig_out)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
-                f"mechanism={self.mechanism!r}, backend={self.backend!r}")
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
+            f"mechanism={self.mechanism!r}, backend={self.backend!r}"
+        )

@@ -49,17 +49,47 @@ class Inputs(InputsRecord):
         return (self.q, self.k, self.v, self.q_adv, self.k_adv, self.gate_logits, *self.params.values())
 
     def call(self, fn):
-        return fn(self.q, self.k, self.v, **self.params, q_adv=self.q_adv, k_adv=self.k_adv,
-                  gate_logits=self.gate_logits, noise=self.noise, key_padding_mask=self.key_padding_mask,
-                  scale=self.scale, dropout_p=self.dropout_p, perturb_dropout_p=self.perturb_dropout_p)
+        return fn(
+            self.q,
+            self.k,
+            self.v,
+            **self.params,
+            q_adv=self.q_adv,
+            k_adv=self.k_adv,
+            gate_logits=self.gate_logits,
+            noise=self.noise,
+            key_padding_mask=self.key_padding_mask,
+            scale=self.scale,
+            dropout_p=self.dropout_p,
+            perturb_dropout_p=self.perturb_dropout_p,
+        )
 
 
 def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def make_inputs(q, k, v, *, w_oq, w_ok, b_o, w_dq, w_dk, b_d, dist_scale, q_adv=None, k_adv=None, gate_logits=None,
-                noise=None, key_padding_mask=None, scale=None, dropout_p=0.0, perturb_dropout_p=0.0) -> Inputs:
+def make_inputs(
+    q,
+    k,
+    v,
+    *,
+    w_oq,
+    w_ok,
+    b_o,
+    w_dq,
+    w_dk,
+    b_d,
+    dist_scale,
+    q_adv=None,
+    k_adv=None,
+    gate_logits=None,
+    noise=None,
+    key_padding_mask=None,
+    scale=None,
+    dropout_p=0.0,
+    perturb_dropout_p=0.0,
+) -> Inputs:
     batch, heads, n, d_h = V.check_heads_layout(("q", "k", "v"), (q, k, v))
     params = {"w_oq": w_oq, "w_ok": w_ok, "w_dq": w_dq, "w_dk": w_dk, "b_o": b_o, "b_d": b_d, "dist_scale": dist_scale}
     for name in VECTORS:
@@ -72,29 +102,45 @@ def make_inputs(q, k, v, *, w_oq, w_ok, b_o, w_dq, w_dk, b_d, dist_scale, q_adv=
             raise ValueError(f"{name}: expected a scalar tensor, got shape {tuple(params[name].shape)}")
     adversarial = (q_adv, k_adv, gate_logits)
     if any(t is not None for t in adversarial) and any(t is None for t in adversarial):
-        raise ValueError("q_adv, k_adv, gate_logits: expected all three (adversarial calibrator) or none, got "
-                         + ", ".join(name for name, t in zip(ADVERSARIAL, adversarial) if t is not None))
+        raise ValueError(
+            "q_adv, k_adv, gate_logits: expected all three (adversarial calibrator) or none, got "
+            + ", ".join(name for name, t in zip(ADVERSARIAL, adversarial) if t is not None)
+        )
     if q_adv is not None:
         V.check_heads_layout(("q", "q_adv", "k_adv"), (q, q_adv, k_adv))
         V.check_tensor("gate_logits", gate_logits, dim=3)
         if tuple(gate_logits.shape) != (batch, n, n):
-            raise ValueError(f"gate_logits: expected shape (B, n, n) = ({batch}, {n}, {n}), "
-                             f"got {tuple(gate_logits.shape)}")
+            raise ValueError(
+                f"gate_logits: expected shape (B, n, n) = ({batch}, {n}, {n}), got {tuple(gate_logits.shape)}"
+            )
         if noise is not None:
             V.check_tensor("noise", noise, dim=4)
             if tuple(noise.shape) != (batch, heads, n, n):
                 raise ValueError(f"noise: expected shape ({batch}, {heads}, {n}, {n}), got {tuple(noise.shape)}")
     elif noise is not None:
-        raise ValueError("noise: expected None without the adversarial calibrator (q_adv/k_adv/gate_logits), "
-                         f"got a tensor of shape {tuple(noise.shape)}")
+        raise ValueError(
+            "noise: expected None without the adversarial calibrator (q_adv/k_adv/gate_logits), "
+            f"got a tensor of shape {tuple(noise.shape)}"
+        )
     V.check_key_padding_mask(key_padding_mask, batch, n, q.device)
     V.check_scale("scale", scale)
     V.check_probability("dropout_p", dropout_p)
     V.check_probability("perturb_dropout_p", perturb_dropout_p)
     dtype = q.dtype
-    return Inputs(q, k, v, {name: _cast(t, dtype) for name, t in params.items()}, q_adv, k_adv,
-                  _cast(gate_logits, dtype), _cast(noise, dtype), key_padding_mask, scale, float(dropout_p),
-                  float(perturb_dropout_p))
+    return Inputs(
+        q,
+        k,
+        v,
+        {name: _cast(t, dtype) for name, t in params.items()},
+        q_adv,
+        k_adv,
+        _cast(gate_logits, dtype),
+        _cast(noise, dtype),
+        key_padding_mask,
+        scale,
+        float(dropout_p),
+        float(perturb_dropout_p),
+    )
 
 
 CAPABILITIES = (Capability("reference", "awr_fast.reference.calibrated"),)

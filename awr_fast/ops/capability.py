@@ -78,8 +78,10 @@ class Capability:
         mechanism = inputs.mechanism
         if self.mechanisms is not None and mechanism not in self.mechanisms:
             why = (self.why_not or {}).get(mechanism)
-            out.append(f"mechanism={mechanism!r} is not implemented here"
-                       + (f" ({why})" if why else f" (it has {', '.join(self.mechanisms)})"))
+            out.append(
+                f"mechanism={mechanism!r} is not implemented here"
+                + (f" ({why})" if why else f" (it has {', '.join(self.mechanisms)})")
+            )
         if self.max_n is not None and inputs.n > self.max_n:
             out.append(f"n={inputs.n} exceeds this backend's limit of {self.max_n}")
         if self.max_d_h is not None and inputs.d_h > self.max_d_h:

@@ -16,8 +16,13 @@ MECHANISMS = ("none", "simp", "add", "value", "value_literal")
 #: The causal mechanisms, the ones a model offers.
 CAUSAL_MECHANISMS = ("none", "simp", "add", "value")
 #: The refinement weights each mechanism takes, by argument name.
-WEIGHTS = {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk"), "value": ("w_rq", "w_rk", "w_rv"),
-           "value_literal": ("w_rq", "w_rk", "w_rv")}
+WEIGHTS = {
+    "none": (),
+    "simp": ("w_rq", "w_rk"),
+    "add": ("w_rq", "w_rk"),
+    "value": ("w_rq", "w_rk", "w_rv"),
+    "value_literal": ("w_rq", "w_rk", "w_rv"),
+}
 #: Weights whose both dimensions are positions; the others are projections, (n, r) for any inner width r.
 SQUARE_WEIGHTS = ("w_rv",)
 REFINE_INPUTS = ("probs", "scores")
@@ -68,9 +73,19 @@ class Inputs(InputsRecord):
         """fn(q, k, v, *, mechanism, <weights>, key_padding_mask, ...): the reference's signature, which
         every backend's dot_refined shares."""
         extra = {"return_weights": True} if self.return_weights else {}
-        return fn(self.q, self.k, self.v, mechanism=self.mechanism, **self.weights,
-                  key_padding_mask=self.key_padding_mask, scale=self.scale, refine_scale=self.refine_scale,
-                  refine_input=self.refine_input, dropout_p=self.dropout_p, **extra)
+        return fn(
+            self.q,
+            self.k,
+            self.v,
+            mechanism=self.mechanism,
+            **self.weights,
+            key_padding_mask=self.key_padding_mask,
+            scale=self.scale,
+            refine_scale=self.refine_scale,
+            refine_input=self.refine_input,
+            dropout_p=self.dropout_p,
+            **extra,
+        )
 
 
 def check_refinement(mechanism: str, weights: dict, heads: int, n: int, like: torch.Tensor) -> dict:
@@ -88,8 +103,7 @@ def check_refinement(mechanism: str, weights: dict, heads: int, n: int, like: to
     return out
 
 
-def check_common(key_padding_mask, lengths, batch: int, n: int, device, scale, refine_scale, refine_input,
-                 dropout_p):
+def check_common(key_padding_mask, lengths, batch: int, n: int, device, scale, refine_scale, refine_input, dropout_p):
     """The options shared with w2_refined; returns the key padding mask (from lengths if given)."""
     key_padding_mask = V.lengths_to_padding_mask(lengths, key_padding_mask, batch, n, device)
     V.check_key_padding_mask(key_padding_mask, batch, n, device)
@@ -100,26 +114,64 @@ def check_common(key_padding_mask, lengths, batch: int, n: int, device, scale, r
     return key_padding_mask
 
 
-def make_inputs(q, k, v, *, mechanism, w_rq=None, w_rk=None, w_rv=None, key_padding_mask=None, lengths=None,
-                scale=None, refine_scale=None, refine_input="probs", dropout_p=0.0, return_weights=False) -> Inputs:
+def make_inputs(
+    q,
+    k,
+    v,
+    *,
+    mechanism,
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    key_padding_mask=None,
+    lengths=None,
+    scale=None,
+    refine_scale=None,
+    refine_input="probs",
+    dropout_p=0.0,
+    return_weights=False,
+) -> Inputs:
     """Validate the public call's arguments once and freeze them into an Inputs record."""
     batch, heads, n, _ = V.check_heads_layout(("q", "k", "v"), (q, k, v))
     V.check_choice("mechanism", mechanism, MECHANISMS)
     weights = check_refinement(mechanism, {"w_rq": w_rq, "w_rk": w_rk, "w_rv": w_rv}, heads, n, q)
-    key_padding_mask = check_common(key_padding_mask, lengths, batch, n, q.device, scale, refine_scale,
-                                    refine_input, dropout_p)
-    return Inputs(q, k, v, mechanism, weights, key_padding_mask, scale, refine_scale, refine_input,
-                  float(dropout_p), bool(return_weights))
+    key_padding_mask = check_common(
+        key_padding_mask, lengths, batch, n, q.device, scale, refine_scale, refine_input, dropout_p
+    )
+    return Inputs(
+        q,
+        k,
+        v,
+        mechanism,
+        weights,
+        key_padding_mask,
+        scale,
+        refine_scale,
+        refine_input,
+        float(dropout_p),
+        bool(return_weights),
+    )
 
 
 LITERAL_WHY = "the literal M_value is not causal, so only the reference runs it"
 
 CAPABILITIES = (
-    Capability("triton", "awr_fast.kernels.dot_refined", dtypes=KERNEL_FLOAT, mechanisms=CAUSAL_MECHANISMS,
-               max_n=TRITON_MAX_N, max_d_h=TRITON_MAX_D_HEAD, max_grid=MAX_GRID,
-               why_not={"value_literal": LITERAL_WHY}),
-    Capability("eager", "awr_fast.eager.dot_refined", mechanisms=("simp", "add", "value"), weights=True,
-               why_not={"none": "plain attention has nothing to factor: the reference runs it",
-                        "value_literal": LITERAL_WHY}),
+    Capability(
+        "triton",
+        "awr_fast.kernels.dot_refined",
+        dtypes=KERNEL_FLOAT,
+        mechanisms=CAUSAL_MECHANISMS,
+        max_n=TRITON_MAX_N,
+        max_d_h=TRITON_MAX_D_HEAD,
+        max_grid=MAX_GRID,
+        why_not={"value_literal": LITERAL_WHY},
+    ),
+    Capability(
+        "eager",
+        "awr_fast.eager.dot_refined",
+        mechanisms=("simp", "add", "value"),
+        weights=True,
+        why_not={"none": "plain attention has nothing to factor: the reference runs it", "value_literal": LITERAL_WHY},
+    ),
     Capability("reference", "awr_fast.reference.dot_refined", weights=True),
 )

@@ -7,14 +7,19 @@ from dataclasses import dataclass
 import torch
 
 from .. import validation as V
+from .capability import Capability, InputsRecord
 from .dot_refined import check_common, check_refinement
 from .dot_refined import default_scale as default_scale  # one default for both families
-from .capability import Capability, InputsRecord
 
 NAME = "w2_refined"
 MECHANISMS = ("none", "simp", "add", "value", "stoc")
-WEIGHTS = {"none": (), "simp": ("w_rq", "w_rk"), "add": ("w_rq", "w_rk"), "value": ("w_rq", "w_rk", "w_rv"),
-           "stoc": ("w_mu", "w_sigma")}
+WEIGHTS = {
+    "none": (),
+    "simp": ("w_rq", "w_rk"),
+    "add": ("w_rq", "w_rk"),
+    "value": ("w_rq", "w_rk", "w_rv"),
+    "stoc": ("w_mu", "w_sigma"),
+}
 TENSORS = ("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v")
 SQRT_CLAMP = 1e-24  # STOSA clamps covariances here before the square root
 
@@ -51,23 +56,60 @@ class Inputs(InputsRecord):
 
     def call(self, fn):
         extra = {"return_weights": True} if self.return_weights else {}
-        return fn(*self.tensors, mechanism=self.mechanism, **self.weights, key_padding_mask=self.key_padding_mask,
-                  scale=self.scale, refine_scale=self.refine_scale, refine_input=self.refine_input,
-                  dropout_p=self.dropout_p, **extra)
+        return fn(
+            *self.tensors,
+            mechanism=self.mechanism,
+            **self.weights,
+            key_padding_mask=self.key_padding_mask,
+            scale=self.scale,
+            refine_scale=self.refine_scale,
+            refine_input=self.refine_input,
+            dropout_p=self.dropout_p,
+            **extra,
+        )
 
 
-def make_inputs(mu_q, sig_q, mu_k, sig_k, mu_v, sig_v, *, mechanism, w_rq=None, w_rk=None, w_rv=None, w_mu=None,
-                w_sigma=None, key_padding_mask=None, lengths=None, scale=None, refine_scale=None,
-                refine_input="probs", dropout_p=0.0, return_weights=False) -> Inputs:
+def make_inputs(
+    mu_q,
+    sig_q,
+    mu_k,
+    sig_k,
+    mu_v,
+    sig_v,
+    *,
+    mechanism,
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    w_mu=None,
+    w_sigma=None,
+    key_padding_mask=None,
+    lengths=None,
+    scale=None,
+    refine_scale=None,
+    refine_input="probs",
+    dropout_p=0.0,
+    return_weights=False,
+) -> Inputs:
     tensors = (mu_q, sig_q, mu_k, sig_k, mu_v, sig_v)
     batch, heads, n, _ = V.check_heads_layout(TENSORS, tensors)
     V.check_choice("mechanism", mechanism, MECHANISMS)
     given = {"w_rq": w_rq, "w_rk": w_rk, "w_rv": w_rv, "w_mu": w_mu, "w_sigma": w_sigma}
     weights = check_refinement_w2(mechanism, given, heads, n, mu_q)
-    key_padding_mask = check_common(key_padding_mask, lengths, batch, n, mu_q.device, scale, refine_scale,
-                                    refine_input, dropout_p)
-    return Inputs(*tensors, mechanism, weights, key_padding_mask, scale, refine_scale, refine_input,
-                  float(dropout_p), bool(return_weights))
+    key_padding_mask = check_common(
+        key_padding_mask, lengths, batch, n, mu_q.device, scale, refine_scale, refine_input, dropout_p
+    )
+    return Inputs(
+        *tensors,
+        mechanism,
+        weights,
+        key_padding_mask,
+        scale,
+        refine_scale,
+        refine_input,
+        float(dropout_p),
+        bool(return_weights),
+    )
 
 
 def check_refinement_w2(mechanism: str, given: dict, heads: int, n: int, like: torch.Tensor) -> dict:
@@ -85,7 +127,12 @@ def check_refinement_w2(mechanism: str, given: dict, heads: int, n: int, like: t
 
 
 CAPABILITIES = (
-    Capability("eager", "awr_fast.eager.w2_refined", mechanisms=("simp", "add", "value", "stoc"), weights=True,
-               why_not={"none": "plain W2 attention has nothing to factor: the reference runs it"}),
+    Capability(
+        "eager",
+        "awr_fast.eager.w2_refined",
+        mechanisms=("simp", "add", "value", "stoc"),
+        weights=True,
+        why_not={"none": "plain W2 attention has nothing to factor: the reference runs it"},
+    ),
     Capability("reference", "awr_fast.reference.w2_refined", weights=True),
 )

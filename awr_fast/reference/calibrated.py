@@ -101,8 +101,9 @@ def calibrated(
     scale = 1.0 / math.sqrt(d_h) if scale is None else scale
     visible = visible_mask(n, key_padding_mask, q.device)
 
-    logits = spatial_logits(q, k, visible, w_oq=w_oq, w_ok=w_ok, b_o=b_o, w_dq=w_dq, w_dk=w_dk, b_d=b_d,
-                            dist_scale=dist_scale)
+    logits = spatial_logits(
+        q, k, visible, w_oq=w_oq, w_ok=w_ok, b_o=b_o, w_dq=w_dq, w_dk=w_dk, b_d=b_d, dist_scale=dist_scale
+    )
     p_sp = masked_softmax(logits * scale, visible)
     weights = {"P_sp": p_sp}
     if q_adv is None:

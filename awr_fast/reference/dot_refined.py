@@ -44,10 +44,11 @@ def refine_scores(a, visible, *, mechanism, w_rq, w_rk, w_rv, c):
         return inner @ (a @ expand_refine_weight(w_rv))
     if mechanism == "value_literal":
         # B = (W_RV A) softmax((W_RK A)^T (W_RQ A)): mixes rows of future positions on purpose.
-        inner = torch.softmax(c * (expand_refine_weight(w_rk) @ a).transpose(-1, -2)
-                              @ (expand_refine_weight(w_rq) @ a), dim=-1)
+        inner = torch.softmax(
+            c * (expand_refine_weight(w_rk) @ a).transpose(-1, -2) @ (expand_refine_weight(w_rq) @ a), dim=-1
+        )
         return (expand_refine_weight(w_rv) @ a) @ inner
-    raise ValueError(f"mechanism: unknown {mechanism!r}")
+    raise ValueError(f"mechanism: expected one of ['add', 'simp', 'value', 'value_literal'], got {mechanism!r}")
 
 
 def dot_refined(
@@ -81,8 +82,11 @@ def dot_refined(
     weights = {"A": probs}
     if mechanism != "none":
         if mechanism == "value_literal":
-            warnings.warn("mechanism='value_literal' mixes rows of future positions (it is not causal); "
-                          "use mechanism='value' for the causal-safe reading", stacklevel=2)
+            warnings.warn(
+                "mechanism='value_literal' mixes rows of future positions (it is not causal); "
+                "use mechanism='value' for the causal-safe reading",
+                stacklevel=2,
+            )
         a = refinement_input(scores, probs, visible, refine_input)
         b = refine_scores(a, visible, mechanism=mechanism, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c)
         probs = masked_softmax(b, visible)

@@ -35,4 +35,3 @@ def zero_padded_queries(x: torch.Tensor, key_padding_mask: torch.Tensor | None) 
     if key_padding_mask is None:
         return x
     return x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-

@@ -17,15 +17,17 @@ from .dot_refined import expand_refine_weight, refine_scores, refinement_input
 from .masking import masked_softmax, visible_mask, zero_padded_queries
 
 
-
 def _sqrt_cov(sig: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(sig, min=SQRT_CLAMP))
 
 
 def _cov_term(sig1: torch.Tensor, sig2: torch.Tensor) -> torch.Tensor:
     """sum_c (s1_ic + s2_jc - 2 sqrt(s1_ic s2_jc)) as |sqrt s1_i|^2 + |sqrt s2_j|^2 - 2 sqrt(s1_i).sqrt(s2_j)."""
-    return (sig1.sum(-1)[..., :, None] + sig2.sum(-1)[..., None, :]
-            - 2.0 * _sqrt_cov(sig1) @ _sqrt_cov(sig2).transpose(-1, -2))
+    return (
+        sig1.sum(-1)[..., :, None]
+        + sig2.sum(-1)[..., None, :]
+        - 2.0 * _sqrt_cov(sig1) @ _sqrt_cov(sig2).transpose(-1, -2)
+    )
 
 
 def w2_distance(mu1: torch.Tensor, sig1: torch.Tensor, mu2: torch.Tensor, sig2: torch.Tensor) -> torch.Tensor:
@@ -35,8 +37,7 @@ def w2_distance(mu1: torch.Tensor, sig1: torch.Tensor, mu2: torch.Tensor, sig2: 
                + |sqrt sig1_i|^2 + |sqrt sig2_j|^2 - 2 sqrt(sig1_i).sqrt(sig2_j),
     exactly STOSA's matmul form (not clamped at 0: rounding may leave tiny negatives on the diagonal).
     """
-    mean = ((mu1 * mu1).sum(-1)[..., :, None] + (mu2 * mu2).sum(-1)[..., None, :]
-            - 2.0 * mu1 @ mu2.transpose(-1, -2))
+    mean = (mu1 * mu1).sum(-1)[..., :, None] + (mu2 * mu2).sum(-1)[..., None, :] - 2.0 * mu1 @ mu2.transpose(-1, -2)
     return mean + _cov_term(sig1, sig2)
 
 

@@ -73,15 +73,30 @@ def set_rng_state(state: dict[str, Any], negatives: torch.Generator | None = Non
         negatives.set_state(state["negatives"].cpu())
 
 
-def make_checkpoint(*, epoch: int, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, negatives: torch.Generator | None, early_stopping,
-                    config) -> dict[str, Any]:
+def make_checkpoint(
+    *,
+    epoch: int,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    negatives: torch.Generator | None,
+    early_stopping,
+    config,
+) -> dict[str, Any]:
     """The checkpoint dict after epoch ``epoch`` (``step`` optimiser steps so far); ``early_stopping``
     is an :class:`~awr_fast.training.loop.EarlyStopping`, ``config`` a TrainConfig."""
-    return {"format": CHECKPOINT_FORMAT, "epoch": int(epoch), "step": int(step), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": get_rng_state(negatives), "early_stopping": early_stopping.state_dict(),
-            "config": config.to_dict()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": int(epoch),
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": get_rng_state(negatives),
+        "early_stopping": early_stopping.state_dict(),
+        "config": config.to_dict(),
+    }
 
 
 def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
@@ -98,6 +113,8 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "c
     state = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = f"format {state.get('format')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise ValueError(f"path: expected an awr_fast training checkpoint (a dict with format {CHECKPOINT_FORMAT}), "
-                         f"got {got} in {os.fspath(path)}")
+        raise ValueError(
+            f"path: expected an awr_fast training checkpoint (a dict with format {CHECKPOINT_FORMAT}), "
+            f"got {got} in {os.fspath(path)}"
+        )
     return state

@@ -35,8 +35,17 @@ from ..ops import dot_refined as dot_spec
 from ..ops import w2_refined as w2_spec
 from .evaluate import PROTOCOLS
 
-__all__ = ["MODELS", "PROG", "RESUME_MUTABLE", "TrainConfig", "build_parser", "cli_fields",
-           "config_from_args", "flag_of", "load_config"]
+__all__ = [
+    "MODELS",
+    "PROG",
+    "RESUME_MUTABLE",
+    "TrainConfig",
+    "build_parser",
+    "cli_fields",
+    "config_from_args",
+    "flag_of",
+    "load_config",
+]
 
 #: The command line's program name (argparse usage and error lines).
 PROG = "python -m awr_fast.train"
@@ -49,11 +58,33 @@ AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
 
 #: Fields that may differ between a run and its resumption (everything else must match).
-RESUME_MUTABLE = frozenset({"epochs", "patience", "eval_every", "quiet", "tensorboard", "device", "resume",
-                            "eval_batch_size", "num_threads", "backend", "out"})
+RESUME_MUTABLE = frozenset(
+    {
+        "epochs",
+        "patience",
+        "eval_every",
+        "quiet",
+        "tensorboard",
+        "device",
+        "resume",
+        "eval_batch_size",
+        "num_threads",
+        "backend",
+        "out",
+    }
+)
 #: Integer fields that must be >= 1.
-_POSITIVE = ("d_model", "n_layers", "n_heads", "max_len", "batch_size", "epochs", "eval_every", "eval_batch_size",
-             "bucket_batches")
+_POSITIVE = (
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "max_len",
+    "batch_size",
+    "epochs",
+    "eval_every",
+    "eval_batch_size",
+    "bucket_batches",
+)
 
 
 def _option(group: str):
@@ -62,17 +93,31 @@ def _option(group: str):
     is not ``--field-name``), ``default_text`` (shown instead of the default value) and ``cli=False`` for
     fields without a flag."""
 
-    def option(default: Any, help: str, *, choices=None,
-               flag: str | None = None, default_text: str | None = None, cli: bool = True):
-        metadata = {"group": group, "help": help, "choices": tuple(choices) if choices is not None else None,
-                    "flag": flag, "default_text": default_text, "cli": cli}
+    def option(
+        default: Any,
+        help: str,
+        *,
+        choices=None,
+        flag: str | None = None,
+        default_text: str | None = None,
+        cli: bool = True,
+    ):
+        metadata = {
+            "group": group,
+            "help": help,
+            "choices": tuple(choices) if choices is not None else None,
+            "flag": flag,
+            "default_text": default_text,
+            "cli": cli,
+        }
         return field(default=default, metadata=metadata)
 
     return option
 
 
-_model, _optimisation, _data, _evaluation, _run = (_option(g) for g in ("model", "optimisation", "data",
-                                                                          "evaluation", "run"))
+_model, _optimisation, _data, _evaluation, _run = (
+    _option(g) for g in ("model", "optimisation", "data", "evaluation", "run")
+)
 
 
 @dataclass
@@ -81,59 +126,81 @@ class TrainConfig:
 
     # model
     model: str = _model("sasrec", "backbone", choices=MODELS)
-    attention: str = _model("simp", f"AWRSR refinement mechanism ({', '.join(STOSA_ONLY)}: stosa only)",
-                            choices=ALL_ATTENTIONS)
+    attention: str = _model(
+        "simp", f"AWRSR refinement mechanism ({', '.join(STOSA_ONLY)}: stosa only)", choices=ALL_ATTENTIONS
+    )
     d_model: int = _model(64, "embedding width d")
     n_layers: int = _model(2, "attention blocks")
     n_heads: int = _model(1, "attention heads")
     max_len: int = _model(50, "padded sequence length n")
     dropout: float = _model(0.2, "dropout rate")
-    attn_dropout: float | None = _model(None, "attention-weight dropout",
-                                        default_text="--dropout for sasrec, 0 for stosa as released")
+    attn_dropout: float | None = _model(
+        None, "attention-weight dropout", default_text="--dropout for sasrec, 0 for stosa as released"
+    )
     per_head_refine: bool = _model(False, "one set of refinement matrices per head")
-    refine_input: str = _model("probs", "refinement input A: post-softmax probabilities or masked scores",
-                               choices=dot_spec.REFINE_INPUTS)
+    refine_input: str = _model(
+        "probs", "refinement input A: post-softmax probabilities or masked scores", choices=dot_spec.REFINE_INPUTS
+    )
     refine_scale: str = _model("d_h", "refinement scale c = 1/sqrt(d_h | d | n)", choices=dot_spec.REFINE_SCALES)
-    backend: str = _model("auto", "attention backend; auto runs the first of " + ", ".join(BACKENDS[1:])
-                          + " that takes the inputs (cuda and triton only for CUDA tensors)", choices=BACKENDS)
+    backend: str = _model(
+        "auto",
+        "attention backend; auto runs the first of "
+        + ", ".join(BACKENDS[1:])
+        + " that takes the inputs (cuda and triton only for CUDA tensors)",
+        choices=BACKENDS,
+    )
     layout: str = _model("original", "sasrec block layout", choices=SASREC_LAYOUTS)
     loss: str = _model("bce", "sasrec loss", choices=SASREC_LOSSES)
-    num_negatives: int | None = _model(None, "sasrec negatives per position",
-                                       default_text="1 for bce, 100 for sampled_ce")
+    num_negatives: int | None = _model(
+        None, "sasrec negatives per position", default_text="1 for bce, 100 for sampled_ce"
+    )
     pvn: float = _model(0.005, "stosa positive-vs-negative loss weight")
     stosa_compat: bool = _model(False, "stosa: the released encoder's behaviour (mean stream not updated)")
     # optimisation
-    optimizer: str = _optimisation("adam", "Adam (L2 added to the gradient) or AdamW (decoupled decay)",
-                                   choices=OPTIMIZERS)
-    lr: float = _optimisation(5e-3, "learning rate (the default is sized for the synthetic data; the paper's "
-                                    "grid is 1e-3, 1e-4)")
+    optimizer: str = _optimisation(
+        "adam", "Adam (L2 added to the gradient) or AdamW (decoupled decay)", choices=OPTIMIZERS
+    )
+    lr: float = _optimisation(
+        5e-3, "learning rate (the default is sized for the synthetic data; the paper's grid is 1e-3, 1e-4)"
+    )
     l2: float = _optimisation(0.0, "weight decay (L2)")
     betas: tuple[float, float] = _optimisation((0.9, 0.98), "Adam betas")
-    clip_grad: float = _optimisation(0.0, "clip the global gradient norm to this value (0: off; the norm is "
-                                          "logged either way)")
+    clip_grad: float = _optimisation(
+        0.0, "clip the global gradient norm to this value (0: off; the norm is logged either way)"
+    )
     batch_size: int = _optimisation(128, "training rows per step (global, over all processes)")
     epochs: int = _optimisation(30, "maximum epochs")
-    patience: int = _optimisation(20, "early stopping: evaluations without a better valid NDCG@5 (sampled100: "
-                                      "sampled_ndcg@5); 0: never stop early")
+    patience: int = _optimisation(
+        20,
+        "early stopping: evaluations without a better valid NDCG@5 (sampled100: sampled_ndcg@5); 0: never stop early",
+    )
     seed: int = _optimisation(42, "seed (model init, epoch order, negatives, dropout)")
     amp: str = _optimisation("none", "mixed precision: bf16, or fp16 with a GradScaler", choices=AMP_MODES)
     # data
     dataset: str = _data("synthetic", "named data set: synthetic (embedded), " + ", ".join(KNOWN_DATASETS))
     data: str | None = _data(None, "path of a data file (wins over --dataset)")
     kcore: str = _data("iterative", "k-core filter", choices=KCORE_MODES)
-    synthetic: dict[str, Any] = field(default_factory=dict, metadata={
-        "cli": False, "help": "make_synthetic arguments (dataset 'synthetic'); not a flag"})
+    synthetic: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"cli": False, "help": "make_synthetic arguments (dataset 'synthetic'); not a flag"},
+    )
     length_bucketing: bool = _data(True, "group training rows of similar length into batches")
     bucket_batches: int = _data(50, "length bucketing pool size, in batches")
-    trim_padding: bool = _data(True, "drop the columns that are padding in every row of a batch (training and "
-                                     "evaluation), so the work follows the batch's longest sequence; the model "
-                                     "computes the same function")
+    trim_padding: bool = _data(
+        True,
+        "drop the columns that are padding in every row of a batch (training and "
+        "evaluation), so the work follows the batch's longest sequence; the model "
+        "computes the same function",
+    )
     # evaluation
     eval_every: int = _evaluation(1, "evaluate on valid every this many epochs")
     eval_batch_size: int = _evaluation(256, "users scored per chunk")
     exclude_history: bool = _evaluation(False, "drop the user's past items from the ranking (STOSA's protocol)")
-    protocol: str = _evaluation("full", "full ranking, or sampled100 (target + 100 negatives; keys 'sampled_*', "
-                                        "which then select the best epoch)", choices=PROTOCOLS)
+    protocol: str = _evaluation(
+        "full",
+        "full ranking, or sampled100 (target + 100 negatives; keys 'sampled_*', which then select the best epoch)",
+        choices=PROTOCOLS,
+    )
     # run
     device: str = _run("auto", "auto, cpu, cuda, cuda:1, ...")
     out: str | None = _run(None, "run directory", default_text="runs/<timestamp>-<model>-<attention>")
@@ -154,8 +221,10 @@ class TrainConfig:
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name}: expected one of {list(choices)}, got {value!r}")
         if self.attention not in ATTENTIONS[self.model]:
-            raise ValueError(f"attention: expected one of {list(ATTENTIONS[self.model])} for model {self.model!r}, "
-                             f"got {self.attention!r}")
+            raise ValueError(
+                f"attention: expected one of {list(ATTENTIONS[self.model])} for model {self.model!r}, "
+                f"got {self.attention!r}"
+            )
         for name in _POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -166,8 +235,9 @@ class TrainConfig:
             raise ValueError(f"n_heads: expected a divisor of d_model={self.d_model}, got {self.n_heads}")
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not 0.0 <= value < 1.0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0
+            ):
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
         for name in ("num_negatives", "num_threads"):
             value = getattr(self, name)
@@ -189,11 +259,20 @@ class TrainConfig:
 
     def model_kwargs(self, num_items: int) -> dict[str, Any]:
         """Keyword arguments of :func:`awr_fast.models.build_model` (besides the name)."""
-        kw: dict[str, Any] = {"num_items": int(num_items), "max_len": self.max_len, "d_model": self.d_model,
-                              "n_layers": self.n_layers, "n_heads": self.n_heads, "dropout": self.dropout,
-                              "attn_dropout": self.resolved_attn_dropout(), "attention": self.attention,
-                              "per_head_refine": self.per_head_refine, "refine_input": self.refine_input,
-                              "refine_scale": self.refine_scale, "backend": self.backend}
+        kw: dict[str, Any] = {
+            "num_items": int(num_items),
+            "max_len": self.max_len,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "dropout": self.dropout,
+            "attn_dropout": self.resolved_attn_dropout(),
+            "attention": self.attention,
+            "per_head_refine": self.per_head_refine,
+            "refine_input": self.refine_input,
+            "refine_scale": self.refine_scale,
+            "backend": self.backend,
+        }
         if self.model == "sasrec":
             kw.update(layout=self.layout, loss=self.loss, num_negatives=self.num_negatives)
         else:
@@ -256,8 +335,10 @@ def _argparse_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     elif hint in (int, float):
         kw["type"] = hint
     elif hint is not str:
-        raise TypeError(f"{f.name}: expected a field type the CLI can parse (bool, int, float, str, a tuple of "
-                        f"them, or Optional of one), got {hint!r}; give it metadata cli=False")
+        raise TypeError(
+            f"{f.name}: expected a field type the CLI can parse (bool, int, float, str, a tuple of "
+            f"them, or Optional of one), got {hint!r}; give it metadata cli=False"
+        )
     if f.metadata.get("choices") is not None:
         kw["choices"] = f.metadata["choices"]
     return kw
@@ -276,11 +357,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     metadata gives the help text and choices). Every flag defaults to "not given" (argparse.SUPPRESS)
     so that :func:`config_from_args` can tell given flags from defaults (needed by --resume)."""
     p = argparse.ArgumentParser(
-        prog=prog, usage="%(prog)s [options]  (all listed below, by group)", argument_default=argparse.SUPPRESS,
+        prog=prog,
+        usage="%(prog)s [options]  (all listed below, by group)",
+        argument_default=argparse.SUPPRESS,
         description="Train SASRec / STOSA with AWRSR attention refinement; writes a run directory "
-                    "(config.json, metrics.jsonl, best.pt, last.pt, final.json). Also runs under "
-                    "torchrun --nproc_per_node=N for data parallelism.",
-        )
+        "(config.json, metrics.jsonl, best.pt, last.pt, final.json). Also runs under "
+        "torchrun --nproc_per_node=N for data parallelism.",
+    )
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in cli_fields():
@@ -320,11 +403,14 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
             if not (Path(resume) / "config.json").is_file():
                 parser.error(f"--resume: expected a run directory (with config.json and last.pt), got {resume!r}")
             base = load_config(resume).to_dict()
-            changed: list[str] = [k for k, v in given.items()
-                                  if k not in RESUME_MUTABLE and _norm(base.get(k)) != _norm(v)]
+            changed: list[str] = [
+                k for k, v in given.items() if k not in RESUME_MUTABLE and _norm(base.get(k)) != _norm(v)
+            ]
             if changed:
-                parser.error(f"--resume: expected only {_flags(RESUME_MUTABLE)} to differ from the stored run, "
-                             f"got {_flags(changed)}")
+                parser.error(
+                    f"--resume: expected only {_flags(RESUME_MUTABLE)} to differ from the stored run, "
+                    f"got {_flags(changed)}"
+                )
             base.update(given)
             base["out"] = str(resume)
             return TrainConfig.from_dict(base)

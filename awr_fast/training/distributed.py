@@ -15,8 +15,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistInfo", "all_gather_objects", "all_reduce_mean", "barrier", "broadcast_object", "cleanup",
-           "init_distributed", "is_available"]
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "init_distributed",
+    "is_available",
+]
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     backend = dist.get_backend()
     if use_cuda and backend == "nccl":
         torch.cuda.set_device(local_rank)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    backend=str(backend))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, backend=str(backend))
 
 
 def cleanup(info: DistInfo) -> None:

@@ -26,8 +26,16 @@ from ..metrics import DEFAULT_KS, metrics_from_ranks, popularity_scores, rank_of
 from .distributed import DistInfo, all_gather_objects
 from .loop import trailing_widths
 
-__all__ = ["HEADLINE_METRICS", "PROTOCOLS", "evaluate", "evaluate_popularity", "evaluate_scores", "headline_keys",
-           "metric_prefix", "selection_key"]
+__all__ = [
+    "HEADLINE_METRICS",
+    "PROTOCOLS",
+    "evaluate",
+    "evaluate_popularity",
+    "evaluate_scores",
+    "headline_keys",
+    "metric_prefix",
+    "selection_key",
+]
 
 PROTOCOLS = ("full", "sampled100")
 SAMPLED_NEGATIVES = 100
@@ -64,9 +72,20 @@ def _split_arrays(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int = 256, exclude_history: bool = False,
-                    protocol: str = "full", device=None, sampled_seed: int = 0, dist: DistInfo | None = None,
-                    ks=DEFAULT_KS, trim_padding: bool = True) -> dict[str, float]:
+def evaluate_scores(
+    score_fn: ScoreFn,
+    dataset,
+    split: str,
+    *,
+    batch_size: int = 256,
+    exclude_history: bool = False,
+    protocol: str = "full",
+    device=None,
+    sampled_seed: int = 0,
+    dist: DistInfo | None = None,
+    ks=DEFAULT_KS,
+    trim_padding: bool = True,
+) -> dict[str, float]:
     """Metrics of ``score_fn`` (``(B, n) LongTensor -> (B, num_items + 1)`` scores) on ``split``.
 
     trim_padding: hand each chunk to ``score_fn`` without its all-padding columns (the last
@@ -88,7 +107,7 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
         lo, hi = chunk * batch_size, min(num_rows, (chunk + 1) * batch_size)
         chunk_inputs = inputs[lo:hi]
         if trim_padding:
-            chunk_inputs = chunk_inputs[:, -max(int(trailing_widths(chunk_inputs).max(initial=0)), 1):]
+            chunk_inputs = chunk_inputs[:, -max(int(trailing_widths(chunk_inputs).max(initial=0)), 1) :]
         seq = torch.from_numpy(np.ascontiguousarray(chunk_inputs)).to(device)
         tgt = torch.from_numpy(np.ascontiguousarray(targets[lo:hi])).to(device)
         scores = score_fn(seq).float()
@@ -97,8 +116,9 @@ def evaluate_scores(score_fn: ScoreFn, dataset, split: str, *, batch_size: int =
         sampled = None
         if protocol == "sampled100":
             g = torch.Generator().manual_seed(int(sampled_seed) * 1_000_003 + chunk)
-            sampled = sampled_rank_of_target(scores, tgt, exclude, num_negatives=SAMPLED_NEGATIVES,
-                                             generator=g).cpu().numpy()
+            sampled = (
+                sampled_rank_of_target(scores, tgt, exclude, num_negatives=SAMPLED_NEGATIVES, generator=g).cpu().numpy()
+            )
         mine[chunk] = (full, sampled)
     merged: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     for part in all_gather_objects(mine, dist):

@@ -26,8 +26,16 @@ from torch import nn
 from .distributed import DistInfo, all_reduce_mean
 from .sampler import epoch_generator, epoch_seed, shard_batch
 
-__all__ = ["EarlyStopping", "LossModule", "autocast", "make_optimizer", "make_scaler",
-           "resolve_device", "seed_epoch", "train_epoch"]
+__all__ = [
+    "EarlyStopping",
+    "LossModule",
+    "autocast",
+    "make_optimizer",
+    "make_scaler",
+    "resolve_device",
+    "seed_epoch",
+    "train_epoch",
+]
 
 
 def resolve_device(device: str = "auto", dist: DistInfo | None = None) -> torch.device:
@@ -151,12 +159,25 @@ def batch_width(widths: np.ndarray | None, rows: np.ndarray, n: int) -> int:
     return max(int(widths[rows].max()), 1)
 
 
-def train_epoch(step_module: nn.Module, model: nn.Module, *, train_input: torch.Tensor, train_pos: torch.Tensor,
-                batches: Sequence[np.ndarray], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler | None, neg_generator: torch.Generator | None = None,
-                seed: int, epoch: int, device: torch.device, amp: str = "none", clip_grad: float = 0.0,
-                dist: DistInfo | None = None, show_progress: bool = False,
-                row_widths: np.ndarray | None = None) -> dict[str, Any]:
+def train_epoch(
+    step_module: nn.Module,
+    model: nn.Module,
+    *,
+    train_input: torch.Tensor,
+    train_pos: torch.Tensor,
+    batches: Sequence[np.ndarray],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    neg_generator: torch.Generator | None = None,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    amp: str = "none",
+    clip_grad: float = 0.0,
+    dist: DistInfo | None = None,
+    show_progress: bool = False,
+    row_widths: np.ndarray | None = None,
+) -> dict[str, Any]:
     """One pass over ``batches`` (global batches of training-row indices).
 
     Args:

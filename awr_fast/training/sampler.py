@@ -68,7 +68,7 @@ class RandomBatchSampler:
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         perm = torch.randperm(self.num_rows, generator=epoch_generator(self.seed, epoch)).numpy()
-        out = [perm[i:i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
+        out = [perm[i : i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
         if self.drop_last and out and len(out[-1]) < self.batch_size:
             out.pop()
         return out
@@ -105,10 +105,10 @@ class LengthBucketBatchSampler:
         pool = self.batch_size * self.bucket_batches
         out: list[np.ndarray] = []
         for start in range(0, self.num_rows, pool):
-            rows = perm[start:start + pool]
+            rows = perm[start : start + pool]
             # longest first inside a pool; a stable sort keeps the random order among equal lengths
             rows = rows[np.argsort(-self.lengths[rows], kind="stable")]
-            out.extend(rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+            out.extend(rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size))
         order = torch.randperm(len(out), generator=g).numpy()
         return [out[i] for i in order]
 
@@ -118,8 +118,9 @@ class LengthBucketBatchSampler:
         return full * self.bucket_batches + -(-rest // self.batch_size)
 
 
-def make_batch_sampler(lengths: Sequence[int], batch_size: int, seed: int, *, length_bucketing: bool = True,
-                       bucket_batches: int = 50):
+def make_batch_sampler(
+    lengths: Sequence[int], batch_size: int, seed: int, *, length_bucketing: bool = True, bucket_batches: int = 50
+):
     """The training batch sampler: length-bucketed (default) or plain shuffled."""
     if length_bucketing:
         return LengthBucketBatchSampler(lengths, batch_size, seed, bucket_batches=bucket_batches)
