@@ -43,9 +43,11 @@ try:
 except ImportError:  # not installed: use the checkout's package (its Triton kernels then report as unavailable)
     sys.path.insert(1, str(common.REPO_ROOT))
 
+from awr_fast.ops import calibrated, dot_refined, w2_refined  # noqa: E402
+
 FAMILIES = {
-    "dot": ("none", "simp", "add", "value"),
-    "w2": ("none", "simp", "add", "value", "stoc"),
+    "dot": dot_refined.CAUSAL_MECHANISMS,
+    "w2": w2_refined.MECHANISMS,
     "calibrated": ("spatial", "adversarial"),
 }
 BACKENDS = ("reference", "eager", "compile", "triton", "cuda", "sdpa")
@@ -170,23 +172,15 @@ def make_inputs(family: str, mechanism: str, shape: Shape, device, mask, seed: i
     leaves, consts = {}, {"key_padding_mask": mask}
     if family == "dot":
         leaves.update(q=_randn(act, g, device, dtype), k=_randn(act, g, device, dtype), v=_randn(act, g, device, dtype))
-        if mechanism != "none":
-            names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
-            leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in names})
+        leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in dot_refined.WEIGHTS[mechanism]})
     elif family == "w2":
         for name in ("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v"):
             x = _randn(act, g, device, torch.float32)
             leaves[name] = (F.elu(x) + 1.0 if name.startswith("sig") else x).to(dtype)
-        if mechanism == "stoc":
-            leaves.update(
-                w_mu=_randn((n, n), g, device, dtype, w_scale), w_sigma=_randn((n, n), g, device, dtype, w_scale)
-            )
-        elif mechanism != "none":
-            names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
-            leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in names})
+        leaves.update({name: _randn((n, n), g, device, dtype, w_scale) for name in w2_refined.WEIGHTS[mechanism]})
     elif family == "calibrated":
         leaves.update(q=_randn(act, g, device, dtype), k=_randn(act, g, device, dtype), v=_randn(act, g, device, dtype))
-        for name in ("w_oq", "w_ok", "w_dq", "w_dk"):
+        for name in calibrated.VECTORS:
             leaves[name] = _randn((d,), g, device, dtype, 0.1)
         for name in ("b_o", "b_d", "dist_scale"):
             leaves[name] = _randn((), g, device, dtype, 0.5)

@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 import awr_fast  # noqa: E402
+from awr_fast.ops import dot_refined, w2_refined  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 B, H, N, D_H = (64, 2, 50, 32) if DEVICE.type == "cuda" else (8, 2, 50, 32)
@@ -59,10 +60,10 @@ def _fwd_bwd(fn, leaves):
     return step
 
 
-@pytest.mark.parametrize("mechanism", ["none", "simp", "add", "value"])
+@pytest.mark.parametrize("mechanism", dot_refined.CAUSAL_MECHANISMS)
 def test_refined_attention_fwd_bwd(benchmark, mechanism):
     q, k, v = (_leaf(B, H, N, D_H, seed=i) for i in range(3))
-    names = {"none": (), "value": ("w_rq", "w_rk", "w_rv")}.get(mechanism, ("w_rq", "w_rk"))
+    names = dot_refined.WEIGHTS[mechanism]
     weights = _weights(names, seed=10)
     mask = _padding_mask()
     step = _fwd_bwd(
@@ -76,7 +77,7 @@ def test_refined_attention_fwd_bwd(benchmark, mechanism):
 @pytest.mark.parametrize("mechanism", ["none", "simp", "stoc"])
 def test_wasserstein_attention_fwd_bwd(benchmark, mechanism):
     tensors = [_leaf(B, H, N, D_H, seed=i, positive=(i % 2 == 1)) for i in range(6)]
-    names = {"none": (), "stoc": ("w_mu", "w_sigma")}.get(mechanism, ("w_rq", "w_rk"))
+    names = w2_refined.WEIGHTS[mechanism]
     weights = _weights(names, seed=20)
     mask = _padding_mask()
     step = _fwd_bwd(

@@ -21,6 +21,8 @@ from awr_fast.models import (
     w2_bpr_loss,
     w2_pair_distance,
 )
+from awr_fast.models.sasrec import REFINE_PARAMS, SASREC_ATTENTIONS
+from awr_fast.models.stosa import STOSA_ATTENTIONS
 from awr_fast.reference.w2_refined import w2_distance
 
 MODEL_OPS = {"sasrec": "dot_refined", "stosa": "w2_refined"}
@@ -28,8 +30,8 @@ MODEL_OPS = {"sasrec": "dot_refined", "stosa": "w2_refined"}
 NUM_ITEMS, MAX_LEN, D = 30, 8, 16
 
 CASES = (
-    [("sasrec", a, {"layout": lay}) for lay in ("original", "post_ln") for a in ("none", "simp", "add", "value")]
-    + [("stosa", a, {}) for a in ("none", "simp", "add", "value", "stoc")]
+    [("sasrec", a, {"layout": lay}) for lay in ("original", "post_ln") for a in SASREC_ATTENTIONS]
+    + [("stosa", a, {}) for a in STOSA_ATTENTIONS]
     + [
         ("sasrec", "value", {"refine_input": "scores", "per_head_refine": True}),
         ("stosa", "stoc", {"refine_input": "scores", "per_head_refine": True}),
@@ -182,7 +184,7 @@ def test_trimmed_batch_is_the_same_function(name, attention, extra):
     torch.testing.assert_close(h_trim, h_full, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(loss_trim, loss_full, rtol=1e-10, atol=1e-12)
     assert g_full.keys() == g_trim.keys()
-    refinement = [k for k in g_full if k.split(".")[-1] in ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma")]
+    refinement = [k for k in g_full if k.split(".")[-1] in REFINE_PARAMS]
     assert (attention == "none") == (not refinement)
     for key in g_full:
         torch.testing.assert_close(g_trim[key], g_full[key], rtol=1e-9, atol=1e-11, msg=key)
@@ -222,7 +224,7 @@ def test_padding_invariance(name, attention, extra):
         g = torch.Generator().manual_seed(5)
         pad_rows = slice(0, MAX_LEN - longest)
         for pname, param in model.named_parameters():
-            if pname.split(".")[-1] in ("w_rq", "w_rk", "w_rv", "w_mu", "w_sigma"):
+            if pname.split(".")[-1] in REFINE_PARAMS:
                 param[..., pad_rows, :] += torch.randn(param[..., pad_rows, :].shape, generator=g, dtype=param.dtype)
             elif pname.startswith("pos_"):
                 param[pad_rows] += torch.randn(param[pad_rows].shape, generator=g, dtype=param.dtype)

@@ -36,7 +36,7 @@ def test_w2_forward_shapes_and_backward_reaches_every_parameter(mechanism, per_h
     (mu_out.square().sum() + sig_out.square().sum()).backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    expected = {"w_rq", "w_rk", "w_rv", "w_mu", "w_sigma"} & {n for n, _ in layer.named_parameters()}
+    expected = {name for names in W2_WEIGHTS.values() for name in names} & {n for n, _ in layer.named_parameters()}
     assert expected == set(W2_WEIGHTS[mechanism])
     for name in expected:
         assert getattr(layer, name).shape == ((2, 7, 7) if per_head else (7, 7))

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import awr_fast
+from awr_fast.ops.dot_refined import CAUSAL_MECHANISMS, WEIGHTS
 from helpers import left_padding_mask
 
-MECHANISMS = ("none", "simp", "add", "value")
+MECHANISMS = CAUSAL_MECHANISMS
 
 
 def make_inputs(
@@ -20,7 +21,7 @@ def make_inputs(
     wshape = (heads, n, n) if per_head else (n, n)
     ws = {}
     if mechanism != "none":
-        names = ("w_rq", "w_rk", "w_rv") if mechanism in ("value", "value_literal") else ("w_rq", "w_rk")
+        names = WEIGHTS[mechanism]
         ws = {name: torch.randn(*wshape, generator=g, dtype=dtype) / math.sqrt(n) for name in names}
     if requires_grad:
         for t in (q, k, v, *ws.values()):

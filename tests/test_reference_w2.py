@@ -7,18 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import awr_fast
+from awr_fast.ops.w2_refined import MECHANISMS
+from awr_fast.ops.w2_refined import TENSORS as TENSOR_NAMES
+from awr_fast.ops.w2_refined import WEIGHTS as WEIGHT_NAMES
 from awr_fast.reference.w2_refined import w2_distance, w2_refined
 from helpers import left_padding_mask
-
-MECHANISMS = ("none", "simp", "add", "value", "stoc")
-WEIGHT_NAMES = {
-    "none": (),
-    "simp": ("w_rq", "w_rk"),
-    "add": ("w_rq", "w_rk"),
-    "value": ("w_rq", "w_rk", "w_rv"),
-    "stoc": ("w_mu", "w_sigma"),
-}
-TENSOR_NAMES = ("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v")
 
 
 def make_inputs(

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from awr_fast.data import build_dataset, sequences_from_lists
+from awr_fast.ops.dot_refined import CAUSAL_MECHANISMS
+from awr_fast.ops.w2_refined import MECHANISMS as W2_MECHANISMS
 from awr_fast.train import read_metrics, train
 from awr_fast.training import (
     EarlyStopping,
@@ -105,9 +107,7 @@ def _subprocess_env(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # convergence: a few epochs beat popularity for every model x mechanism
 
-COMBOS = [("sasrec", a) for a in ("none", "simp", "add", "value")] + [
-    ("stosa", a) for a in ("none", "simp", "add", "value", "stoc")
-]
+COMBOS = [("sasrec", a) for a in CAUSAL_MECHANISMS] + [("stosa", a) for a in W2_MECHANISMS]
 
 
 @pytest.mark.parametrize("model,attention", COMBOS, ids=[f"{m}-{a}" for m, a in COMBOS])

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import awr_fast
+from awr_fast.backends import capabilities
+from awr_fast.ops.dot_refined import WEIGHTS
 from awr_fast.reference.dot_refined import dot_refined as reference
 from helpers import left_padding_mask, random_lengths
 
@@ -18,7 +20,7 @@ triton = pytest.importorskip("triton")
 from awr_fast.kernels import dot_refined as triton_dot  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MECHANISMS = ("none", "simp", "add", "value")
+MECHANISMS = capabilities("dot_refined")["triton"].mechanisms
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 GRID_N = (1, 7, 37, 50, 64, 97, 128, 200, 256)
 GRID_D = (16, 50, 64)
@@ -29,7 +31,7 @@ def make_case(mechanism, n, d_h, *, batch=3, heads=2, per_head=False, padded=Tru
     q, k, v = (torch.randn(batch, heads, n, d_h, generator=g) for _ in range(3))
     weights = {}
     if mechanism != "none":
-        names = ("w_rq", "w_rk", "w_rv") if mechanism == "value" else ("w_rq", "w_rk")
+        names = WEIGHTS[mechanism]
         shape = (heads, n, n) if per_head else (n, n)
         # xavier-like scale keeps the second-order scores O(1) as in a trained model
         weights = {name: torch.randn(*shape, generator=g) * math.sqrt(2.0 / (2 * n)) * 4 for name in names}
