@@ -6,9 +6,14 @@ negligible and what remains is Python (argument checks, dispatch, autograd bookk
 
 For each (mechanism, backend) it times one forward+backward through the public API (median and 20/80
 quantiles over --repeats blocks of --calls calls), the same through the nn module (projections included),
-and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch attention call. Rows are
-appended to bench/results/host_overhead.csv and .jsonl. Backends this checkout lacks are skipped with the
-error they raise, so the same script measures an older checkout for a before/after comparison.
+and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch attention call. The
+"kernel" rows call the Triton backend's entry on the same CPU tensors with Triton's active driver replaced
+by the sm_90 stand-in of kernel_resources.py: the kernels are compiled for the GPU and Triton's whole Python
+launch path runs, but each launch is a no-op that is counted, so those rows are the host cost of a GPU
+call without the GPU (the torch ops around the launches do run, on tiny CPU tensors). Every row also counts
+the aten ops one call dispatches and its Triton launches. Rows are appended to
+bench/results/host_overhead.csv and .jsonl. Backends this checkout lacks are skipped with the error they
+raise, so the same script measures an older checkout for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -42,6 +48,8 @@ COLUMNS = [
     "n",
     "d_h",
     "calls",
+    "torch_ops",
+    "triton_launches",
     "us_median",
     "us_p20",
     "us_p80",
@@ -101,6 +109,49 @@ def _cases(args):
 
     yield "api", "causal", "sdpa", sdpa_call
 
+    if args.no_triton:
+        return
+    try:  # the Triton backend on CPU tensors: its real Python launch path, each launch a counted no-op
+        import kernel_resources
+
+        kernel_resources.install_stand_in(90)
+        from awr_fast.kernels import dot_refined as triton_dot
+    except Exception as exc:
+        yield "kernel", "simp", "triton", exc
+        return
+    for mechanism in ("none", "simp"):
+        weights = w if mechanism == "simp" else {}
+
+        def kernel_call(weights=weights, mechanism=mechanism):
+            out = triton_dot.dot_refined(q, k, v, mechanism=mechanism, key_padding_mask=mask, **weights)
+            out.sum().backward()
+
+        yield "kernel", mechanism, "triton", kernel_call
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops a call runs (what reaches the dispatcher: every op a GPU would launch or fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counts(fn) -> tuple[int, int]:
+    """(aten ops, Triton launches) of one call."""
+    try:
+        from kernel_resources import _Launcher
+    except Exception:
+        _Launcher = None
+    launches = _Launcher.launches if _Launcher else 0
+    with _CountOps() as mode:
+        fn()
+    return mode.count, (_Launcher.launches - launches) if _Launcher else 0
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +166,7 @@ def main(argv=None) -> int:
         "--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR, help="where host_overhead.csv/.jsonl go"
     )
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton rows (sm_90 stand-in driver)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the host path is single-threaded; more threads only add noise here
     import awr_fast
@@ -149,10 +201,12 @@ def main(argv=None) -> int:
             used.clear()
         try:
             t = _time(fn, args.calls, args.repeats)
+            row["torch_ops"], row["triton_launches"] = _counts(fn)
         except (ValueError, RuntimeError) as exc:
             rows.append({**row, "status": "skipped", "reason": common.describe(exc)})
             continue
-        ran = "+".join(sorted({b for (_, b) in used})) if used else ("sdpa" if backend == "sdpa" else "")
+        direct = backend if backend in ("sdpa", "triton") else ""  # called without the dispatcher
+        ran = "+".join(sorted({b for (_, b) in used})) if used else direct
         rows.append(
             {
                 **row,
@@ -163,7 +217,7 @@ def main(argv=None) -> int:
                 "status": "ok",
             }
         )
-    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80"]
+    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80", "aten ops", "launches"]
     table = [
         [
             r["path"],
@@ -172,6 +226,8 @@ def main(argv=None) -> int:
             r.get("backend_ran", ""),
             f"{r['us_median']:.0f}" if r["status"] == "ok" else r["status"],
             f"{r['us_p20']:.0f}-{r['us_p80']:.0f}" if r["status"] == "ok" else r["reason"][:60],
+            str(r.get("torch_ops", "")),
+            str(r.get("triton_launches", "")),
         ]
         for r in rows
     ]
@@ -179,7 +235,7 @@ def main(argv=None) -> int:
         f"host cost of one forward+backward, B={args.batch} H={args.heads} n={args.n} d_h={args.d_h}, CPU, "
         f"1 thread, {env['git_commit']} {args.label}"
     )
-    print(common.fmt_table(header, table, [False] * 4 + [True, True]))
+    print(common.fmt_table(header, table, [False] * 4 + [True] * 4))
     if not args.no_save:
         csv_path, _ = common.append_results(args.results_dir, "host_overhead", rows, COLUMNS)
         print(f"appended {len(rows)} rows to {csv_path}")

@@ -247,7 +247,7 @@ def test_host_overhead(tmp_path):
     """bench/host_overhead.py: one row per (path, mechanism, backend); on the CPU "auto" runs eager for simp
     and the reference for none, and every timed row is positive."""
     host = _load("host_overhead")
-    _run("host_overhead.py", ["--calls", "3", "--repeats", "2", "--label", "smoke"], tmp_path)
+    _run("host_overhead.py", ["--calls", "3", "--repeats", "2", "--label", "smoke"], tmp_path, timeout=900)
     header, rows, _ = _rows(tmp_path, "host_overhead")
     assert header == host.COLUMNS
     by = {(r["path"], r["mechanism"], r["backend"]): r for r in rows}
@@ -256,7 +256,31 @@ def test_host_overhead(tmp_path):
     assert by[("api", "none", "eager")]["status"] == "skipped"
     assert "nothing to factor" in by[("api", "none", "eager")]["reason"]
     assert by[("api", "causal", "sdpa")]["status"] == "ok"
+    assert int(by[("api", "simp", "eager")]["torch_ops"]) > int(by[("api", "causal", "sdpa")]["torch_ops"]) > 0
+    kernel = by[("kernel", "simp", "triton")]  # compiled for sm_90 by the stand-in driver, launches counted
+    assert kernel["status"] == "ok" and kernel["triton_launches"] == "2", kernel  # fused: one forward, one backward
     for r in rows:
         assert r["label"] == "smoke"
         if r["status"] == "ok":
             assert 0 < float(r["us_p20"]) <= float(r["us_median"]) <= float(r["us_p80"]), r
+
+
+def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
+    """bench/kernel_resources.py: the stand-in driver lets Triton compile the fused kernels for sm_90 on this
+    CPU machine; every row carries the compiler's registers, stack (spill) bytes and shared memory."""
+    pytest.importorskip("triton")
+    resources = _load("kernel_resources")
+    _run(
+        "kernel_resources.py",
+        ["--arch", "90", "--n", "50", "--dtypes", "bf16", "--mechanisms", "none"],
+        tmp_path,
+        timeout=600,
+    )
+    header, rows, _ = _rows(tmp_path, "kernel_resources")
+    assert header == resources.COLUMNS
+    assert {r["kernel"] for r in rows} == {"_fused_fwd", "_fused_bwd"}
+    for r in rows:
+        assert r["status"] == "ok" and r["arch"] == "90", r
+        assert 0 < int(r["registers"]) <= 255 and int(r["stack_bytes"]) >= 0 and int(r["local_bytes"]) >= 0, r
+        assert 0 < int(r["shared_bytes"]) <= int(r["max_shared_bytes"]), r
+    assert "| sm_90 | 50 | bf16 | none |" in (tmp_path / "kernel_resources.md").read_text()

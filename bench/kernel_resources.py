@@ -1,0 +1,415 @@
+"""Compiled resources of every Triton kernel for a GPU target, on a machine without a GPU.
+
+    python bench/kernel_resources.py                          # the default configurations, sm_90 and sm_80
+    python bench/kernel_resources.py --arch 90 --n 50 --dtypes fp32 --mechanisms simp
+    python bench/kernel_resources.py --all                    # every window, block size and flag
+
+Triton's whole JIT path (binder, specialization, constexprs, ``triton.compile`` with its bundled ptxas)
+runs here once the active driver is replaced by a stand-in that reports the target
+(``GPUTarget("cuda", 90, 32)`` or 80) and the device's opt-in shared memory per block (so Triton's own
+OutOfResources check runs), and whose launcher does nothing. The project's launchers are then called on
+small CPU tensors, forward and backward, so each kernel is compiled exactly as a GPU launch of that
+configuration would compile it. Per compiled kernel the bundled ``cuobjdump --dump-resource-usage`` gives
+registers, the stack frame per thread (register spills are stored there, so STACK > 0 means the kernel
+spills or keeps a local array), local arrays and static shared memory; the kernel's metadata gives
+num_warps, num_stages and the shared memory the launch needs. Rows go to
+bench/results/kernel_resources.csv/.jsonl and a markdown table to kernel_resources.md.
+
+The numbers are the compiler's, not a GPU's: they say whether a kernel can be fast (no spills, fits in
+shared memory), not how fast it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be decorated for compilation, not interpretation
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+#: Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and SM count.
+ARCHS = {
+    90: {"max_shared_mem": 232448, "multiprocessor_count": 132},
+    80: {"max_shared_mem": 166912, "multiprocessor_count": 108},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COLUMNS = [
+    "run_id",
+    "date",
+    "git_commit",
+    "triton",
+    "arch",
+    "config",
+    "kernel",
+    "n",
+    "dtype",
+    "mechanism",
+    "masked",
+    "dropout",
+    "num_warps",
+    "num_stages",
+    "shared_bytes",
+    "max_shared_bytes",
+    "registers",
+    "local_bytes",
+    "stack_bytes",
+    "spill_stores",
+    "spill_loads",
+    "status",
+    "reason",
+    "compile_s",
+]
+
+
+# ------------------------------------------------------------------------------------- stand-in driver
+
+
+class _Launcher:
+    """Takes the compiled kernel's place at launch: counts and logs the launch, runs nothing."""
+
+    launches = 0
+    log: list = []  # the metadata of every launch since the last clear (the kernel's own object)
+
+    def __init__(self, src, metadata):
+        self.metadata = metadata
+
+    def __call__(self, *args, **kwargs):
+        _Launcher.launches += 1
+        _Launcher.log.append(self.metadata)
+
+
+class _Utils:
+    def __init__(self, arch: int):
+        self.props = {
+            **ARCHS[arch],
+            "max_num_regs": 65536,
+            "warpSize": 32,
+            "sm_clock_rate": 1,
+            "mem_clock_rate": 1,
+            "mem_bus_width": 1,
+        }
+
+    def get_device_properties(self, device):
+        return self.props
+
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 0, 0, 1024  # module, function, n_regs, n_spills (unknown here: see cuobjdump), max threads
+
+    def unload_module(self, module):
+        pass
+
+
+def install_stand_in(arch: int):
+    """Make `arch` the active Triton target; returns the driver object."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.runtime import driver
+
+    class StandIn(DriverBase):
+        def __init__(self):
+            self.utils = _Utils(arch)
+            self.launcher_cls = _Launcher
+
+        @staticmethod
+        def is_active():
+            return False
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_device_capability(self, device=None):
+            return divmod(arch, 10)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_benchmarker(self):
+            raise RuntimeError("no benchmarking on the stand-in driver")
+
+        def get_empty_cache_for_benchmark(self):
+            raise RuntimeError("no benchmarking on the stand-in driver")
+
+        def clear_cache(self, cache):
+            pass
+
+    stand_in = StandIn()
+    driver.set_active(stand_in)
+    from triton.compiler import compiler
+
+    if hasattr(compiler.max_shared_mem, "cache_clear"):  # cached per device: a second target must not see the first's
+        compiler.max_shared_mem.cache_clear()
+    return stand_in
+
+
+# ------------------------------------------------------------------------------------------ resources
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """From the cubin: REG, STACK (bytes per thread: register spills live in the stack frame) and LOCAL
+    (cuobjdump --dump-resource-usage), and the SASS's local-memory stores and loads (STL/LDL: spill
+    traffic, as Triton kernels declare no local arrays)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "registers": int(found.get("REG", -1)),
+        "local_bytes": int(found.get("LOCAL", -1)),
+        "stack_bytes": int(found.get("STACK", -1)),
+        "spill_stores": len(re.findall(r"\bSTL(?:\.\S+)?\s", sass)),
+        "spill_loads": len(re.findall(r"\bLDL(?:\.\S+)?\s", sass)),
+    }
+
+
+def jit_functions(module) -> dict:
+    import triton
+
+    return {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.JITFunction)}
+
+
+def compiled(fn) -> dict:
+    """key -> CompiledKernel of a JITFunction's cache on device 0."""
+    caches = fn.device_caches.get(0) if hasattr(fn, "device_caches") else None
+    return dict(caches[0]) if caches else {}
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def configs(args):
+    """(label, n, dtype name, mechanism, masked, dropout) of the launches to compile."""
+    out = []
+    for n in args.n:
+        for dtype in args.dtypes:
+            for mechanism in args.mechanisms:
+                flags = [(True, False)] if not args.all else [(True, False), (False, False), (True, True)]
+                for masked, dropout in flags:
+                    out.append((n, dtype, mechanism, masked, dropout))
+    return out
+
+
+def run_config(triton_dot, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64):
+    """One forward and one backward through the Triton backend's entry (every kernel the launcher picks)."""
+    from awr_fast.ops.dot_refined import WEIGHTS
+
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(batch, heads, n, d_h, generator=g).to(dt).requires_grad_(True) for _ in range(3))
+    weights = {name: torch.randn(n, n, generator=g).to(dt).requires_grad_(True) for name in WEIGHTS[mechanism]}
+    mask = None
+    if masked:
+        mask = torch.zeros(batch, n, dtype=torch.bool)
+        mask[0, : n // 3] = True
+    out = triton_dot.dot_refined(
+        q, k, v, mechanism=mechanism, key_padding_mask=mask, dropout_p=0.1 if dropout else 0.0, **weights
+    )
+    out.backward(torch.ones_like(out))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="90,80", help="comma list of 90 (H100/H200), 80 (A100)")
+    p.add_argument("--n", default="50,200", help="sequence lengths (<= 64: fused kernels; else tiled)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--mechanisms", default="none,simp,add,value")
+    p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
+    p.add_argument(
+        "--fp32-precision",
+        default=None,
+        choices=("ieee", "tf32x3", "tf32"),
+        help="what-if: compile the fp32 dots with this input_precision instead of the launcher's",
+    )
+    p.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    args.arch = [int(a) for a in args.arch.split(",")]
+    args.n = [int(x) for x in (("50,100,200,256" if args.all else args.n).split(","))]
+    args.dtypes = args.dtypes.split(",")
+    args.mechanisms = args.mechanisms.split(",")
+    for a in args.arch:
+        if a not in ARCHS:
+            p.error(f"--arch: expected some of {sorted(ARCHS)}, got {a}")
+    import triton
+
+    rows = []
+    env = common.env_info(torch.device("cpu"))
+    rid = common.run_id(env)
+    resources: dict = {}  # id(CompiledKernel) -> its cuobjdump numbers
+    for arch in args.arch:
+        install_stand_in(arch)
+        from awr_fast.kernels import dot_refined as triton_dot
+
+        if args.fp32_precision:
+            chosen = triton_dot._precision
+            triton_dot._precision = lambda dtype: args.fp32_precision if dtype == torch.float32 else chosen(dtype)
+        fns = jit_functions(triton_dot)
+        for fn in fns.values():  # one cache per target: start this arch afresh
+            if hasattr(fn, "device_caches"):
+                fn.device_caches.clear()
+        for n, dtype, mechanism, masked, dropout in configs(args):
+            label = f"sm_{arch} n={n} {dtype} {mechanism}{' mask' if masked else ''}{' dropout' if dropout else ''}"
+            before = {name: set(compiled(fn)) for name, fn in fns.items()}
+            _Launcher.log.clear()
+            start = time.perf_counter()
+            base = {
+                "run_id": rid,
+                "date": env["date"],
+                "git_commit": env["git_commit"],
+                "triton": triton.__version__,
+                "arch": arch,
+                "config": label,
+                "n": n,
+                "dtype": dtype,
+                "mechanism": mechanism,
+                "masked": masked,
+                "dropout": dropout,
+                "max_shared_bytes": ARCHS[arch]["max_shared_mem"],
+            }
+            try:
+                run_config(triton_dot, n, dtype, mechanism, masked, dropout)
+                status, reason = "ok", ""
+            except Exception as exc:  # OutOfResources, a compile error: recorded, the sweep goes on
+                status, reason = "error", common.describe(exc)
+            seconds = time.perf_counter() - start
+            launched = {id(md) for md in _Launcher.log}
+            used = [
+                (name, kernel, key not in before[name])
+                for name, fn in fns.items()
+                for key, kernel in compiled(fn).items()
+                if key not in before[name] or id(kernel.metadata) in launched
+            ]
+            fresh = sum(is_new for _, _, is_new in used)
+            limit = ARCHS[arch]["max_shared_mem"]
+            explained = any(kernel.metadata.shared > limit for _, kernel, _ in used)  # the error is that kernel's
+            if status != "ok" and not used:
+                rows.append({**base, "kernel": "?", "status": status, "reason": reason, "compile_s": seconds})
+            for name, kernel, is_new in used:
+                if id(kernel) not in resources:
+                    resources[id(kernel)] = cubin_resources(kernel.asm["cubin"])
+                md = kernel.metadata
+                too_big = md.shared > ARCHS[arch]["max_shared_mem"]
+                rows.append(
+                    {
+                        **base,
+                        "kernel": name,
+                        "num_warps": md.num_warps,
+                        "num_stages": md.num_stages,
+                        "shared_bytes": md.shared,
+                        **resources[id(kernel)],
+                        "status": "out_of_shared_memory" if too_big else ("ok" if explained else status),
+                        "reason": reason if too_big or not explained else "",
+                        "compile_s": seconds / fresh if is_new else 0.0,
+                    }
+                )
+            done = [r for r in rows if r["config"] == label]
+            worst = max((r.get("stack_bytes", 0) or 0 for r in done), default=0)
+            print(
+                f"{label}: {len(used)} kernel(s) ({fresh} compiled) in {seconds:.1f} s, {status}; max stack {worst} B",
+                flush=True,
+            )
+    print_table(rows)
+    if not args.no_save:
+        common.append_results(args.results_dir, "kernel_resources", rows, COLUMNS)
+        (args.results_dir / "kernel_resources.md").write_text(markdown(rows))
+    return 0
+
+
+def print_table(rows):
+    header = [
+        "arch",
+        "n",
+        "dtype",
+        "mechanism",
+        "flags",
+        "kernel",
+        "warps",
+        "stages",
+        "shared KB",
+        "regs",
+        "stack B",
+        "STL",
+        "status",
+    ]
+    table = [
+        [
+            str(r["arch"]),
+            str(r["n"]),
+            r["dtype"],
+            r["mechanism"],
+            ("mask " if r["masked"] else "") + ("dropout" if r["dropout"] else ""),
+            r["kernel"],
+            str(r.get("num_warps", "")),
+            str(r.get("num_stages", "")),
+            f"{r['shared_bytes'] / 1024:.1f}" if r.get("shared_bytes") is not None else "",
+            str(r.get("registers", "")),
+            str(r.get("stack_bytes", "")),
+            str(r.get("spill_stores", "")),
+            r["status"],
+        ]
+        for r in rows
+    ]
+    print(common.fmt_table(header, table, [False] * 6 + [True] * 6 + [False]))
+
+
+def markdown(rows) -> str:
+    lines = [
+        "# Compiled resources of the Triton kernels (bench/kernel_resources.py)",
+        "",
+        "Stack bytes are per thread: register spills are stored in the stack frame, so > 0 means the kernel",
+        "spills (or keeps a local array: see local_bytes in the CSV); STL counts the SASS's local-memory stores",
+        "(spill stores). Shared memory is what a launch needs; sm_90 has 227 KB per block, sm_80 163 KB.",
+        "",
+        "| arch | n | dtype | mechanism | flags | kernel | warps | stages | shared KB | regs | stack B | STL "
+        "| status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        shared = f"{r['shared_bytes'] / 1024:.1f}" if r.get("shared_bytes") is not None else ""
+        flags = ("mask " if r["masked"] else "") + ("dropout" if r["dropout"] else "")
+        lines.append(
+            f"| sm_{r['arch']} | {r['n']} | {r['dtype']} | {r['mechanism']} | {flags.strip()} | "
+            f"{r['kernel']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {shared} | "
+            f"{r.get('registers', '')} | {r.get('stack_bytes', '')} | {r.get('spill_stores', '')} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
