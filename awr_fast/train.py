@@ -217,6 +217,8 @@ def _train(config: TrainConfig, dist: DistInfo, dataset) -> dict[str, Any]:
         _resume(config, dist, run_dir, state)
     if dist.distributed:
         _wrap_ddp(config, device, state)
+    if config.compile:  # the step module only: checkpoints keep saving the plain model's state
+        state.step_module = torch.compile(state.step_module)
     _log(
         dist,
         config.quiet,

@@ -66,7 +66,16 @@ LEGACY_GROUPS = {
     ],
     "data": ["--dataset", "--data", "--kcore", "--length-bucketing", "--bucket-batches", "--trim-padding"],
     "evaluation": ["--eval-every", "--eval-batch-size", "--exclude-history", "--protocol"],
-    "run": ["--device", "--out", "--resume", "--tensorboard", "--quiet", "--num-threads", "--ddp-find-unused"],
+    "run": [
+        "--device",
+        "--out",
+        "--resume",
+        "--tensorboard",
+        "--quiet",
+        "--num-threads",
+        "--ddp-find-unused",
+        "--compile",
+    ],
 }
 BOOL_FLAGS = {
     "--per-head-refine",
@@ -77,6 +86,7 @@ BOOL_FLAGS = {
     "--tensorboard",
     "--quiet",
     "--ddp-find-unused",
+    "--compile",
 }
 ERROR_VOICE = re.compile(r"^[A-Za-z_]+: expected .+, got .+")
 

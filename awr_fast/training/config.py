@@ -65,6 +65,7 @@ RESUME_MUTABLE = frozenset(
         "eval_every",
         "quiet",
         "tensorboard",
+        "compile",
         "device",
         "resume",
         "eval_batch_size",
@@ -209,6 +210,11 @@ class TrainConfig:
     quiet: bool = _run(False, "no progress bars or per-epoch lines")
     num_threads: int | None = _run(None, "torch CPU threads", default_text="torch's choice")
     ddp_find_unused: bool = _run(False, "DDP find_unused_parameters")
+    compile: bool = _run(
+        False,
+        "torch.compile the training step (model and loss; evaluation stays eager): a first step that compiles "
+        "for a minute or more, faster steps after",
+    )
 
     def __post_init__(self):
         self.validate()
