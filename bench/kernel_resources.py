@@ -30,9 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be decorated for compilation, not interpretation
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -110,7 +108,9 @@ class _Utils:
 
 
 def install_stand_in(arch: int):
-    """Make `arch` the active Triton target; returns the driver object."""
+    """Make `arch` the active Triton target; returns the driver object. Call it before awr_fast.kernels is
+    imported: the kernels must be decorated for compilation, not for the interpreter."""
+    os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
     from triton.runtime import driver
