@@ -249,3 +249,65 @@ def oracle_errors(case: Case, backend: str) -> list[str]:
 def assert_matches_oracle(case: Case, backend: str) -> None:
     failures = oracle_errors(case, backend)
     assert not failures, f"{case.label} on {backend}: " + "; ".join(failures)
+
+
+# ------------------------------------------------------------------- tensor-core precision in the interpreter
+
+
+def round_to_tf32(x):
+    """numpy float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero: cvt.rna.tf32.f32),
+    kept as float32; inf and NaN pass through."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isfinite(x), rounded, x).astype(np.float32)
+
+
+def tensor_core_matmul(a, b, input_precision: str):
+    """a @ b in float32 as a GPU's tl.dot computes it for float32 operands: "ieee" exact fp32 products,
+    "tf32" both operands rounded to TF32, "tf32x3" the split a = hi + lo (hi, lo TF32) and
+    hi_a hi_b + hi_a lo_b + lo_a hi_b (the lo*lo term dropped), as Triton decomposes it."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    if input_precision == "ieee":
+        return np.matmul(a, b)
+    a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
+    if input_precision == "tf32":
+        return np.matmul(a_hi, b_hi)
+    if input_precision != "tf32x3":
+        raise ValueError(f"input_precision: expected 'ieee', 'tf32' or 'tf32x3', got {input_precision!r}")
+    a_lo, b_lo = round_to_tf32(a - a_hi), round_to_tf32(b - b_hi)
+    return np.matmul(a_hi, b_lo) + np.matmul(a_lo, b_hi) + np.matmul(a_hi, b_hi)
+
+
+def emulate_tensor_core_dots() -> bool:
+    """Make the Triton interpreter's tl.dot honour input_precision for float32 operands (it otherwise
+    multiplies in exact fp32 whatever the kernel asks for), so the CPU tests check the arithmetic a GPU
+    runs. Returns False where this Triton's interpreter has no such hook (the dots then stay exact)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_dot", None)
+    if original is None or getattr(original, "_awr_fast_emulated", False):
+        return original is not None
+    tensor_handle = interpreter.TensorHandle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        import numpy as np
+
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32 or input_precision is None:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        precision = getattr(input_precision, "name", str(input_precision)).lower()
+        if precision not in ("ieee", "tf32", "tf32x3"):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        product = tensor_core_matmul(a.data, b.data, precision)
+        return tensor_handle(product.astype(d.data.dtype) + d.data, d.dtype.scalar)
+
+    create_dot._awr_fast_emulated = True
+    builder.create_dot = create_dot
+    return True

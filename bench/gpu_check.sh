@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# One command for a GPU machine without registry access: install, report, test, sanitize, benchmark.
+# One command for a GPU machine without registry access: install, report, test, benchmark, resources.
 #
-#   bash bench/gpu_check.sh OUT_DIR
+#   bash bench/gpu_check.sh OUT_DIR [full|quick|dry-run]        (default full; or GPU_CHECK_MODE)
+#
+# Modes, sized for a 15-minute device budget:
+#   full     every step below; budget 480 s (8 min), so one 10-minute device call holds it
+#   quick    install without the CUDA extension, the native Triton tests of the default dtypes, the
+#            attention benchmark at n=50 only, resources; budget 230 s (about 4 min)
+#   dry-run  on a CPU machine: every step at a tiny size, the tests under the Triton interpreter (2
+#            shards, so the sharding is exercised), the resources step on the stand-in driver; nothing is
+#            installed. tests/test_bench_smoke.py runs it in CI so that the script cannot break the next
+#            GPU call.
 #
 # Steps (each under `timeout`, each allowed to fail; the script records it and goes on):
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
@@ -12,15 +21,18 @@
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
 #   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
 #                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
+#   resources      bench/kernel_resources.py --scan-cache: registers, spills and shared memory of every
+#                  Triton kernel this run compiled (TRITON_CACHE_DIR is OUT_DIR/triton_cache, fresh)
 #   sanitizer      compute-sanitizer --tool memcheck on the CUDA extension's op (when it was built)
 #   bench_train    bench/train.py --quick
 # Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
-# last), OUT_DIR/breakdown*.txt, OUT_DIR/results/{attention,train}.{csv,jsonl} (copy them into
+# last: steps, tests passed/failed, each Triton ratio against its target, kernels that spill),
+# OUT_DIR/breakdown*.txt, OUT_DIR/results/{attention,train,kernel_resources}.{csv,jsonl} (copy them into
 # bench/results/ to keep them).
 # Exit status: 0 if every step passed or was skipped, 1 otherwise.
 #
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole script, default 540, so
-# that it stays inside a 10-minute limit; each step's timeout is the smaller of its own and what is left),
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole script, default the mode's;
+# each step's timeout is the smaller of its own and what is left),
 # GPU_CHECK_STEPS (comma list of the steps to run, default all; e.g. install,info,bench_attn),
 # RESULTS_DIR (default OUT_DIR/results), BENCH_ATTN_ARGS (replace the attention benchmark's arguments,
 # default: the issue's shapes, --family dot --d 64 --heads 1,2 --n 50,200 --dtype bf16 --backends
@@ -29,23 +41,35 @@
 
 set -u -o pipefail
 
-if [ $# -lt 1 ]; then
-    echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: bash bench/gpu_check.sh OUT_DIR [full|quick|dry-run]" >&2
     exit 2
 fi
 OUT_DIR=$1
+MODE=${2:-${GPU_CHECK_MODE:-full}}
+case $MODE in
+    full) DEFAULT_BUDGET=480 ;;
+    quick) DEFAULT_BUDGET=230 ;;
+    dry-run) DEFAULT_BUDGET=420 ;;
+    *)
+        echo "gpu_check.sh: mode: expected full, quick or dry-run, got '$MODE'" >&2
+        exit 2
+        ;;
+esac
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-540}
+BUDGET=${GPU_CHECK_BUDGET:-$DEFAULT_BUDGET}
 RESULTS_DIR=${RESULTS_DIR:-$OUT_DIR/results}
 LOG=$OUT_DIR/gpu_check.log
 SUMMARY=$OUT_DIR/summary.txt
-export PYTHONUNBUFFERED=1 PY RESULTS_DIR
-unset TRITON_INTERPRET  # the point is to run the kernels natively
-mkdir -p "$RESULTS_DIR"
+export PYTHONUNBUFFERED=1 PY RESULTS_DIR MODE
+unset TRITON_INTERPRET  # the point is to run the kernels natively (dry-run: the tests' conftest sets it)
+export TRITON_CACHE_DIR=$OUT_DIR/triton_cache  # fresh: the resources step reports what this run compiled
+rm -rf "$TRITON_CACHE_DIR"
+mkdir -p "$RESULTS_DIR" "$TRITON_CACHE_DIR"
 : >"$LOG"
 
 START=$(date +%s)
@@ -94,16 +118,29 @@ step() {
 
 # ---------------------------------------------------------------------------------------------- steps
 
-step install 150 "$PY" -m pip install -e . --no-build-isolation --no-deps
+install() {
+    case $MODE in
+        full) "$PY" -m pip install -e . --no-build-isolation --no-deps ;;
+        quick) AWR_FAST_SKIP_CUDA_BUILD=1 "$PY" -m pip install -e . --no-build-isolation --no-deps ;;
+        dry-run)  # nothing is installed on a CPU machine: the checkout must already import
+            "$PY" -c "import awr_fast, awr_fast.kernels.dot_refined; print('awr_fast', awr_fast.__version__, 'imports')" ;;
+    esac
+}
+export -f install
+step install 150 install
 step info 20 "$PY" -m awr_fast.info
 
 gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_build.py) select=()
+    case $MODE in
+        quick) files=(tests/test_triton_dot.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality") ;;
+        dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;
+    esac
     dir=$(mktemp -d)
-    "$PY" -m pytest tests/test_triton_dot.py tests/test_build.py --collect-only -q -p no:cacheprovider \
+    "$PY" -m pytest "${files[@]}" "${select[@]}" --collect-only -q -p no:cacheprovider \
         | grep '::' >"$dir/ids" || { echo "collection failed"; return 1; }
     echo "$(wc -l <"$dir/ids") tests in $shards shards"
     split -n "r/$shards" "$dir/ids" "$dir/shard_"
@@ -125,21 +162,26 @@ sys.exit(pytest.main(ids + ["-q", "-rfE", "-p", "no:cacheprovider"]))' "$f" >"$f
 }
 export -f gpu_tests
 export OUT_DIR
-step gpu_tests 180 gpu_tests
+step gpu_tests "$( [ "$MODE" = quick ] && echo 80 || echo 180 )" gpu_tests
 
 
 bench_attention() {
     # leave time to print the table and write the results
     local budget=$(( STEP_LIMIT > 80 ? STEP_LIMIT - 40 : STEP_LIMIT / 2 ))
     local real_budget=0
-    if [ -f .gpu_data/Beauty.txt ] && [ -z "${BENCH_ATTN_ARGS:-}" ]; then
+    if [ -f .gpu_data/Beauty.txt ] && [ -z "${BENCH_ATTN_ARGS:-}" ] && [ "$MODE" = full ]; then
         real_budget=$(( budget / 4 ))
         budget=$(( budget - real_budget ))
     fi
     # the issue's shapes first (B=256, d=64, H=1 then 2, n=50 then 200, bf16), every dot mechanism;
     # cases left when the budget runs out are recorded as skipped
+    local default_args="--family dot --d 64 --heads 1,2 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05"
+    case $MODE in
+        quick) default_args="--family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends sdpa,eager,compile,triton --min-time 0.05" ;;
+        dry-run) default_args="--quick --family dot --batch 2 --n 20 --d 32 --heads 1 --mechanisms none,simp --backends sdpa,eager,triton --min-time 0.01" ;;
+    esac
     # shellcheck disable=SC2086
-    "$PY" bench/attention.py ${BENCH_ATTN_ARGS:---family dot --d 64 --heads 1,2 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05} \
+    "$PY" bench/attention.py ${BENCH_ATTN_ARGS:-$default_args} \
         --time-budget "$budget" --results-dir "$RESULTS_DIR" || return $?
     if [ "$real_budget" -gt 0 ]; then  # padded vs length-aware with Beauty's lengths (issue: length-aware)
         "$PY" bench/attention.py --family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends eager,triton \
@@ -150,6 +192,10 @@ export -f bench_attention
 step bench_attn 200 bench_attention
 
 bench_train() {
+    if [ "$MODE" != full ]; then
+        echo "$MODE mode: no trainer benchmark"
+        return 75
+    fi
     if ! "$PY" -c "import awr_fast.train" 2>/dev/null; then
         echo "awr_fast.train is not importable; nothing to benchmark"
         return 75
@@ -158,6 +204,14 @@ bench_train() {
 }
 export -f bench_train
 breakdown() {
+    if [ "$MODE" = quick ]; then
+        echo "quick mode: no breakdown"
+        return 75
+    fi
+    if [ "$MODE" = dry-run ]; then
+        "$PY" bench/breakdown.py --quick --mechanisms simp --backends eager,sdpa --out "$OUT_DIR/breakdown.txt"
+        return $?
+    fi
     local lengths=()
     [ -f .gpu_data/Beauty.txt ] && lengths=(--lengths-from .gpu_data/Beauty.txt)
     "$PY" bench/breakdown.py --mechanisms simp,value --n 50,200 --backends triton,eager,sdpa \
@@ -169,7 +223,20 @@ breakdown() {
 export -f breakdown
 step breakdown 120 breakdown
 
+resources() {
+    if [ "$MODE" = dry-run ]; then  # compile one configuration for sm_90 on the stand-in driver first
+        "$PY" bench/kernel_resources.py --arch 90 --n 50 --dtypes bf16 --mechanisms none --no-save || return $?
+    fi
+    "$PY" bench/kernel_resources.py --scan-cache "$TRITON_CACHE_DIR" --results-dir "$RESULTS_DIR"
+}
+export -f resources
+step resources 90 resources
+
 sanitizer() {
+    if [ "$MODE" != full ]; then
+        echo "$MODE mode: no sanitizer run"
+        return 75
+    fi
     local cs
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
     if [ -z "$cs" ]; then
@@ -216,13 +283,15 @@ step bench_train 60 bench_train
 
 {
     echo
-    echo "gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s of ${BUDGET}s, repo $REPO)"
+    echo "gpu_check summary, $MODE mode ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s of ${BUDGET}s, repo $REPO)"
     "$PY" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device', '| torch', torch.__version__)" 2>/dev/null
     printf '%-14s %-24s %8s\n' step status seconds
     printf '%-14s %-24s %8s\n' -------------- ------------------------ --------
     for i in "${!NAMES[@]}"; do
         printf '%-14s %-24s %8s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${SECONDS_TAKEN[$i]}"
     done
+    echo
+    "$PY" bench/gpu_summary.py --results-dir "$RESULTS_DIR" --tests-log "$OUT_DIR/gpu_tests_shards.log" 2>&1
     echo "log: $LOG; results: $RESULTS_DIR"
 } | tee "$SUMMARY" | tee -a "$LOG"
 exit $FAILED

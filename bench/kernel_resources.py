@@ -69,6 +69,44 @@ COLUMNS = [
 ]
 
 
+# ------------------------------------------------------------------------------------------ the gate
+
+#: The resource gate (`--check`; tests/test_kernel_resources.py runs it in CI on sm_90 for the default
+#: configurations): a compile error or more shared memory than the device has always fails; a fused
+#: kernel may have no stack frame (register spills live there) and any other kernel at most
+#: TILED_STACK_BUDGET bytes per thread, except the kernels in KNOWN_SPILLS, each held to its ceiling.
+FUSED_KERNELS = ("_fused_fwd", "_fused_bwd")
+TILED_STACK_BUDGET = 512
+#: (arch, dtype, mechanism, kernel) -> stack bytes allowed: what the kernels spill today (2026-12-02, triton
+#: 3.8, after the tf32x3 / reordered-backward fixes) with a quarter's margin. A ratchet, not a target: the
+#: target is 0 for fused kernels, and a ceiling only ever comes down.
+KNOWN_SPILLS = {
+    (90, "fp32", "none", "_fused_bwd"): 64,
+    (90, "fp32", "simp", "_fused_bwd"): 480,
+    (90, "fp32", "add", "_fused_bwd"): 640,
+    (90, "fp32", "value", "_fused_bwd"): 1664,
+    (90, "bf16", "value", "_fused_bwd"): 96,
+    (90, "fp16", "value", "_fused_bwd"): 64,
+    (90, "fp32", "value", "_flash_bwd_dkdv"): 2752,
+}
+
+
+def gate_violations(rows: list[dict]) -> list[str]:
+    """What breaks the gate, one line per offending kernel (empty: the rows pass)."""
+    out = []
+    for r in rows:
+        where = f"{r['config']}: {r['kernel']}"
+        if r["status"] != "ok":
+            out.append(f"{where}: {r['status']} {r.get('reason', '')}".rstrip())
+            continue
+        stack = int(r["stack_bytes"])
+        key = (int(r["arch"]), r["dtype"], r["mechanism"], r["kernel"])
+        allowed = KNOWN_SPILLS.get(key, 0 if r["kernel"] in FUSED_KERNELS else TILED_STACK_BUDGET)
+        if stack > allowed:
+            out.append(f"{where}: {stack} B of stack (spills) per thread, at most {allowed} B allowed")
+    return out
+
+
 # ------------------------------------------------------------------------------------- stand-in driver
 
 
@@ -210,6 +248,45 @@ def compiled(fn) -> dict:
     return dict(caches[0]) if caches else {}
 
 
+def scan_cache(cache_dir: Path, base: dict) -> list[dict]:
+    """One row per kernel compiled into a Triton cache directory (<name>.json beside <name>.cubin): what
+    a real run built, e.g. bench/gpu_check.sh's, with the same cuobjdump numbers. The shape of the call
+    that built it is not recorded there, so n, dtype and mechanism stay empty."""
+    import json
+
+    rows = []
+    for meta_path in sorted(Path(cache_dir).glob("*/*.json")):
+        cubin = meta_path.with_suffix(".cubin")
+        if not cubin.exists():
+            continue  # group files (__grp__*.json) and non-CUDA entries
+        meta = json.loads(meta_path.read_text())
+        arch = (meta.get("target") or {}).get("arch")
+        limit = ARCHS.get(arch, {}).get("max_shared_mem")
+        too_big = limit is not None and meta.get("shared", 0) > limit
+        rows.append(
+            {
+                **base,
+                "arch": arch,
+                "config": f"cache {meta_path.parent.name[:12]}",
+                "kernel": meta.get("name", meta_path.stem),
+                "n": "",
+                "dtype": "",
+                "mechanism": "",
+                "masked": "",
+                "dropout": "",
+                "max_shared_bytes": limit,
+                "num_warps": meta.get("num_warps"),
+                "num_stages": meta.get("num_stages"),
+                "shared_bytes": meta.get("shared"),
+                **cubin_resources(cubin.read_bytes()),
+                "status": "out_of_shared_memory" if too_big else "ok",
+                "reason": "",
+                "compile_s": 0.0,
+            }
+        )
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- configs
 
 
@@ -225,18 +302,23 @@ def configs(args):
     return out
 
 
-def run_config(triton_dot, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64):
+def run_config(triton_dot, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64, device="cpu"):
     """One forward and one backward through the Triton backend's entry (every kernel the launcher picks)."""
     from awr_fast.ops.dot_refined import WEIGHTS
 
     g = torch.Generator().manual_seed(0)
     dt = DTYPES[dtype]
-    q, k, v = (torch.randn(batch, heads, n, d_h, generator=g).to(dt).requires_grad_(True) for _ in range(3))
-    weights = {name: torch.randn(n, n, generator=g).to(dt).requires_grad_(True) for name in WEIGHTS[mechanism]}
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt).requires_grad_(True)
+
+    q, k, v = (leaf(batch, heads, n, d_h) for _ in range(3))
+    weights = {name: leaf(n, n) for name in WEIGHTS[mechanism]}
     mask = None
     if masked:
         mask = torch.zeros(batch, n, dtype=torch.bool)
         mask[0, : n // 3] = True
+        mask = mask.to(device)
     out = triton_dot.dot_refined(
         q, k, v, mechanism=mechanism, key_padding_mask=mask, dropout_p=0.1 if dropout else 0.0, **weights
     )
@@ -256,9 +338,37 @@ def main(argv=None) -> int:
         choices=("ieee", "tf32x3", "tf32"),
         help="what-if: compile the fp32 dots with this input_precision instead of the launcher's",
     )
+    p.add_argument(
+        "--device",
+        default="stand-in",
+        choices=("stand-in", "cuda"),
+        help="stand-in: compile for --arch without a GPU (default); cuda: compile and run on this machine's GPU "
+        "(the kernels a real run builds, for its own architecture; --arch is ignored)",
+    )
+    p.add_argument(
+        "--scan-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="compile nothing: report every kernel already compiled into this Triton cache directory",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a kernel breaks the resource gate (compile error, shared memory, spills: see KNOWN_SPILLS)",
+    )
     p.add_argument("--results-dir", type=Path, default=common.DEFAULT_RESULTS_DIR)
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible")
+        from triton.runtime import driver
+
+        major, minor = torch.cuda.get_device_capability()
+        props = driver.active.utils.get_device_properties(torch.cuda.current_device())
+        ARCHS[major * 10 + minor] = {k: props[k] for k in ("max_shared_mem", "multiprocessor_count")}
+        args.arch = str(major * 10 + minor)
     args.arch = [int(a) for a in args.arch.split(",")]
     args.n = [int(x) for x in (("50,100,200,256" if args.all else args.n).split(","))]
     args.dtypes = args.dtypes.split(",")
@@ -271,9 +381,20 @@ def main(argv=None) -> int:
     rows = []
     env = common.env_info(torch.device("cpu"))
     rid = common.run_id(env)
+    if args.scan_cache is not None:
+        if not args.scan_cache.is_dir():
+            p.error(f"--scan-cache: {args.scan_cache} is not a directory")
+        base = {"run_id": rid, "date": env["date"], "git_commit": env["git_commit"], "triton": triton.__version__}
+        rows = scan_cache(args.scan_cache, base)
+        print(f"{len(rows)} compiled kernel(s) in {args.scan_cache}")
+        return _report(args, rows)
     resources: dict = {}  # id(CompiledKernel) -> its cuobjdump numbers
+    device = "cuda" if args.device == "cuda" else "cpu"
     for arch in args.arch:
-        install_stand_in(arch)
+        if args.device == "stand-in":
+            install_stand_in(arch)
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
         from awr_fast.kernels import dot_refined as triton_dot
 
         if args.fp32_precision:
@@ -303,7 +424,7 @@ def main(argv=None) -> int:
                 "max_shared_bytes": ARCHS[arch]["max_shared_mem"],
             }
             try:
-                run_config(triton_dot, n, dtype, mechanism, masked, dropout)
+                run_config(triton_dot, n, dtype, mechanism, masked, dropout, device=device)
                 status, reason = "ok", ""
             except Exception as exc:  # OutOfResources, a compile error: recorded, the sweep goes on
                 status, reason = "error", common.describe(exc)
@@ -344,10 +465,23 @@ def main(argv=None) -> int:
                 f"{label}: {len(used)} kernel(s) ({fresh} compiled) in {seconds:.1f} s, {status}; max stack {worst} B",
                 flush=True,
             )
-    print_table(rows)
+    return _report(args, rows)
+
+
+def _report(args, rows) -> int:
+    if rows:
+        print_table(rows)
     if not args.no_save:
         common.append_results(args.results_dir, "kernel_resources", rows, COLUMNS)
         (args.results_dir / "kernel_resources.md").write_text(markdown(rows))
+    if args.check:
+        broken = gate_violations(rows)
+        for line in broken:
+            print(f"GATE: {line}")
+        print(
+            f"resource gate: {'FAILED, ' + str(len(broken)) + ' kernel(s)' if broken else 'passed'} ({len(rows)} rows)"
+        )
+        return 1 if broken else 0
     return 0
 
 

@@ -59,6 +59,10 @@ def _fused_max_n_from_env() -> int:
 
 
 FUSED_MAX_N = _fused_max_n_from_env()
+# ptxas -O3 answers the tiled backward's register pressure by dropping it to 32 registers and spilling
+# 5 KB per thread (bench/results/kernel_resources.md); a .maxnreg bound keeps it at the most a thread
+# of a 256-thread program can have (2 KB spilled instead).
+MAX_REGISTERS = 255
 _MECHANISM_CODE = {"none": 0, "simp": 1, "add": 2, "value": 3}  # MECH of the fused kernels
 
 
@@ -716,6 +720,28 @@ def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, base, idx, n, D, D_PAD: tl.constexpr):
+    """The (TILE, D_PAD) float32 tile of rows idx of an (n, D) block; zero outside it."""
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    return tl.load(X + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(X, base, val, idx, n, D, D_PAD: tl.constexpr):
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    tl.store(X + base + idx[:, None] * D + dcols[None, :], val.to(X.dtype.element_ty), mask=io)
+
+
+@triton.jit
+def _load_square(W, base, idx, n):
+    """The (TILE, TILE) float32 window of an (n, n) weight; zero outside it."""
+    sq = (idx[:, None] < n) & (idx[None, :] < n)
+    return tl.load(W + base + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _window_recompute(
     Q,
     K,
@@ -741,41 +767,34 @@ def _window_recompute(
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
-    """Everything of the forward pass on one window, up to the final (pre-dropout) weights.
-    Returns (q, k, A, M, T, W_RV, U, R, P, vis); entries a mechanism does not use are A."""
+    """The forward pass on one window up to the final (pre-dropout) weights: (A, T, U, R, P, vis); the
+    entries a mechanism does not use are A. Q, K, M1 and W_RV are loaded here and not returned, so the
+    backward, which loads them again where it needs them, does not keep them live."""
+    base = bh * n * D
     idx = off + tl.arange(0, TILE)
-    dcols = tl.arange(0, D_PAD)
-    io = (idx[:, None] < n) & (dcols[None, :] < D)
-    sq = (idx[:, None] < n) & (idx[None, :] < n)
-    q = tl.load(Q + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
-    k = tl.load(K + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    q = _load_rows(Q, base, idx, n, D, D_PAD)
+    k = _load_rows(K, base, idx, n, D, D_PAD)
     vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     a = _masked_softmax_rows(s, vis)
     if MECH > 0:
         if REFINE_SCORES:
             a = tl.where(vis, s, 0.0)
-    m = a
     t = a
-    wrv = a
     u = a
     r = a
     p = a
     if MECH > 0:
-        m = tl.load(M1 + h * m_head_stride + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(tl.float32)
-        t = tl.dot(a, m, input_precision=PRECISION)
+        t = tl.dot(a, _load_square(M1, h * m_head_stride, idx, n), input_precision=PRECISION)
         scores2 = tl.dot(t, tl.trans(a), input_precision=PRECISION) * alpha
         if MECH == 2:  # add
             scores2 += beta * a
         p = _masked_softmax_rows(scores2, vis)
         if MECH == 3:  # value
             r = p
-            wrv = tl.load(WRV + h * wrv_head_stride + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(
-                tl.float32
-            )
-            u = tl.dot(a, wrv, input_precision=PRECISION)
+            u = tl.dot(a, _load_square(WRV, h * wrv_head_stride, idx, n), input_precision=PRECISION)
             p = _masked_softmax_rows(tl.dot(r, u, input_precision=PRECISION), vis)
-    return q, k, a, m, t, wrv, u, r, p, vis
+    return a, t, u, r, p, vis
 
 
 @triton.jit
@@ -810,9 +829,7 @@ def _window_fwd(
 ):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
-    dcols = tl.arange(0, D_PAD)
-    io = (idx[:, None] < n) & (dcols[None, :] < D)
-    q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
+    a, t, u, r, p, vis = _window_recompute(
         Q,
         K,
         M1,
@@ -839,9 +856,8 @@ def _window_fwd(
     )
     if DROPOUT:
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-    v = tl.load(V + bh * n * D + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
-    out = tl.dot(p, v, input_precision=PRECISION)
-    tl.store(O + bh * n * D + idx[:, None] * D + dcols[None, :], out.to(O.dtype.element_ty), mask=io)
+    out = tl.dot(p, _load_rows(V, bh * n * D, idx, n, D, D_PAD), input_precision=PRECISION)
+    _store_rows(O, bh * n * D, out, idx, n, D, D_PAD)
     _store_zero_rows(O, bh * n * D, off, n, D, TILE, D_PAD)
 
 
@@ -880,12 +896,13 @@ def _window_bwd(
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
+    # Ordered for few live (TILE, TILE) tiles: each gradient is stored as soon as it is complete, and
+    # Q, K, M1 and W_RV are loaded again where the backward needs them rather than kept from the
+    # recompute (a reload from L1/L2 is cheaper than a register spill).
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
-    dcols = tl.arange(0, D_PAD)
-    io = (idx[:, None] < n) & (dcols[None, :] < D)
     base = bh * n * D
-    q, k, a, m, t, wrv, u, r, p, vis = _window_recompute(
+    a, t, u, r, p, vis = _window_recompute(
         Q,
         K,
         M1,
@@ -910,45 +927,49 @@ def _window_bwd(
         TILE,
         D_PAD,
     )
-    v = tl.load(V + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
-    do = tl.load(DO + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
     # out = dropout(P) V
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    do = _load_rows(DO, base, idx, n, D, D_PAD)
+    dp = tl.dot(do, tl.trans(_load_rows(V, base, idx, n, D, D_PAD)), input_precision=PRECISION)
     p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
-    dv = tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
+    _store_rows(DV, base, tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION), idx, n, D, D_PAD)
     dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; zero where P is masked
-    da = dlogits
     if MECH > 0:
         dscores2 = dlogits
-        du = dlogits
         if MECH == 3:  # value: P = softmax(R U): dR, dU, then the inner softmax R = softmax(c T A^T)
             dr = tl.dot(dlogits, tl.trans(u), input_precision=PRECISION)
             du = tl.dot(tl.trans(r), dlogits, input_precision=PRECISION)
             dscores2 = r * (dr - tl.sum(r * dr, 1)[:, None])
-        dt = tl.dot(dscores2, a, input_precision=PRECISION) * alpha
-        da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha + tl.dot(
-            dt, tl.trans(m), input_precision=PRECISION
-        )
-        if MECH == 2:  # add
-            da += beta * dscores2
-        _store_square_partial(DM1, bh * n * n, tl.dot(tl.trans(a), dt, input_precision=PRECISION), idx, off, n, TILE)
-        if MECH == 3:
-            da += tl.dot(du, tl.trans(wrv), input_precision=PRECISION)
             _store_square_partial(
                 DWRV, bh * n * n, tl.dot(tl.trans(a), du, input_precision=PRECISION), idx, off, n, TILE
             )
+            da = tl.dot(du, tl.trans(_load_square(WRV, h * wrv_head_stride, idx, n)), input_precision=PRECISION)
+            da += tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha
+        else:
+            da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha
+        if MECH == 2:  # add
+            da += beta * dscores2
+        dt = tl.dot(dscores2, a, input_precision=PRECISION) * alpha
+        _store_square_partial(DM1, bh * n * n, tl.dot(tl.trans(a), dt, input_precision=PRECISION), idx, off, n, TILE)
+        da += tl.dot(dt, tl.trans(_load_square(M1, h * m_head_stride, idx, n)), input_precision=PRECISION)
         if REFINE_SCORES:
             ds = tl.where(vis, da, 0.0)
         else:
             ds = a * (da - tl.sum(a * da, 1)[:, None])
     else:
-        ds = da
+        ds = dlogits
     ds = ds * scale
-    dq = tl.dot(ds, k, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-    tl.store(DQ + base + idx[:, None] * D + dcols[None, :], dq.to(DQ.dtype.element_ty), mask=io)
-    tl.store(DK + base + idx[:, None] * D + dcols[None, :], dk.to(DK.dtype.element_ty), mask=io)
-    tl.store(DV + base + idx[:, None] * D + dcols[None, :], dv.to(DV.dtype.element_ty), mask=io)
+    _store_rows(
+        DK,
+        base,
+        tl.dot(tl.trans(ds), _load_rows(Q, base, idx, n, D, D_PAD), input_precision=PRECISION),
+        idx,
+        n,
+        D,
+        D_PAD,
+    )
+    _store_rows(
+        DQ, base, tl.dot(ds, _load_rows(K, base, idx, n, D, D_PAD), input_precision=PRECISION), idx, n, D, D_PAD
+    )
     _store_zero_rows(DQ, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DK, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DV, base, off, n, D, TILE, D_PAD)
@@ -1247,14 +1268,17 @@ def _blocks(n: int, inner: int) -> tuple[int, int, int]:
     n_pad = _pad(n)
     if n_pad <= 64 and inner <= 64:
         return n_pad, n_pad, 4
-    if inner > 128:
-        return 16, 32, 4
+    if inner > 128:  # (BLOCK, 256) fp32 tiles: 16 rows and 8 warps keep the resident ones in registers
+        return 16, 16, 8
     return 32, 32, 4
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs are checked against eager fp32 (no TF32); half inputs tolerate TF32 like eager bf16.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """input_precision of every tl.dot. fp32 inputs: "tf32x3" (three TF32 tensor-core products, hi*hi +
+    hi*lo + lo*hi: close to fp32, and checked against the float64 reference at the fp32 tolerance);
+    "ieee" runs on FFMA, needs the operands in registers and spilled up to 11 KB per thread in the fused
+    backward (bench/results/kernel_resources.md). Half inputs are upcast on load and tolerate TF32."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 class _Launch:
@@ -1309,7 +1333,7 @@ def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
         D_PAD=_pad(L.d),
         TILE_S=16,
         TILE_M=min(32, L.n_pad),
-        num_warps=4 if L.n_pad <= 32 else 8,
+        num_warps=4 if L.n_pad <= 32 else 8,  # no maxnreg: it doubles the fused backward's spills
     )
 
 
@@ -1493,6 +1517,7 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         DI_PAD=_pad(di),
         DV_PAD=_pad(dv),
         num_warps=warps,
+        maxnreg=MAX_REGISTERS,
     )
     bias_arg = bias if bias is not None else xq
     _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](

@@ -8,6 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter multiplies exactly in fp32 unless told to run tl.dot's input_precision (tf32x3 for
+    # fp32 inputs, tf32 for upcast half ones) as a GPU does: the kernel tests then check that arithmetic
+    from awr_fast.testing import emulate_tensor_core_dots
+
+    INTERPRETER_EMULATES_TENSOR_CORES = emulate_tensor_core_dots()
+
 
 try:  # hypothesis profiles: CI keeps the sweeps short and deterministic
     from hypothesis import HealthCheck, settings

@@ -284,3 +284,79 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         assert 0 < int(r["registers"]) <= 255 and int(r["stack_bytes"]) >= 0 and int(r["local_bytes"]) >= 0, r
         assert 0 < int(r["shared_bytes"]) <= int(r["max_shared_bytes"]), r
     assert "| sm_90 | 50 | bf16 | none |" in (tmp_path / "kernel_resources.md").read_text()
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.sh's CPU dry run: every step of the GPU script at a tiny size (tests under the
+    interpreter in 2 shards, the stand-in resources step, the summary), so that the script itself cannot
+    break the next GPU call."""
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(out), "dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{summary}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    steps = {}
+    for line in summary.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("install", "info", "gpu_tests", "bench_attn", "breakdown", "resources"):
+            steps[parts[0]] = parts[1]
+    assert steps == dict.fromkeys(("install", "info", "gpu_tests", "bench_attn", "breakdown", "resources"), "pass"), (
+        summary
+    )
+    assert "dry-run mode" in summary
+    assert "tests: " in summary and " passed" in summary and "failed" not in summary.split("tests: ")[1].split("\n")[0]
+    assert "Triton fwd+bwd against its targets" in summary
+    assert "compiled kernels: " in summary and "compiled kernels: 0;" not in summary
+    # both shards ran (ids with brackets and spaces went through as a list, not the shell)
+    shard_log = (out / "gpu_tests_shards.log").read_text()
+    assert shard_log.count(" passed") >= 2, shard_log[-2000:]
+    assert (out / "results" / "attention.csv").exists() and (out / "results" / "kernel_resources.csv").exists()
+
+
+def test_gpu_summary_ratios_and_test_counts(tmp_path):
+    """bench/gpu_summary.py: ratios = their time / Triton's, judged against the targets at n <= 64 only;
+    test counts summed over the shards' final lines."""
+    summary = _load("gpu_summary")
+    base = {"run_id": "r1", "status": "ok", "batch": "256", "heads": "1", "d_model": "64", "dtype": "bf16"}
+    rows = []
+    for n, triton_ms in (("50", "1.0"), ("200", "10.0")):
+        for family, mechanism, backend, ms in (
+            ("dot", "simp", "triton", triton_ms),
+            ("dot", "simp", "eager", "5.0"),
+            ("dot", "simp", "compile", "1.5"),
+            ("sdpa", "causal", "sdpa", "0.4"),
+        ):
+            rows.append(
+                {
+                    **base,
+                    "n": n,
+                    "family": family,
+                    "mechanism": mechanism,
+                    "backend": backend,
+                    "lengths": "full",
+                    "fwdbwd_ms": ms,
+                }
+            )
+    lines = summary.ratio_rows(rows)
+    assert len(lines) == 2
+    short, long = lines
+    assert short[3] == "5.00 ok" and short[4] == "1.50 MISS" and short[5] == "0.40 MISS" and short[6] == "MISS"
+    assert long[3] == "0.50" and long[6] == "-"  # n=200: printed, not judged
+    log = tmp_path / "shards.log"
+    log.write_text("....\n4 passed, 1 skipped in 3.2s\nF.\nFAILED tests/x.py::t - boom\n1 failed, 1 passed in 2.0s\n")
+    assert dict(summary.count_tests(log)) == {"passed": 5, "skipped": 1, "failed": 1}
+
+
+def test_gpu_check_rejects_an_unknown_mode(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path), "fast"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "expected full, quick or dry-run" in proc.stderr

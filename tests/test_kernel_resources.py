@@ -1,0 +1,104 @@
+"""The resource gate: every Triton kernel of the default configurations compiled for sm_90 on this CPU
+machine (bench/kernel_resources.py's stand-in driver), held to the spill and shared-memory budget of
+bench/kernel_resources.py (FUSED_KERNELS, TILED_STACK_BUDGET, KNOWN_SPILLS).
+
+The compile takes a few minutes on 2 cores (two processes, n=50 fused and n=200 tiled, side by side);
+Triton's disk cache makes a second run fast, but nothing here depends on it."""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+MECHANISMS = ("none", "simp", "add", "value")
+DTYPES = ("fp32", "bf16")
+
+
+def _resources():
+    spec = importlib.util.spec_from_file_location("_bench_kernel_resources_gate", BENCH / "kernel_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    had_common = "common" in sys.modules
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+        if not had_common:
+            sys.modules.pop("common", None)
+    return module
+
+
+def _row(**over):
+    row = {
+        "config": "sm_90 n=50 fp32 simp mask",
+        "arch": "90",
+        "dtype": "fp32",
+        "mechanism": "simp",
+        "kernel": "_fused_fwd",
+        "stack_bytes": "0",
+        "status": "ok",
+        "reason": "",
+    }
+    return {**row, **over}
+
+
+def test_gate_rules():
+    gate = _resources()
+    assert gate.gate_violations([_row()]) == []
+    assert len(gate.gate_violations([_row(stack_bytes="8")])) == 1  # a fused kernel may not spill at all
+    budget = gate.TILED_STACK_BUDGET
+    assert gate.gate_violations([_row(kernel="_flash_fwd", stack_bytes=str(budget))]) == []
+    assert len(gate.gate_violations([_row(kernel="_flash_fwd", stack_bytes=str(budget + 8))])) == 1
+    bad = gate.gate_violations([_row(status="out_of_shared_memory", reason="needs 180224 B")])
+    assert len(bad) == 1 and "out_of_shared_memory" in bad[0]
+    (arch, dtype, mechanism, kernel), ceiling = next(iter(gate.KNOWN_SPILLS.items()))
+    known = _row(arch=str(arch), dtype=dtype, mechanism=mechanism, kernel=kernel, stack_bytes=str(ceiling))
+    assert gate.gate_violations([known]) == []
+    assert len(gate.gate_violations([{**known, "stack_bytes": str(ceiling + 8)}])) == 1
+    for (arch, _, _, kernel), ceiling in gate.KNOWN_SPILLS.items():  # the exceptions stay exceptional
+        assert arch in gate.ARCHS and 0 < ceiling <= 4096, (kernel, ceiling)
+
+
+def test_resource_gate_default_configurations(tmp_path):
+    """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask."""
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the stand-in compiles; the interpreter would run instead
+    procs = {}
+    for n in (50, 200):
+        args = ["--arch", "90", "--n", str(n), "--dtypes", ",".join(DTYPES), "--mechanisms", ",".join(MECHANISMS)]
+        out = tmp_path / f"n{n}"
+        procs[n] = subprocess.Popen(
+            [sys.executable, str(BENCH / "kernel_resources.py"), *args, "--check", "--results-dir", str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    outputs = {n: p.communicate(timeout=1500)[0] for n, p in procs.items()}
+    for n, p in procs.items():
+        gate_lines = "\n".join(line for line in outputs[n].splitlines() if line.startswith(("GATE", "resource gate")))
+        assert p.returncode == 0, f"n={n}: exit {p.returncode}\n{gate_lines}\n{outputs[n][-3000:]}"
+    fused = list(csv.DictReader(open(tmp_path / "n50" / "kernel_resources.csv")))
+    tiled = list(csv.DictReader(open(tmp_path / "n200" / "kernel_resources.csv")))
+    # every configuration compiled its kernels: the fused pair at n=50, the tiled set at n=200
+    seen = {(r["dtype"], r["mechanism"], r["kernel"]) for r in fused}
+    for dtype in DTYPES:
+        for mechanism in MECHANISMS:
+            assert {(dtype, mechanism, "_fused_fwd"), (dtype, mechanism, "_fused_bwd")} <= seen
+            kernels = {r["kernel"] for r in tiled if r["dtype"] == dtype and r["mechanism"] == mechanism}
+            expected = {"_flash_fwd", "_flash_bwd_dkdv", "_flash_bwd_dq"}
+            if mechanism != "none":
+                expected |= {"_attn_probs_fwd", "_tril_matmul", "_attn_probs_bwd"}
+            assert expected <= kernels, (dtype, mechanism, kernels)
+    for r in fused + tiled:
+        assert r["status"] == "ok" and int(r["registers"]) > 0, r
+        assert 0 < int(r["shared_bytes"]) <= int(r["max_shared_bytes"]), r
