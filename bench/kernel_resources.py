@@ -397,9 +397,11 @@ def main(argv=None) -> int:
             os.environ.pop("TRITON_INTERPRET", None)
         from awr_fast.kernels import dot_refined as triton_dot
 
-        if args.fp32_precision:
-            chosen = triton_dot._precision
-            triton_dot._precision = lambda dtype: args.fp32_precision if dtype == torch.float32 else chosen(dtype)
+        if args.fp32_precision:  # every launcher takes its precision from _common's _Launch
+            from awr_fast.kernels import _common
+
+            chosen = _common._precision
+            _common._precision = lambda dtype: args.fp32_precision if dtype == torch.float32 else chosen(dtype)
         fns = jit_functions(triton_dot)
         for fn in fns.values():  # one cache per target: start this arch afresh
             if hasattr(fn, "device_caches"):

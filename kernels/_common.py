@@ -1,0 +1,237 @@
+"""Family-independent pieces of the Triton kernels: the jit helpers every family's kernels inline
+(visibility, first real position, dropout keep mask, masked softmax, tile loads and stores) and the host
+helpers of every launcher (padding, block sizes, dot precision, the per-call launch record, weight-gradient
+reductions). A family file (dot_refined.py, ...) imports these and adds its own score kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def fused_max_n_from_env() -> int:
+    """Sequences up to this length run a family's fused single-program kernels (one launch forward, one
+    backward); longer ones its tiled kernels. AWR_FAST_TRITON_FUSED_MAX_N=0 forces the tiled path."""
+    text = os.environ.get("AWR_FAST_TRITON_FUSED_MAX_N", "64")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 128:
+        raise ValueError(f"AWR_FAST_TRITON_FUSED_MAX_N: expected an integer in [0, 128], got {text!r}")
+    return value
+
+
+# ptxas -O3 answers the tiled backward's register pressure by dropping it to 32 registers and spilling
+# 5 KB per thread (bench/results/kernel_resources.md); a .maxnreg bound keeps it at the most a thread
+# of a 256-thread program can have (2 KB spilled instead).
+MAX_REGISTERS = 255
+MECHANISM_CODE = {"none": 0, "simp": 1, "add": 2, "value": 3}  # MECH of the fused kernels
+
+
+# ------------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _visible(rows, cols, n, start, b, KPM, HAS_MASK: tl.constexpr):
+    """SPEC §1: key j visible to query i iff j <= i and neither is padding."""
+    vis = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= start) & (rows[:, None] < n) & (cols[None, :] < n)
+    if HAS_MASK:
+        q_pad = tl.load(KPM + b * n + rows, mask=rows < n, other=1)
+        k_pad = tl.load(KPM + b * n + cols, mask=cols < n, other=1)
+        vis = vis & (q_pad[:, None] == 0) & (k_pad[None, :] == 0)
+    return vis
+
+
+@triton.jit
+def _first_real_position(KPM, b, n, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
+    """Index of the sequence's first non-padding position (n if none): every loop starts there, so the
+    work per head follows the real length. Computed here rather than by extra torch launches."""
+    if HAS_MASK:
+        idx = tl.arange(0, N_PAD)
+        pad = tl.load(KPM + b * n + idx, mask=idx < n, other=1)
+        return tl.min(tl.where(pad == 0, idx, n), 0)
+    else:
+        return 0
+
+
+@triton.jit
+def _probs_from_lse(s, lse, vis):
+    """Recompute softmax weights from the saved log-sum-exp; masked entries exactly 0 (no inf on the way)."""
+    return tl.where(vis, tl.exp(tl.where(vis, s - lse[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _dropout_keep(SEED, bh, rows, cols, n, dropout_p):
+    """Philox draw per (batch*head, i, j): the same keep mask in every kernel that asks for it."""
+    seed = tl.load(SEED)
+    offsets = bh * n * n + rows[:, None] * n + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT: tl.constexpr):
+    """(dropout(P), dL/dP) of out = dropout(P) Y given dL/d(dropout(P)) = dp: one keep mask, kept entries
+    scaled by 1 / (1 - p), dropped ones 0 in both."""
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return p, dp
+
+
+@triton.jit
+def _masked_softmax_rows(x, vis):
+    """Row softmax of x over the visible entries; rows without one are all zero (never NaN)."""
+    x = tl.where(vis, x, float("-inf"))
+    row_max = tl.max(x, 1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    e = tl.where(vis, tl.exp(x - row_max[:, None]), 0.0)
+    total = tl.sum(e, 1)
+    return e / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _store_zero_rows(X, base, off, n, D, TILE: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows [0, off) of an (n, D) block lie wholly in the padding: their outputs/gradients are zeros."""
+    dcols = tl.arange(0, D_PAD)
+    zeros = tl.zeros([TILE, D_PAD], tl.float32)
+    for r0 in range(0, off, TILE):
+        rows = r0 + tl.arange(0, TILE)
+        tl.store(
+            X + base + rows[:, None] * D + dcols[None, :],
+            zeros.to(X.dtype.element_ty),
+            mask=(rows[:, None] < off) & (dcols[None, :] < D),
+        )
+
+
+@triton.jit
+def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
+    """Write one program's (n, n) float32 partial sum: `val` on the window, zeros everywhere else
+    (disjoint masks, so no element is written twice)."""
+    tl.store(X + base + idx[:, None] * n + idx[None, :], val, mask=(idx[:, None] < n) & (idx[None, :] < n))
+    zeros = tl.zeros([TILE, TILE], tl.float32)
+    for r0 in range(0, n, TILE):
+        rows = r0 + tl.arange(0, TILE)
+        for c0 in range(0, n, TILE):
+            cols = c0 + tl.arange(0, TILE)
+            outside = (rows[:, None] < off) | (cols[None, :] < off)
+            tl.store(
+                X + base + rows[:, None] * n + cols[None, :],
+                zeros,
+                mask=outside & (rows[:, None] < n) & (cols[None, :] < n),
+            )
+
+
+@triton.jit
+def _load_rows(X, base, idx, n, D, D_PAD: tl.constexpr):
+    """The (TILE, D_PAD) float32 tile of rows idx of an (n, D) block; zero outside it."""
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    return tl.load(X + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(X, base, val, idx, n, D, D_PAD: tl.constexpr):
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    tl.store(X + base + idx[:, None] * D + dcols[None, :], val.to(X.dtype.element_ty), mask=io)
+
+
+@triton.jit
+def _load_square(W, base, idx, n):
+    """The (TILE, TILE) float32 window of an (n, n) weight; zero outside it."""
+    sq = (idx[:, None] < n) & (idx[None, :] < n)
+    return tl.load(W + base + idx[:, None] * n + idx[None, :], mask=sq, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _program_sequence(KPM, n, H, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
+    """(batch*head, batch, head, first real position, real length) of this program's sequence."""
+    bh = tl.program_id(0)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    return bh, b, bh % H, start, n - start
+
+
+# ------------------------------------------------------------------------------------------ host helpers
+
+
+def _pad(x: int) -> int:
+    """The power-of-two block (>= 16, tl.dot's minimum) that holds x; plain Python, as this runs on every
+    call of a host-bound op (triton.next_power_of_2 costs several microseconds a call)."""
+    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def _blocks(n: int, inner: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows for short sequences, 32-row tiles when the inner
+    dimension of the flash pass is the full padded length (refinement with n > 64)."""
+    n_pad = _pad(n)
+    if n_pad <= 64 and inner <= 64:
+        return n_pad, n_pad, 4
+    if inner > 128:  # (BLOCK, 256) fp32 tiles: 16 rows and 8 warps keep the resident ones in registers
+        return 16, 16, 8
+    return 32, 32, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """input_precision of every tl.dot. fp32 inputs: "tf32x3" (three TF32 tensor-core products, hi*hi +
+    hi*lo + lo*hi: close to fp32, and checked against the float64 reference at the fp32 tolerance);
+    "ieee" runs on FFMA, needs the operands in registers and spilled up to 11 KB per thread in the fused
+    backward (bench/results/kernel_resources.md). Half inputs are upcast on load and tolerate TF32."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+class _Launch:
+    """Shapes and flags shared by the launches of one call."""
+
+    def __init__(self, q, key_padding_mask, mechanism, dropout_p):
+        self.batch, self.heads, self.n, self.d = q.shape
+        self.bh = self.batch * self.heads
+        self.device = q.device
+        self.precision = _precision(q.dtype)
+        self.n_pad = _pad(self.n)
+        self.has_mask = key_padding_mask is not None
+        # a free reinterpretation of the bool mask (no conversion launch); unused without a mask
+        self.kpm = key_padding_mask.contiguous().view(torch.uint8) if self.has_mask else q
+        self.dropout = dropout_p > 0.0
+        self.refined = mechanism != "none"
+
+    def scratch(self, cols: int | None = None):
+        return torch.zeros(
+            self.batch, self.heads, self.n, self.n if cols is None else cols, dtype=torch.float32, device=self.device
+        )
+
+    def scratch_uninitialised(self):
+        return torch.empty(self.batch, self.heads, self.n, self.n, dtype=torch.float32, device=self.device)
+
+    def grid_rows(self, block):
+        return (triton.cdiv(self.n, block), self.bh)
+
+
+def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:
+    """(alpha, beta) of B = alpha T A^T + beta A: simp and value (inner scores) c and 0; add c/2 and 1/2."""
+    return (0.5 * refine_scale, 0.5) if mechanism == "add" else (refine_scale, 0.0)
+
+
+def _head_stride(w) -> int:
+    return w.stride(0) if w is not None and w.dim() == 3 else 0
+
+
+def _sum_partials(partial: torch.Tensor, per_head: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, n, n) per-program partial sums -> (H, n, n) per-head or (n, n) shared weight gradient."""
+    return (partial.sum(0) if per_head else partial.sum((0, 1))).to(dtype)
+
+
+def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and y."""
+    batch, heads, n, _ = x.shape
+    if per_head:
+        return torch.bmm(
+            x.transpose(0, 1).reshape(heads, batch * n, n).transpose(1, 2),
+            y.transpose(0, 1).reshape(heads, batch * n, n),
+        )
+    return x.reshape(-1, n).t() @ y.reshape(-1, n)

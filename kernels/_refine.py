@@ -1,0 +1,785 @@
+"""The refinement passes on a family's first-order weights A (SPEC §3b), shared by every Triton family.
+
+Per (batch, head), with M = W_RQ W_RK^T (M^T for "add"):
+    simp   B = c A M A^T
+    add    B = (c A M^T A^T + A) / 2
+    value  R = softmax(c A M A^T),   B = R (A W_RV)
+    out = dropout(softmax(mask(B))) V
+With T = A M as "queries" and the rows of A as "keys", B_ij = c T_i . A_j (+ beta A_ij), so the second
+softmax and P V (or R U for "value") run as a flash-style online-softmax pass that never materialises B.
+
+Fused windows (n <= the fused limit): _refine_window / _refine_window_bwd, inlined into a family's
+single-program kernels after its own A. Tiled (longer n; float32 scratch; loops start at the sequence's
+first real position):
+    _tril_matmul        C (+)= X W for X lower triangular from `start` (T = A M1, U = A W_RV, dA += dT M1^T)
+    _flash_fwd          online softmax of alpha Xq Xk^T + beta*bias over causal key blocks, times Y
+    _value_out_fwd      out = softmax(mask(Bv)) V for "value", two passes
+    _value_out_bwd      dBv and the dropped P3 for "value"
+    _flash_bwd_dkdv     dXk, dY of the flash pass (grid over key blocks)
+    _flash_bwd_dq       dXq (and beta*dB into dA) of the flash pass (grid over query blocks)
+refine_forward / refine_backward run them from A to the output and from the output's gradient to dA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    MAX_REGISTERS,
+    _blocks,
+    _dropout_keep,
+    _dropped_pair,
+    _first_real_position,
+    _Launch,
+    _load_square,
+    _masked_softmax_rows,
+    _pad,
+    _probs_from_lse,
+    _reduce_over_batch,
+    _refine_coefficients,
+    _store_square_partial,
+    _visible,
+)
+
+# ------------------------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _tril_matmul(
+    X,
+    W,
+    C,
+    KPM,
+    n,
+    H,
+    w_head_stride,
+    w_stride_r,
+    w_stride_c,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    TRIANGULAR: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """C[i, c] (+)= sum_k X[i, k] W[k, c] for X zero before `start` (rows and cols) and, if TRIANGULAR,
+    above the diagonal: the inner loop then stops at the row block's last row."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    m0 = pid_m * BLOCK_M
+    # rows and columns before `start` are never read downstream (they meet zeros of A): skip them,
+    # so the work per head is ~L^3 for a sequence of length L.
+    if (m0 + BLOCK_M > start) & (pid_n * BLOCK_N + BLOCK_N > start):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        k_end = n
+        if TRIANGULAR:
+            k_end = tl.minimum(m0 + BLOCK_M, n)
+        for k0 in range((start // BLOCK_K) * BLOCK_K, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                X + bh * n * n + rows[:, None] * n + ks[None, :],
+                mask=(rows[:, None] < n) & (ks[None, :] < n),
+                other=0.0,
+            )
+            w = tl.load(
+                W + h * w_head_stride + ks[:, None] * w_stride_r + cols[None, :] * w_stride_c,
+                mask=(ks[:, None] < n) & (cols[None, :] < n),
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.dot(x, w, input_precision=PRECISION)
+        ptrs = C + bh * n * n + rows[:, None] * n + cols[None, :]
+        inside = (rows[:, None] < n) & (cols[None, :] < n)
+        if ACCUMULATE:
+            acc += tl.load(ptrs, mask=inside, other=0.0)
+        tl.store(ptrs, acc, mask=inside)
+
+
+@triton.jit
+def _flash_fwd(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    O,
+    LSE,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    xq = tl.load(
+        XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=(rows[:, None] < n) & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        xk = tl.load(
+            XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+            mask=(cols[:, None] < n) & (di[None, :] < DI),
+            other=0.0,
+        ).to(tl.float32)
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(
+                BIAS + bh * n * n + rows[:, None] * n + cols[None, :],
+                mask=(rows[:, None] < n) & (cols[None, :] < n),
+                other=0.0,
+            )
+        s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        correction = tl.exp(m_i - m_new)
+        l_i = l_i * correction + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+        y = tl.load(
+            Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
+        acc = acc * correction[:, None] + tl.dot(p, y, input_precision=PRECISION)
+        m_i = m_new
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    tl.store(
+        O + bh * n * DV + rows[:, None] * DV + dv[None, :],
+        out.to(O.dtype.element_ty),
+        mask=(rows[:, None] < n) & (dv[None, :] < DV),
+    )
+    tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
+
+
+@triton.jit
+def _value_out_fwd(
+    BV,
+    V,
+    KPM,
+    SEED,
+    O,
+    LSE,
+    dropout_p,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """out = dropout(softmax(mask(Bv))) V; Bv is the (float32) result of the inner flash pass."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = tl.load(
+            BV + bh * n * n + rows[:, None] * n + cols[None, :],
+            mask=(rows[:, None] < n) & (cols[None, :] < n),
+            other=0.0,
+        )
+        s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    has_key = l_i > 0
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = tl.load(
+            BV + bh * n * n + rows[:, None] * n + cols[None, :],
+            mask=(rows[:, None] < n) & (cols[None, :] < n),
+            other=0.0,
+        )
+        vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
+        p = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+        v = tl.load(
+            V + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.dot(p, v, input_precision=PRECISION)
+    tl.store(
+        O + bh * n * D + rows[:, None] * D + dcols[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=(rows[:, None] < n) & (dcols[None, :] < D),
+    )
+    tl.store(LSE + bh * n + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), 0.0), mask=rows < n)
+
+
+@triton.jit
+def _value_out_bwd(
+    BV,
+    V,
+    DO,
+    LSE,
+    OUT,
+    KPM,
+    SEED,
+    DBV,
+    P3,
+    dropout_p,
+    n,
+    D,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """dBv = P3 o (dP3 - rowsum(dO o out)); also writes the dropped P3 for dV = P3^T dO."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = tl.arange(0, D_PAD)
+    row_ok = rows < n
+    do = tl.load(
+        DO + bh * n * D + rows[:, None] * D + dcols[None, :], mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0
+    ).to(tl.float32)
+    lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+    out = tl.load(
+        OUT + bh * n * D + rows[:, None] * D + dcols[None, :], mask=row_ok[:, None] & (dcols[None, :] < D), other=0.0
+    ).to(tl.float32)
+    delta = tl.sum(do * out, 1)  # = rowsum(dP3 o P3), as in flash attention's backward
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        s = tl.load(BV + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        v = tl.load(
+            V + bh * n * D + cols[:, None] * D + dcols[None, :],
+            mask=(cols[:, None] < n) & (dcols[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
+        tl.store(DBV + bh * n * n + rows[:, None] * n + cols[None, :], p * (dp - delta[:, None]), mask=inside)
+        tl.store(P3 + bh * n * n + rows[:, None] * n + cols[None, :], p_dropped, mask=inside)
+
+
+@triton.jit
+def _flash_bwd_dkdv(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    DO,
+    LSE,
+    OUT,
+    DXK,
+    DY,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    col_ok = cols < n
+    xk = tl.load(
+        XK + bh * n * DI + cols[:, None] * DI + di[None, :], mask=col_ok[:, None] & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
+    y = tl.load(
+        Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
+    dxk = tl.zeros([BLOCK_N, DI_PAD], tl.float32)
+    dy = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    for i0 in range((tl.maximum(n0, start) // BLOCK_M) * BLOCK_M, n, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n
+        xq = tl.load(
+            XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=row_ok[:, None] & (di[None, :] < DI), other=0.0
+        ).to(tl.float32)
+        do = tl.load(
+            DO + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
+        lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+        out = tl.load(
+            OUT + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
+        delta = tl.sum(do * out, 1)  # rowsum(dO o O), recomputed here instead of a separate pass
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(
+                BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            )
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
+        dy += tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dxk += tl.dot(tl.trans(ds), xq, input_precision=PRECISION)
+    tl.store(
+        DXK + bh * n * DI + cols[:, None] * DI + di[None, :],
+        (dxk * alpha).to(DXK.dtype.element_ty),
+        mask=col_ok[:, None] & (di[None, :] < DI),
+    )
+    tl.store(
+        DY + bh * n * DV + cols[:, None] * DV + dv[None, :],
+        dy.to(DY.dtype.element_ty),
+        mask=col_ok[:, None] & (dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _flash_bwd_dq(
+    XQ,
+    XK,
+    Y,
+    BIAS,
+    KPM,
+    SEED,
+    DO,
+    LSE,
+    OUT,
+    DXQ,
+    DBIAS,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    DI,
+    DV,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    di = tl.arange(0, DI_PAD)
+    dv = tl.arange(0, DV_PAD)
+    row_ok = rows < n
+    xq = tl.load(
+        XQ + bh * n * DI + rows[:, None] * DI + di[None, :], mask=row_ok[:, None] & (di[None, :] < DI), other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
+    lse = tl.load(LSE + bh * n + rows, mask=row_ok, other=0.0)
+    out = tl.load(
+        OUT + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
+    ).to(tl.float32)
+    delta = tl.sum(do * out, 1)
+    dxq = tl.zeros([BLOCK_M, DI_PAD], tl.float32)
+    for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        xk = tl.load(
+            XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+            mask=(cols[:, None] < n) & (di[None, :] < DI),
+            other=0.0,
+        ).to(tl.float32)
+        y = tl.load(
+            Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0
+        ).to(tl.float32)
+        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if HAS_BIAS:
+            s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
+        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dxq += tl.dot(ds, xk, input_precision=PRECISION)
+        if HAS_BIAS:
+            tl.store(DBIAS + bh * n * n + rows[:, None] * n + cols[None, :], beta * ds, mask=inside)
+    tl.store(
+        DXQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+        (dxq * alpha).to(DXQ.dtype.element_ty),
+        mask=row_ok[:, None] & (di[None, :] < DI),
+    )
+
+
+@triton.jit
+def _refine_window(
+    a, vis, M1, WRV, h, idx, n, alpha, beta, m_head_stride, wrv_head_stride, MECH: tl.constexpr, PRECISION: tl.constexpr
+):
+    """The refinement of one fused window's first-order weights A: (T, U, R, P) with P the final
+    (pre-dropout) weights; entries a mechanism does not use are A. MECH 0 none (P = A), 1 simp
+    (B = alpha T A^T), 2 add (+ beta A), 3 value (R = softmax(alpha T A^T), P = softmax(R U), U = A W_RV)."""
+    t = a
+    u = a
+    r = a
+    p = a
+    if MECH > 0:
+        t = tl.dot(a, _load_square(M1, h * m_head_stride, idx, n), input_precision=PRECISION)
+        scores2 = tl.dot(t, tl.trans(a), input_precision=PRECISION) * alpha
+        if MECH == 2:  # add
+            scores2 += beta * a
+        p = _masked_softmax_rows(scores2, vis)
+        if MECH == 3:  # value
+            r = p
+            u = tl.dot(a, _load_square(WRV, h * wrv_head_stride, idx, n), input_precision=PRECISION)
+            p = _masked_softmax_rows(tl.dot(r, u, input_precision=PRECISION), vis)
+    return t, u, r, p
+
+
+@triton.jit
+def _refine_window_bwd(
+    dlogits,
+    a,
+    t,
+    u,
+    r,
+    M1,
+    WRV,
+    DM1,
+    DWRV,
+    bh,
+    h,
+    idx,
+    off,
+    n,
+    alpha,
+    beta,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """dL/dA of a refined window (MECH > 0) from dL/d(logits of P); stores this program's (n, n) partial
+    sums of dM1 (and dW_RV). M1 and W_RV are loaded again here rather than kept live from the forward."""
+    dscores2 = dlogits
+    if MECH == 3:  # value: P = softmax(R U): dR, dU, then the inner softmax R = softmax(c T A^T)
+        dr = tl.dot(dlogits, tl.trans(u), input_precision=PRECISION)
+        du = tl.dot(tl.trans(r), dlogits, input_precision=PRECISION)
+        dscores2 = r * (dr - tl.sum(r * dr, 1)[:, None])
+        _store_square_partial(DWRV, bh * n * n, tl.dot(tl.trans(a), du, input_precision=PRECISION), idx, off, n, TILE)
+        da = tl.dot(du, tl.trans(_load_square(WRV, h * wrv_head_stride, idx, n)), input_precision=PRECISION)
+        da += tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha
+    else:
+        da = tl.dot(tl.trans(dscores2), t, input_precision=PRECISION) * alpha
+    if MECH == 2:  # add
+        da += beta * dscores2
+    dt = tl.dot(dscores2, a, input_precision=PRECISION) * alpha
+    _store_square_partial(DM1, bh * n * n, tl.dot(tl.trans(a), dt, input_precision=PRECISION), idx, off, n, TILE)
+    da += tl.dot(dt, tl.trans(_load_square(M1, h * m_head_stride, idx, n)), input_precision=PRECISION)
+    return da
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangular=True):
+    """x (B, H, n, n), zero in the padding (and above the diagonal if triangular); w (n, n) shared or
+    (H, n, n); returns x @ w (or x @ w^T), or adds it to `out`."""
+    accumulate = out is not None
+    out = L.scratch() if out is None else out
+    head_stride = w.stride(0) if w.dim() == 3 else 0
+    stride_r, stride_c = w.stride(-2), w.stride(-1)
+    if transpose_w:
+        stride_r, stride_c = stride_c, stride_r
+    block = 64 if L.n > 32 else 32
+    grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
+    _tril_matmul[grid](
+        x,
+        w,
+        out,
+        L.kpm,
+        L.n,
+        L.heads,
+        head_stride,
+        stride_r,
+        stride_c,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        ACCUMULATE=accumulate,
+        TRIANGULAR=triangular,
+        PRECISION=L.precision,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_K=block if L.n > 32 else 16,
+        num_warps=4,
+    )
+    return out
+
+
+def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed, out_dtype):
+    di, dv = xq.shape[-1], y.shape[-1]
+    out = torch.empty(L.batch, L.heads, L.n, dv, dtype=out_dtype, device=L.device)
+    lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
+    bm, bn, warps = _blocks(L.n, di)
+    _flash_fwd[L.grid_rows(bm)](
+        xq,
+        xk,
+        y,
+        bias if bias is not None else xq,
+        L.kpm,
+        seed,
+        out,
+        lse,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DI_PAD=_pad(di),
+        DV_PAD=_pad(dv),
+        num_warps=warps,
+    )
+    return out, lse
+
+
+def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, dropout_p, seed, grad_dtypes):
+    """Gradients of the flash pass: (dXq, dXk, dY, dBias or None)."""
+    di, dv = xq.shape[-1], y.shape[-1]
+    dxq = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[0], device=L.device)
+    dxk = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[1], device=L.device)
+    dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
+    dbias = L.scratch() if bias is not None else None
+    bm, bn, warps = _blocks(L.n, di)
+    common = dict(
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DI_PAD=_pad(di),
+        DV_PAD=_pad(dv),
+        num_warps=warps,
+        maxnreg=MAX_REGISTERS,
+    )
+    bias_arg = bias if bias is not None else xq
+    _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
+        xq,
+        xk,
+        y,
+        bias_arg,
+        L.kpm,
+        seed,
+        grad,
+        lse,
+        out,
+        dxk,
+        dy,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        **common,
+    )
+    _flash_bwd_dq[L.grid_rows(bm)](
+        xq,
+        xk,
+        y,
+        bias_arg,
+        L.kpm,
+        seed,
+        grad,
+        lse,
+        out,
+        dxq,
+        dbias if dbias is not None else dxq,
+        alpha,
+        beta,
+        dropout_p,
+        L.n,
+        di,
+        dv,
+        L.heads,
+        **common,
+    )
+    return dxq, dxk, dy, dbias
+
+
+def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
+    """out = dropout(softmax(mask(Bv))) V of "value" and its log-sum-exp."""
+    out = torch.empty_like(v)
+    lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
+    bm, bn, warps = _blocks(L.n, L.d)
+    _value_out_fwd[L.grid_rows(bm)](
+        bv,
+        v,
+        L.kpm,
+        seed,
+        out,
+        lse3,
+        dropout_p,
+        L.n,
+        L.d,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        D_PAD=_pad(L.d),
+        num_warps=warps,
+    )
+    return out, lse3
+
+
+def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
+    """(dBv, the dropped P3) of "value"'s last softmax."""
+    dbv, p3 = L.scratch(), L.scratch()
+    bm, bn, warps = _blocks(L.n, L.d)
+    _value_out_bwd[L.grid_rows(bm)](
+        bv,
+        v,
+        grad,
+        lse3,
+        out,
+        L.kpm,
+        seed,
+        dbv,
+        p3,
+        dropout_p,
+        L.n,
+        L.d,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        DROPOUT=dropout_p > 0,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        D_PAD=_pad(L.d),
+        num_warps=warps,
+    )
+    return dbv, p3
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def refine_forward(L: _Launch, a, v, m1, w_rv, mechanism, refine_scale, dropout_p, seed):
+    """Tiled refinement from A (B, H, n, n) float32: (out, lse, T, U, Bv, lse3), None where unused."""
+    t = _launch_tril_matmul(L, a, m1)
+    if mechanism == "value":
+        u = _launch_tril_matmul(L, a, w_rv)
+        bv, lse = _launch_flash_fwd(L, t, a, u, None, refine_scale, 0.0, 0.0, seed, torch.float32)
+        out, lse3 = _launch_value_out_fwd(L, bv, v, seed, dropout_p)
+        return out, lse, t, u, bv, lse3
+    alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    out, lse = _launch_flash_fwd(L, t, a, v, a if beta else None, alpha, beta, dropout_p, seed, v.dtype)
+    return out, lse, t, None, None, None
+
+
+def refine_backward(
+    L: _Launch, grad, a, t, u, bv, lse, lse3, out, v, m1, w_rv, mechanism, refine_scale, dropout_p, seed
+):
+    """Tiled refinement backward: (dA float32 (B, H, n, n), dV, dM1, dW_RV or None)."""
+    f32 = (torch.float32,) * 3
+    dw_rv = None
+    if mechanism == "value":
+        dbv, p3 = _launch_value_out_bwd(L, grad, bv, v, out, lse3, seed, dropout_p)
+        dv = (p3.transpose(-1, -2) @ grad.float()).to(v.dtype)
+        dt, da, du, _ = _launch_flash_bwd(L, dbv, t, a, u, None, bv, lse, refine_scale, 0.0, 0.0, seed, f32)
+        _launch_tril_matmul(L, du, w_rv, out=da, transpose_w=True, triangular=False)  # dU is not triangular
+        dw_rv = _reduce_over_batch(a, du, w_rv.dim() == 3).to(w_rv.dtype)
+    else:
+        alpha, beta = _refine_coefficients(mechanism, refine_scale)
+        dt, da, dv, dbias = _launch_flash_bwd(
+            L,
+            grad,
+            t,
+            a,
+            v,
+            a if beta else None,
+            out,
+            lse,
+            alpha,
+            beta,
+            dropout_p,
+            seed,
+            (torch.float32, torch.float32, v.dtype),
+        )
+        if dbias is not None:
+            da += dbias
+    _launch_tril_matmul(L, dt, m1, out=da, transpose_w=True)
+    dm1 = _reduce_over_batch(a, dt, m1.dim() == 3).to(m1.dtype)
+    return da, dv, dm1, dw_rv
