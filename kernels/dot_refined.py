@@ -25,8 +25,6 @@ The reductions that are plain GEMMs over the whole batch (dK = dS^T Q, dM = sum 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch._dynamo  # noqa: F401  initialised up front: torch 2.11's custom-op call imports it lazily
 import triton
@@ -54,6 +52,7 @@ from ._common import (
     _visible,
     fused_max_n_from_env,
 )
+from ._op import TritonOp
 from ._refine import (  # noqa: F401  the shared kernels are listed here too: bench/kernel_resources.py reads them
     _flash_bwd_dkdv,
     _flash_bwd_dq,
@@ -896,34 +895,11 @@ def _backward(
     return dq, dk, dv, dm1, dw_rv
 
 
-# ---------------------------------------------------------------------- custom ops and autograd function
+# ------------------------------------------------------------------------ custom ops and autograd function
 
 
-@torch.library.custom_op("awr_fast::dot_refined_fwd", mutates_args=())
-def dot_refined_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    m1: Optional[torch.Tensor],
-    w_rv: Optional[torch.Tensor],
-    key_padding_mask: Optional[torch.Tensor],
-    seed: torch.Tensor,
-    mechanism: str,
-    scale: float,
-    refine_scale: float,
-    refine_scores: bool,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, A, T, U, Bv, lse3); all but out are saved for the backward (empty when the
-    path does not need them)."""
-    outputs = _forward(
-        q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
-    )
-    return tuple(q.new_empty(0, dtype=torch.float32) if t is None else t for t in outputs)
-
-
-@dot_refined_fwd.register_fake
-def _(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
+def _fake_forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
+    """The shapes of _forward's (out, lse, A, T, U, Bv, lse3) for torch.compile; empty where unused."""
     batch, heads, n, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     square = q.new_empty(batch, heads, n, n, **f32)
@@ -941,140 +917,22 @@ def _(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale,
     return torch.empty_like(q), rows, square, square.clone(), empty(), empty(), empty()
 
 
-@torch.library.custom_op("awr_fast::dot_refined_bwd", mutates_args=())
-def dot_refined_bwd(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    m1: Optional[torch.Tensor],
-    w_rv: Optional[torch.Tensor],
-    key_padding_mask: Optional[torch.Tensor],
-    seed: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    a: torch.Tensor,
-    t: torch.Tensor,
-    u: torch.Tensor,
-    bv: torch.Tensor,
-    lse3: torch.Tensor,
-    mechanism: str,
-    scale: float,
-    refine_scale: float,
-    refine_scores: bool,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dm1, dw_rv); dm1/dw_rv are empty when the mechanism has no such weight."""
-    dq, dk, dv, dm1, dw_rv = _backward(
-        grad,
-        q,
-        k,
-        v,
-        m1,
-        w_rv,
-        key_padding_mask,
-        seed,
-        out,
-        lse,
-        a,
-        t,
-        u,
-        bv,
-        lse3,
-        mechanism,
-        scale,
-        refine_scale,
-        refine_scores,
-        dropout_p,
-    )
-    return dq, dk, dv, q.new_empty(0) if dm1 is None else dm1, q.new_empty(0) if dw_rv is None else dw_rv
-
-
-@dot_refined_bwd.register_fake
-def _(
-    grad,
-    q,
-    k,
-    v,
-    m1,
-    w_rv,
-    key_padding_mask,
-    seed,
-    out,
-    lse,
-    a,
-    t,
-    u,
-    bv,
-    lse3,
-    mechanism,
-    scale,
-    refine_scale,
-    refine_scores,
-    dropout_p,
-):
-    return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        q.new_empty(0) if m1 is None else torch.empty_like(m1),
-        q.new_empty(0) if w_rv is None else torch.empty_like(w_rv),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p = inputs
-    ctx.save_for_backward(q, k, v, m1, w_rv, key_padding_mask, seed, *output)
-    ctx.options = (mechanism, scale, refine_scale, refine_scores, dropout_p)
-
-
-def _backward_rule(ctx, grad, *unused_grads):
-    q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
-    dq, dk, dv, dm1, dw_rv = dot_refined_bwd(
-        grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, *ctx.options
-    )
-    return (
-        dq,
-        dk,
-        dv,
-        dm1 if m1 is not None else None,
-        dw_rv if w_rv is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-dot_refined_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
-
-
-class _DotRefinedFunction(torch.autograd.Function):
-    """The eager path: the same _forward/_backward as the custom ops above, without the custom-op
-    dispatch layers (at these sizes the host, not the GPU, sets the pace). torch.compile traces the
-    custom ops instead, so compiled models keep one graph."""
-
-    @staticmethod
-    def forward(
-        ctx, q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
-    ):
-        outputs = _forward(
-            q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
-        )
-        ctx.save_for_backward(q, k, v, m1, w_rv, key_padding_mask, seed, *outputs)
-        ctx.options = (mechanism, scale, refine_scale, refine_scores, dropout_p)
-        return outputs[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3 = ctx.saved_tensors
-        dq, dk, dv, dm1, dw_rv = _backward(
-            grad, q, k, v, m1, w_rv, key_padding_mask, seed, out, lse, a, t, u, bv, lse3, *ctx.options
-        )
-        return dq, dk, dv, dm1, dw_rv, None, None, None, None, None, None, None
+#: awr_fast::dot_refined_fwd / _bwd for torch.compile, an autograd.Function for eager calls (kernels/_op.py)
+DOT_REFINED = TritonOp(
+    "dot_refined",
+    tensors=("q", "k", "v", "m1?", "w_rv?", "key_padding_mask?", "seed"),
+    options=(
+        ("mechanism", "str"),
+        ("scale", "float"),
+        ("refine_scale", "float"),
+        ("refine_scores", "bool"),
+        ("dropout_p", "float"),
+    ),
+    differentiable=("q", "k", "v", "m1", "w_rv"),
+    forward=_forward,
+    backward=_backward,
+    fake_forward=_fake_forward,
+)
 
 
 # ----------------------------------------------------------------------------------------- public entry
@@ -1114,6 +972,4 @@ def dot_refined(
     else:
         seed = q  # never read without dropout; saves a launch on the host-bound eager path
     options = (mechanism, scale, refine_scale, refine_input == "scores", float(dropout_p))
-    if torch.compiler.is_compiling():
-        return dot_refined_fwd(q, k, v, m1, w_rv, key_padding_mask, seed, *options)[0]
-    return _DotRefinedFunction.apply(q, k, v, m1, w_rv, key_padding_mask, seed, *options)
+    return DOT_REFINED(q, k, v, m1, w_rv, key_padding_mask, seed, *options)
