@@ -6,8 +6,8 @@ A run directory holds::
     metrics.jsonl   one line per epoch: epoch, step, loss, grad_norm, lr, epoch_s, eval_s,
                     skipped_steps, valid ({metric: value} or null when not evaluated), improved,
                     best_epoch
-    best.pt         checkpoint at the best valid epoch (early stopping on valid NDCG@5; with
-                    --protocol sampled100 on sampled_ndcg@5)
+    best.pt         checkpoint at the best valid epoch (early stopping on valid --select-metric,
+                    NDCG@5 by default; with --protocol sampled100 on its sampled_ key)
     last.pt         checkpoint after the last finished epoch (what --resume continues from)
     final.json      test metrics at the best epoch (best.pt), valid metrics there, the
                     popularity baseline under the same protocol, timing, and backends_used
@@ -137,8 +137,8 @@ def _fmt_backends(used: Mapping[str, str]) -> str:
 
 
 def train(config: TrainConfig | Mapping[str, Any] | None = None, *, seq_dataset=None, **overrides) -> dict[str, Any]:
-    """Train, early-stop on valid NDCG@5 (``sampled_ndcg@5`` with protocol sampled100), evaluate the best
-    epoch on test; returns final.json's dict.
+    """Train, early-stop on valid ``select_metric`` (NDCG@5 by default; ``sampled_*`` under sampled100),
+    evaluate the best epoch on test; returns final.json's dict.
 
     Args:
         config: a :class:`~awr_fast.training.config.TrainConfig`, a dict of its fields, or None
@@ -405,7 +405,7 @@ def _run_epochs(
     ``eval_every``), recorded, checkpointed and logged. Returns (last epoch run, stopped early)."""
     show = progress_enabled(config.quiet, dist)
     neg_generator = torch.Generator(device=device)
-    key = selection_key(config.protocol)
+    key = selection_key(config.protocol, config.select_metric)
     epoch = state.start_epoch - 1
     for next_epoch in range(state.start_epoch, config.epochs + 1):
         if state.early.should_stop:
@@ -547,7 +547,7 @@ def _final_record(
         "best_epoch": best_epoch,
         "last_epoch": last_epoch,
         "stopped_early": bool(stopped_early),
-        "selection_metric": f"valid {selection_key(config.protocol)}",
+        "selection_metric": f"valid {selection_key(config.protocol, config.select_metric)}",
         "protocol": {
             "ranking": config.protocol,
             "exclude_history": config.exclude_history,

@@ -65,7 +65,7 @@ LEGACY_GROUPS = {
         "--amp",
     ],
     "data": ["--dataset", "--data", "--kcore", "--length-bucketing", "--bucket-batches", "--trim-padding"],
-    "evaluation": ["--eval-every", "--eval-batch-size", "--exclude-history", "--protocol"],
+    "evaluation": ["--eval-every", "--eval-batch-size", "--exclude-history", "--protocol", "--select-metric"],
     "run": [
         "--device",
         "--out",

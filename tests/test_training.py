@@ -205,6 +205,18 @@ def test_early_stopping_and_best_epoch(tmp_path, crafted):
     assert not EarlyStopping(patience=0, bad_evals=100).should_stop
 
 
+def test_select_metric_picks_the_best_epoch(tmp_path, crafted):
+    """select_metric decides the best epoch: the epoch with the highest valid value of that metric."""
+    final = train(tiny(epochs=4, patience=0, select_metric="recall@20"), out=str(tmp_path / "r"), seq_dataset=crafted)
+    recs = read_metrics(tmp_path / "r")
+    values = [r["valid"]["recall@20"] for r in recs]
+    assert final["selection_metric"] == "valid recall@20"
+    assert final["best_epoch"] == recs[values.index(max(values))]["epoch"]
+    assert final["valid"]["recall@20"] == max(values)
+    with pytest.raises(ValueError, match="select_metric: expected one of"):
+        train(tiny(select_metric="ndcg@3"), out=str(tmp_path / "bad"), seq_dataset=crafted)
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 

@@ -33,7 +33,7 @@ from ..data.preprocess import KCORE_MODES
 from ..models.sasrec import SASREC_LAYOUTS, SASREC_LOSSES
 from ..ops import dot_refined as dot_spec
 from ..ops import w2_refined as w2_spec
-from .evaluate import PROTOCOLS
+from .evaluate import PROTOCOLS, SELECT_METRICS
 
 __all__ = [
     "MODELS",
@@ -173,7 +173,8 @@ class TrainConfig:
     epochs: int = _optimisation(30, "maximum epochs")
     patience: int = _optimisation(
         20,
-        "early stopping: evaluations without a better valid NDCG@5 (sampled100: sampled_ndcg@5); 0: never stop early",
+        "early stopping: evaluations without a better valid --select-metric (sampled100: its sampled_ key); "
+        "0: never stop early",
     )
     seed: int = _optimisation(42, "seed (model init, epoch order, negatives, dropout)")
     amp: str = _optimisation("none", "mixed precision: bf16, or fp16 with a GradScaler", choices=AMP_MODES)
@@ -201,6 +202,11 @@ class TrainConfig:
         "full",
         "full ranking, or sampled100 (target + 100 negatives; keys 'sampled_*', which then select the best epoch)",
         choices=PROTOCOLS,
+    )
+    select_metric: str = _evaluation(
+        "ndcg@5",
+        "the valid metric that selects the best epoch and drives early stopping (the paper's: ndcg@5)",
+        choices=SELECT_METRICS,
     )
     # run
     device: str = _run("auto", "auto, cpu, cuda, cuda:1, ...")

@@ -35,9 +35,12 @@ __all__ = [
     "headline_keys",
     "metric_prefix",
     "selection_key",
+    "SELECT_METRICS",
 ]
 
 PROTOCOLS = ("full", "sampled100")
+#: The valid metrics that may select the best epoch (TrainConfig.select_metric), without the protocol prefix.
+SELECT_METRICS = (*(f"ndcg@{k}" for k in DEFAULT_KS), *(f"recall@{k}" for k in DEFAULT_KS), "mrr")
 SAMPLED_NEGATIVES = 100
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -50,9 +53,12 @@ def metric_prefix(protocol: str) -> str:
     return "" if protocol == "full" else "sampled_"
 
 
-def selection_key(protocol: str, k: int = 5) -> str:
-    """The metric early stopping watches: ``ndcg@5`` (full) or ``sampled_ndcg@5`` (sampled100)."""
-    return f"{metric_prefix(protocol)}ndcg@{k}"
+def selection_key(protocol: str, metric: str = "ndcg@5") -> str:
+    """The metric early stopping watches: ``metric`` (one of SELECT_METRICS; full) or ``sampled_<metric>``
+    (sampled100)."""
+    if metric not in SELECT_METRICS:
+        raise ValueError(f"select_metric: expected one of {list(SELECT_METRICS)}, got {metric!r}")
+    return f"{metric_prefix(protocol)}{metric}"
 
 
 #: The metrics of the per-epoch progress lines (the first one is the selection metric).
