@@ -3,6 +3,7 @@
     python bench/kernel_resources.py                          # the default configurations, sm_90 and sm_80
     python bench/kernel_resources.py --arch 90 --n 50 --dtypes fp32 --mechanisms simp
     python bench/kernel_resources.py --all                    # every window, block size and flag
+    python bench/kernel_resources.py --families w2 --n 50     # the W2 family's fused kernels
 
 Triton's whole JIT path (binder, specialization, constexprs, ``triton.compile`` with its bundled ptxas)
 runs here once the active driver is replaced by a stand-in that reports the target
@@ -325,12 +326,47 @@ def run_config(triton_dot, n, dtype, mechanism, masked, dropout, batch=2, heads=
     out.backward(torch.ones_like(out))
 
 
+def run_config_w2(triton_w2, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64, device="cpu"):
+    """The same for the W2 family: six Gaussian inputs (covariances positive), both outputs' gradients."""
+    from awr_fast.ops.w2_refined import WEIGHTS
+
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+
+    def leaf(x):
+        return x.to(device=device, dtype=dt).requires_grad_(True)
+
+    shape = (batch, heads, n, d_h)
+    inputs = [
+        leaf(torch.randn(*shape, generator=g) if i % 2 == 0 else torch.rand(*shape, generator=g) + 0.5)
+        for i in range(6)
+    ]
+    weights = {name: leaf(torch.randn(n, n, generator=g)) for name in WEIGHTS[mechanism]}
+    mask = None
+    if masked:
+        mask = torch.zeros(batch, n, dtype=torch.bool)
+        mask[0, : n // 3] = True
+        mask = mask.to(device)
+    mu, sig = triton_w2.w2_refined(
+        *inputs, mechanism=mechanism, key_padding_mask=mask, dropout_p=0.1 if dropout else 0.0, **weights
+    )
+    (mu.sum() + sig.sum()).backward()
+
+
+#: family -> (kernel module, entry runner, mechanisms, longest n): what `--families` compiles
+FAMILIES = {
+    "dot": ("dot_refined", run_config, ("none", "simp", "add", "value"), 256),
+    "w2": ("w2_refined", run_config_w2, ("none", "simp", "add", "value"), 64),
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="90,80", help="comma list of 90 (H100/H200), 80 (A100)")
     p.add_argument("--n", default="50,200", help="sequence lengths (<= 64: fused kernels; else tiled)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     p.add_argument("--mechanisms", default="none,simp,add,value")
+    p.add_argument("--families", default="dot", help="comma list of dot, w2 (W2: fused kernels only, n <= 64)")
     p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
     p.add_argument(
         "--fp32-precision",
@@ -373,6 +409,10 @@ def main(argv=None) -> int:
     args.n = [int(x) for x in (("50,100,200,256" if args.all else args.n).split(","))]
     args.dtypes = args.dtypes.split(",")
     args.mechanisms = args.mechanisms.split(",")
+    args.families = args.families.split(",")
+    for family in args.families:
+        if family not in FAMILIES:
+            p.error(f"--families: expected some of {sorted(FAMILIES)}, got {family!r}")
     for a in args.arch:
         if a not in ARCHS:
             p.error(f"--arch: expected some of {sorted(ARCHS)}, got {a}")
@@ -395,19 +435,29 @@ def main(argv=None) -> int:
             install_stand_in(arch)
         else:
             os.environ.pop("TRITON_INTERPRET", None)
-        from awr_fast.kernels import dot_refined as triton_dot
-
         if args.fp32_precision:  # every launcher takes its precision from _common's _Launch
             from awr_fast.kernels import _common
 
             chosen = _common._precision
             _common._precision = lambda dtype: args.fp32_precision if dtype == torch.float32 else chosen(dtype)
-        fns = jit_functions(triton_dot)
-        for fn in fns.values():  # one cache per target: start this arch afresh
-            if hasattr(fn, "device_caches"):
+        import importlib
+
+        todo = []
+        for family in args.families:
+            module_name, runner, mechanisms, longest = FAMILIES[family]
+            module = importlib.import_module(f"awr_fast.kernels.{module_name}")
+            if hasattr(module, "_REGISTER_BOUND"):
+                module._REGISTER_BOUND.clear()  # launch options cached per target: this arch afresh
+            todo += [(family, module, runner, c) for c in configs(args) if c[0] <= longest and c[2] in mechanisms]
+        for fn in {id(f): f for _, m, _, _ in todo for f in jit_functions(m).values()}.values():
+            if hasattr(fn, "device_caches"):  # one cache per target: start this arch afresh
                 fn.device_caches.clear()
-        for n, dtype, mechanism, masked, dropout in configs(args):
-            label = f"sm_{arch} n={n} {dtype} {mechanism}{' mask' if masked else ''}{' dropout' if dropout else ''}"
+        for family, module, runner, (n, dtype, mechanism, masked, dropout) in todo:
+            fns = jit_functions(module)
+            prefix = "" if family == "dot" else f"{family} "
+            label = (
+                f"sm_{arch} {prefix}n={n} {dtype} {mechanism}{' mask' if masked else ''}{' dropout' if dropout else ''}"
+            )
             before = {name: set(compiled(fn)) for name, fn in fns.items()}
             _Launcher.log.clear()
             start = time.perf_counter()
@@ -426,7 +476,7 @@ def main(argv=None) -> int:
                 "max_shared_bytes": ARCHS[arch]["max_shared_mem"],
             }
             try:
-                run_config(triton_dot, n, dtype, mechanism, masked, dropout, device=device)
+                runner(module, n, dtype, mechanism, masked, dropout, device=device)
                 status, reason = "ok", ""
             except Exception as exc:  # OutOfResources, a compile error: recorded, the sweep goes on
                 status, reason = "error", common.describe(exc)

@@ -235,3 +235,21 @@ def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torc
             y.transpose(0, 1).reshape(heads, batch * n, n),
         )
     return x.reshape(-1, n).t() @ y.reshape(-1, n)
+
+
+def refinement_matrix(mechanism: str, w_rq, w_rk):
+    """M = W_RQ W_RK^T once per call (SPEC §3b), shared by the batch and the heads; "add" swaps the roles,
+    i.e. uses M^T; None for "none"."""
+    if mechanism == "none":
+        return None
+    first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
+    return (first @ second.transpose(-1, -2)).contiguous()
+
+
+def dropout_seed(dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The Philox seed of a call's dropout masks (one tensor, so forward and backward draw the same)."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), device=like.device, dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return torch.zeros(1, device=like.device, dtype=torch.int64)
+    return like  # never read without dropout; saves a launch on the host-bound eager path

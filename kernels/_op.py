@@ -5,9 +5,9 @@
 - an eager autograd.Function that calls the same forward and backward without the custom-op dispatch
   layers (at recommender sizes the host, not the GPU, sets the pace of an eager call).
 
-A family supplies
-    forward(*tensors, *options) -> (out, *saved)                      saved entries may be None
-    backward(grad, *tensors, out, *saved, *options) -> one gradient (or None) per differentiable input
+A family supplies, for an op with ``outputs`` results (1: a tensor, else a tuple of them),
+    forward(*tensors, *options) -> (*outs, *saved)                    saved entries may be None
+    backward(*grads, *tensors, *outs, *saved, *options) -> one gradient (or None) per differentiable input
     fake_forward(*tensors, *options) -> what forward returns, with empty tensors for None
 and calls ``op(*tensors, *options)``. In the custom ops a None among the saved tensors or gradients
 travels as an empty tensor (a Tensor[] cannot hold None); the backward is written to accept either.
@@ -27,7 +27,8 @@ def _empty_like_none(reference: torch.Tensor) -> torch.Tensor:
 
 
 class TritonOp:
-    """A family's op: ``TritonOp(name, tensors, options, differentiable, forward, backward, fake_forward)``.
+    """A family's op: ``TritonOp(name, tensors, options, differentiable, forward, backward, fake_forward,
+    outputs=1)``.
 
     tensors: the tensor inputs in call order, a trailing "?" on the optional ones (None allowed);
     options: (name, type) of the non-tensor inputs that follow them, type one of str, float, bool, int;
@@ -42,8 +43,10 @@ class TritonOp:
         forward: Callable,
         backward: Callable,
         fake_forward: Callable,
+        outputs: int = 1,
     ):
         self.name = name
+        self.n_outputs = outputs
         self.tensor_names = [t.rstrip("?") for t in tensors]
         self.optional = [t.endswith("?") for t in tensors]
         self.options = list(options)
@@ -58,7 +61,7 @@ class TritonOp:
         self.fwd_op = torch.library.custom_op(
             f"awr_fast::{name}_fwd", self._fwd_impl, mutates_args=(), schema=f"({', '.join(decls)}) -> Tensor[]"
         )
-        bwd_decls = ["Tensor grad", *decls[: self.n_tensors], "Tensor[] outputs", *decls[self.n_tensors :]]
+        bwd_decls = ["Tensor[] grads", *decls[: self.n_tensors], "Tensor[] outputs", *decls[self.n_tensors :]]
         self.bwd_op = torch.library.custom_op(
             f"awr_fast::{name}_bwd", self._bwd_impl, mutates_args=(), schema=f"({', '.join(bwd_decls)}) -> Tensor[]"
         )
@@ -75,16 +78,16 @@ class TritonOp:
     def _fwd_fake(self, *args):
         return list(self.fake_forward(*args))
 
-    def _bwd_impl(self, grad, *args):
+    def _bwd_impl(self, grads_out, *args):
         tensors, saved, options = args[: self.n_tensors], args[self.n_tensors], args[self.n_tensors + 1 :]
-        grads = self.backward(grad, *tensors, *saved, *options)
-        return [_empty_like_none(grad) if g is None else g for g in grads]
+        grads = self.backward(*grads_out, *tensors, *saved, *options)
+        return [_empty_like_none(grads_out[0]) if g is None else g for g in grads]
 
-    def _bwd_fake(self, grad, *args):
+    def _bwd_fake(self, grads_out, *args):
         tensors = args[: self.n_tensors]
         out = []
         for i in self.grad_index:
-            out.append(_empty_like_none(grad) if tensors[i] is None else torch.empty_like(tensors[i]))
+            out.append(_empty_like_none(grads_out[0]) if tensors[i] is None else torch.empty_like(tensors[i]))
         return out
 
     def _setup_context(self, ctx, inputs, output):
@@ -94,7 +97,7 @@ class TritonOp:
     def _backward_rule(self, ctx, grads):
         saved = ctx.saved_tensors
         tensors, outputs = saved[: self.n_tensors], saved[self.n_tensors :]
-        grads_in = self.bwd_op(grads[0], *tensors, list(outputs), *ctx.options)
+        grads_in = self.bwd_op(list(grads[: self.n_outputs]), *tensors, list(outputs), *ctx.options)
         return self._per_input(tensors, grads_in)
 
     def _per_input(self, tensors, grads) -> tuple:
@@ -109,8 +112,12 @@ class TritonOp:
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
-            return self.fwd_op(*args)[0]
-        return _EagerFunction.apply(self, *args)
+            outs = self.fwd_op(*args)[: self.n_outputs]
+        else:
+            outs = _EagerFunction.apply(self, *args)
+        if self.n_outputs == 1:
+            return outs[0] if isinstance(outs, (list, tuple)) else outs
+        return tuple(outs)
 
 
 class _EagerFunction(torch.autograd.Function):
@@ -122,12 +129,12 @@ class _EagerFunction(torch.autograd.Function):
         ctx.op = op
         ctx.save_for_backward(*args[: op.n_tensors], *outputs)
         ctx.options = args[op.n_tensors :]
-        return outputs[0]
+        return outputs[0] if op.n_outputs == 1 else tuple(outputs[: op.n_outputs])
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads_out):
         op = ctx.op
         saved = ctx.saved_tensors
         tensors = saved[: op.n_tensors]
-        grads = op.backward(grad, *saved, *ctx.options)
+        grads = op.backward(*grads_out, *saved, *ctx.options)
         return (None, *op._per_input(tensors, grads))

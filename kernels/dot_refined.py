@@ -50,7 +50,9 @@ from ._common import (
     _store_zero_rows,
     _sum_partials,
     _visible,
+    dropout_seed,
     fused_max_n_from_env,
+    refinement_matrix,
 )
 from ._op import TritonOp
 from ._refine import (  # noqa: F401  the shared kernels are listed here too: bench/kernel_resources.py reads them
@@ -958,18 +960,9 @@ def dot_refined(
     d_h = q.shape[-1]
     scale = default_scale(d_h) if scale is None else float(scale)
     refine_scale = default_scale(d_h) if refine_scale is None else float(refine_scale)
-    m1 = None
-    if mechanism != "none":
-        # M = W_RQ W_RK^T once per call (SPEC §3b); "add" swaps the roles, i.e. uses M^T.
-        first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
-        m1 = (first @ second.transpose(-1, -2)).contiguous()
+    m1 = refinement_matrix(mechanism, w_rq, w_rk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w_rv = None if w_rv is None else w_rv.contiguous()
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
-    elif torch.compiler.is_compiling():
-        seed = torch.zeros(1, device=q.device, dtype=torch.int64)
-    else:
-        seed = q  # never read without dropout; saves a launch on the host-bound eager path
+    seed = dropout_seed(dropout_p, q)
     options = (mechanism, scale, refine_scale, refine_input == "scores", float(dropout_p))
     return DOT_REFINED(q, k, v, m1, w_rv, key_padding_mask, seed, *options)
