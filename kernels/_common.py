@@ -237,6 +237,22 @@ def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torc
     return x.reshape(-1, n).t() @ y.reshape(-1, n)
 
 
+def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
+    """Meta-parameters of a family's fused single-program kernels (windows of 16, 32 and N_PAD)."""
+    return dict(
+        MECH=MECHANISM_CODE[mechanism],
+        HAS_MASK=L.has_mask,
+        REFINE_SCORES=refine_scores,
+        DROPOUT=L.dropout,
+        PRECISION=L.precision,
+        N_PAD=L.n_pad,
+        D_PAD=_pad(L.d),
+        TILE_S=16,
+        TILE_M=min(32, L.n_pad),
+        num_warps=4 if L.n_pad <= 32 else 8,  # no maxnreg: it doubles the fused backward's spills
+    )
+
+
 def refinement_matrix(mechanism: str, w_rq, w_rk):
     """M = W_RQ W_RK^T once per call (SPEC §3b), shared by the batch and the heads; "add" swaps the roles,
     i.e. uses M^T; None for "none"."""

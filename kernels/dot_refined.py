@@ -33,11 +33,11 @@ import triton.language as tl
 from awr_fast.ops.dot_refined import default_scale
 
 from ._common import (
-    MECHANISM_CODE,
     _blocks,
     _dropout_keep,
     _dropped_pair,
     _first_real_position,
+    _fused_meta,
     _head_stride,
     _Launch,
     _load_rows,
@@ -718,21 +718,6 @@ def _fused_bwd(
 def uses_fused_kernels(n: int) -> bool:
     """Whether a call of length n runs the fused single-program kernels (else the tiled ones)."""
     return n <= FUSED_MAX_N
-
-
-def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
-    return dict(
-        MECH=MECHANISM_CODE[mechanism],
-        HAS_MASK=L.has_mask,
-        REFINE_SCORES=refine_scores,
-        DROPOUT=L.dropout,
-        PRECISION=L.precision,
-        N_PAD=L.n_pad,
-        D_PAD=_pad(L.d),
-        TILE_S=16,
-        TILE_M=min(32, L.n_pad),
-        num_warps=4 if L.n_pad <= 32 else 8,  # no maxnreg: it doubles the fused backward's spills
-    )
 
 
 def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):

@@ -25,13 +25,12 @@ from awr_fast.ops.w2_refined import SQRT_CLAMP, TRITON_MAX_N, default_scale
 
 from ._common import (
     MAX_REGISTERS,
-    MECHANISM_CODE,
     _dropout_keep,
+    _fused_meta,
     _head_stride,
     _Launch,
     _load_rows,
     _masked_softmax_rows,
-    _pad,
     _program_sequence,
     _refine_coefficients,
     _store_rows,
@@ -649,21 +648,6 @@ def _w2_fused_bwd(
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-
-
-def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
-    return dict(
-        MECH=MECHANISM_CODE[mechanism],
-        HAS_MASK=L.has_mask,
-        REFINE_SCORES=refine_scores,
-        DROPOUT=L.dropout,
-        PRECISION=L.precision,
-        N_PAD=L.n_pad,
-        D_PAD=_pad(L.d),
-        TILE_S=16,
-        TILE_M=min(32, L.n_pad),
-        num_warps=4 if L.n_pad <= 32 else 8,
-    )
 
 
 _REGISTER_BOUND: dict = {}  # device -> launch options of the backward (host cost: one lookup a call)
