@@ -20,6 +20,7 @@ comparison figures into the first run directory. Matplotlib runs with the Agg ba
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["load_trained_model", "main", "plot_attention", "plot_curves", "plot_runs"]
+__all__ = [
+    "ATTENTION_FILE",
+    "attention_maps",
+    "draw_attention",
+    "load_attention_maps",
+    "load_trained_model",
+    "main",
+    "plot_attention",
+    "plot_curves",
+    "plot_runs",
+    "save_attention_maps",
+]
 
 
 def _pyplot():
@@ -90,12 +102,13 @@ def _pick_user(dataset, last: int, user: Optional[int]) -> int:
     return int(long_enough[0]) if long_enough.size else int(np.argmax(lengths))
 
 
-def plot_attention(
-    model, dataset, path, *, last: int = 15, user: Optional[int] = None, title: str = "", max_heads: int = 4
-) -> Path:
-    """Heatmaps of A, B (if refined) and P of the last layer for one test user's last ``last``
-    positions; returns the PNG path."""
-    plt = _pyplot()
+ATTENTION_FILE = "attention.npz"  # a finished run's maps of one user: the report draws from it, no checkpoint needed
+_CAPTIONS = {"A": "A (first-order weights)", "B": "B (refined scores)", "P": "P (final weights)"}
+
+
+def attention_maps(model, dataset, *, last: int = 15, user: Optional[int] = None) -> Dict[str, Any]:
+    """The last layer's A, B (if refined) and P of one test user's last ``last`` positions, as numpy:
+    ``{"A": (heads, last, last), ..., "masked": (last, last) bool, "items": (last,), "user": ()}``."""
     row = _pick_user(dataset, last, user)
     seq = torch.from_numpy(np.ascontiguousarray(dataset.test_input[row : row + 1]))
     device = next(model.parameters()).device
@@ -109,34 +122,71 @@ def plot_attention(
     kpm = (seq == 0) if kpm is None else kpm.cpu()
     i = torch.arange(n)
     masked = (i[None, :] > i[:, None]) | kpm[0][None, :] | kpm[0][:, None]  # future, padding key or query
-    masked = masked[lo:, lo:].numpy()
-    panels = [(name, maps[name]) for name in ("A", "B", "P") if maps.get(name) is not None]
-    heads = min(int(panels[0][1].shape[1]), max_heads)
+    out: Dict[str, Any] = {
+        name: maps[name][0, :, lo:, lo:].float().cpu().numpy() for name in ("A", "B", "P") if maps.get(name) is not None
+    }
+    out["masked"] = masked[lo:, lo:].numpy()
+    out["items"] = seq[0, lo:].numpy()
+    out["user"] = np.asarray(int(dataset.test_users[row]))
+    return out
+
+
+def save_attention_maps(maps: Dict[str, Any], path) -> Path:
+    """Write :func:`attention_maps`'s result to ``path`` (.npz) atomically."""
+    from .atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **maps)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_attention_maps(path) -> Dict[str, Any]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def draw_attention(maps: Dict[str, Any], path, *, title: str = "", max_heads: int = 4) -> Path:
+    """Heatmaps of :func:`attention_maps`'s panels, one row per head (at most ``max_heads``); masked
+    entries blank; returns the PNG path."""
+    plt = _pyplot()
+    masked = np.asarray(maps["masked"], dtype=bool)
+    last = masked.shape[0]
+    panels = [(name, maps[name]) for name in ("A", "B", "P") if name in maps]
+    heads = min(int(panels[0][1].shape[0]), max_heads)
     fig, axes = plt.subplots(heads, len(panels), figsize=(4.2 * len(panels), 3.8 * heads), squeeze=False)
-    items = seq[0, lo:].tolist()
-    ticks = [str(it) if it else "" for it in items]
-    captions = {"A": "A (first-order weights)", "B": "B (refined scores)", "P": "P (final weights)"}
+    ticks = [str(int(it)) if it else "" for it in maps["items"]]
     for h in range(heads):
         for c, (name, value) in enumerate(panels):
             ax = axes[h][c]
-            m = value[0, h, lo:, lo:].float().cpu().numpy()
+            m = np.asarray(value[h], dtype=np.float32)
             data = np.ma.masked_array(m, mask=masked | ~np.isfinite(m))
             im = ax.imshow(data, cmap="viridis", interpolation="nearest")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            ax.set_title(f"{captions[name]}, head {h}" if heads > 1 else captions[name], fontsize=9)
+            ax.set_title(f"{_CAPTIONS[name]}, head {h}" if heads > 1 else _CAPTIONS[name], fontsize=9)
             ax.set_xticks(range(last))
             ax.set_yticks(range(last))
             ax.set_xticklabels(ticks, rotation=90, fontsize=6)
             ax.set_yticklabels(ticks, fontsize=6)
             ax.set_xlabel("key (item id)", fontsize=8)
             ax.set_ylabel("query (item id)", fontsize=8)
-    fig.suptitle(f"{title} user {int(dataset.test_users[row])}, last {last} positions".strip(), fontsize=10)
+    fig.suptitle(f"{title} user {int(maps['user'])}, last {last} positions".strip(), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_attention(
+    model, dataset, path, *, last: int = 15, user: Optional[int] = None, title: str = "", max_heads: int = 4
+) -> Path:
+    """Heatmaps of A, B (if refined) and P of the last layer for one test user's last ``last``
+    positions; returns the PNG path."""
+    maps = attention_maps(model, dataset, last=last, user=user)
+    return draw_attention(maps, path, title=title, max_heads=max_heads)
 
 
 def _series(run_dir: Path, key: str):

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from awr_fast.experiments import GridError, build_report, load_study, read_rows, run_study
@@ -434,6 +435,35 @@ def test_report_of_a_real_run_has_figures_and_says_one_seed(tiny_study, tmp_path
     assert main(["report", str(path), "--out-dir", str(tmp_path / "cli"), "--no-figures"]) == 0
     assert "| simp | 1 |" in (tmp_path / "cli" / "tiny.md").read_text()
     assert len(json.loads((tmp_path / "cli" / "tiny.json").read_text())["rows"]) == 2
+
+
+def test_report_draws_attention_from_saved_maps_without_checkpoints(tiny_study, tmp_path):
+    """Checkpoints are not committed: a later sitting's report draws the maps the runner saved."""
+    import shutil
+
+    from awr_fast.plots import ATTENTION_FILE, load_attention_maps
+
+    path, _ = tiny_study
+    study = load_study(path)
+    copy = tmp_path / "grid"
+    shutil.copytree(path.parent, copy)
+    study = load_study(copy / path.name)
+    for run in study.runs:
+        run_dir = study.run_dir(run)
+        maps = load_attention_maps(run_dir / ATTENTION_FILE)
+        assert maps["P"].ndim == 3 and maps["P"].shape[1:] == maps["masked"].shape
+        p = maps["P"][0]
+        visible = ~maps["masked"]
+        rows = p.sum(axis=1)[visible.any(axis=1)]  # the window's share of each row: positive, at most one
+        assert rows.size and (rows > 0).all() and (rows <= 1 + 1e-5).all()
+        assert np.abs(p[np.triu(np.ones_like(visible), 1)]).max() < 1e-6  # no weight on the future
+        assert ("B" in maps) == (run.config["attention"] != "none")
+        for ckpt in run_dir.glob("*.pt"):
+            ckpt.unlink()
+    md_path, json_path = build_report(study, tmp_path / "docs")
+    names = sorted(Path(f).name for f in json.loads(json_path.read_text())["figures"])
+    assert "attention-synthetic-sasrec-none.png" in names and "attention-synthetic-sasrec-simp.png" in names
+    assert "Attention maps of the last layer" in md_path.read_text()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -441,7 +441,13 @@ def _attention_figures(
 ) -> tuple[list[Path], str]:
     """Attention maps of the baseline and each refined mechanism at the first configuration where the
     baseline and another mechanism share a finished seed; (paths, note)."""
-    from ..plots import load_trained_model, plot_attention
+    from ..plots import ATTENTION_FILE, draw_attention, load_attention_maps, load_trained_model, plot_attention
+
+    def drawable(state: RunState) -> bool:  # saved maps, or a checkpoint to compute them from
+        return any((state.run_dir / name).is_file() for name in (ATTENTION_FILE, "best.pt", "last.pt"))
+
+    def state_of(group: Group, seed: int) -> RunState:
+        return next(s for s in group.states if s.row and s.run.seed == seed)
 
     baseline = study.report["baseline"]
     for label in dict.fromkeys(g.label for g in table.groups):
@@ -462,15 +468,20 @@ def _attention_figures(
         )
         if not seeds:
             continue
-        seed = seeds[0]
+        # a seed whose every run can still be drawn first; else the first, whose error is reported
+        seed = next((s for s in seeds if all(drawable(state_of(g, s)) for g in [base, *others])), seeds[0])
         paths = []
         for group in [base, *others]:
-            state = next(s for s in group.states if s.row and s.run.seed == seed)
-            key = _same([state.run.config.get(k) for k in ("data", "dataset", "max_len", "kcore", "synthetic")])
-            model, config, ds = load_trained_model(state.run_dir, dataset=datasets.get(key))
-            datasets[key] = ds
+            state = state_of(group, seed)
             path = fig_dir / f"attention-{table.slug}-{group.attention}.png"
-            title = f"{config.model}/{config.attention} seed {seed}"
+            title = f"{state.run.config.get('model')}/{group.attention} seed {seed}"
+            saved = state.run_dir / ATTENTION_FILE
+            if saved.is_file():
+                paths.append(draw_attention(load_attention_maps(saved), path, title=title))
+                continue
+            key = _same([state.run.config.get(k) for k in ("data", "dataset", "max_len", "kcore", "synthetic")])
+            model, _, ds = load_trained_model(state.run_dir, dataset=datasets.get(key))
+            datasets[key] = ds
             paths.append(plot_attention(model, ds, path, user=user, title=title))
         caption = ", ".join(f"{_LABELS.get(k, k)} {_value_text(json.loads(v))}" for k, v in zip(table.varying, label))
         return paths, f"seed {seed}" + (f", {caption}" if caption else "")

@@ -192,11 +192,27 @@ def _headline(row: dict[str, Any]) -> str:
     return f"test {'sampled ' if ranking != 'full' else ''}NDCG@10 {shown} (best epoch {row.get('best_epoch')})"
 
 
-def _finish(study: Study, state: RunState, final: dict[str, Any]) -> dict[str, Any]:
+def _finish(study: Study, state: RunState, final: dict[str, Any], out: TextIO) -> dict[str, Any]:
     row = make_row(study, state.run, final, state.run_dir)
     append_row(study.runs_file, row)
     write_csv(study.runs_file.with_suffix(".csv"), read_rows(study.runs_file))
+    _save_attention(study, state, out)
     return row
+
+
+def _save_attention(study: Study, state: RunState, out: TextIO) -> None:
+    """The report's attention maps of this run, kept beside its metrics: checkpoints are not committed,
+    so a report drawn in a later sitting (or a fresh clone) needs these instead of best.pt."""
+    from ..plots import ATTENTION_FILE, attention_maps, load_trained_model, save_attention_maps
+
+    target = state.run_dir / ATTENTION_FILE
+    if target.is_file():
+        return
+    try:
+        model, _, dataset = load_trained_model(state.run_dir)
+        save_attention_maps(attention_maps(model, dataset, user=study.report.get("attention_user")), target)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # no checkpoint, or its data is gone
+        _say(out, f"{state.run.run_id}: attention maps not saved: {type(exc).__name__}: {' '.join(str(exc).split())}")
 
 
 def run_study(
@@ -245,7 +261,8 @@ def run_study(
                 break
             tag = f"[{state.run.index}/{total}] {state.run.run_id}"
             if state.state == "finished":  # killed after final.json, before its row
-                row = _finish(study, state, json.loads((state.run_dir / "final.json").read_text(encoding="utf-8")))
+                final = json.loads((state.run_dir / "final.json").read_text(encoding="utf-8"))
+                row = _finish(study, state, final, out)
                 counts["done"] += 1
                 _say(out, f"{tag} ... finished earlier; row written from final.json, {_headline(row)}")
                 continue
@@ -272,7 +289,7 @@ def run_study(
                 if not keep_going:
                     raise
                 continue
-            row = _finish(study, state, final)
+            row = _finish(study, state, final, out)
             counts["done"] += 1
             _say(out, f"{tag} ... done in {time.perf_counter() - t0:.0f} s, {_headline(row)}")
     return counts
