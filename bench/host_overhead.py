@@ -11,7 +11,9 @@ and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch
 by the sm_90 stand-in of kernel_resources.py: the kernels are compiled for the GPU and Triton's whole Python
 launch path runs, but each launch is a no-op that is counted, so those rows are the host cost of a GPU
 call without the GPU (the torch ops around the launches do run, on tiny CPU tensors). Every row also counts
-the aten ops one call dispatches and its Triton launches. Rows are appended to
+the aten ops one call dispatches and its Triton launches. The cases are timed in interleaved rounds (one
+block of each per round), and "vs SDPA" is the median over rounds of the case's time over SDPA's in the
+same round: the ratio stays fair when the machine's speed drifts during the run. Rows are appended to
 bench/results/host_overhead.csv and .jsonl. Backends this checkout lacks are skipped with the error they
 raise, so the same script measures an older checkout for a before/after comparison.
 """
@@ -53,22 +55,29 @@ COLUMNS = [
     "us_median",
     "us_p20",
     "us_p80",
+    "vs_sdpa",
     "status",
     "reason",
 ]
 BACKENDS = ("reference", "eager", "auto")
 
 
-def _time(fn, calls: int, repeats: int) -> np.ndarray:
-    for _ in range(10):
+def _block(fn, calls: int) -> float:
+    """µs per call over one block of ``calls`` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def _time_interleaved(fns: list, calls: int, repeats: int) -> np.ndarray:
+    """(repeats, len(fns)) µs per call: each round times one block of every function in turn, so a slow
+    spell of the machine (another process, frequency changes) lands on all of them alike and the ratios
+    taken within a round stay fair."""
+    for fn in fns:
+        for _ in range(10):
             fn()
-        out.append((time.perf_counter() - start) / calls * 1e6)
-    return np.array(out)
+    return np.array([[_block(fn, calls) for fn in fns] for _ in range(repeats)])
 
 
 def _cases(args):
@@ -174,7 +183,7 @@ def main(argv=None) -> int:
 
     env = common.env_info(torch.device("cpu"))
     rid = common.run_id(env)
-    rows = []
+    rows, timed = [], []
     for path, mechanism, backend, fn in _cases(args):
         row = {
             "run_id": rid,
@@ -200,24 +209,26 @@ def main(argv=None) -> int:
         if used is not None:
             used.clear()
         try:
-            t = _time(fn, args.calls, args.repeats)
+            fn()
             row["torch_ops"], row["triton_launches"] = _counts(fn)
         except (ValueError, RuntimeError) as exc:
             rows.append({**row, "status": "skipped", "reason": common.describe(exc)})
             continue
         direct = backend if backend in ("sdpa", "triton") else ""  # called without the dispatcher
-        ran = "+".join(sorted({b for (_, b) in used})) if used else direct
-        rows.append(
-            {
-                **row,
-                "backend_ran": ran,
-                "us_median": float(np.median(t)),
-                "us_p20": float(np.quantile(t, 0.2)),
-                "us_p80": float(np.quantile(t, 0.8)),
-                "status": "ok",
-            }
+        row["backend_ran"] = "+".join(sorted({b for (_, b) in used})) if used else direct
+        rows.append(row)
+        timed.append((row, fn))
+    t = _time_interleaved([fn for _, fn in timed], args.calls, args.repeats)
+    sdpa = next((i for i, (r, _) in enumerate(timed) if r["backend"] == "sdpa"), None)
+    for i, (row, _) in enumerate(timed):
+        row.update(
+            us_median=float(np.median(t[:, i])),
+            us_p20=float(np.quantile(t[:, i], 0.2)),
+            us_p80=float(np.quantile(t[:, i], 0.8)),
+            vs_sdpa=float(np.median(t[:, i] / t[:, sdpa])) if sdpa is not None else None,
+            status="ok",
         )
-    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80", "aten ops", "launches"]
+    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80", "vs SDPA", "aten ops", "launches"]
     table = [
         [
             r["path"],
@@ -226,6 +237,7 @@ def main(argv=None) -> int:
             r.get("backend_ran", ""),
             f"{r['us_median']:.0f}" if r["status"] == "ok" else r["status"],
             f"{r['us_p20']:.0f}-{r['us_p80']:.0f}" if r["status"] == "ok" else r["reason"][:60],
+            f"{r['vs_sdpa']:.2f}x" if r.get("vs_sdpa") is not None else "",
             str(r.get("torch_ops", "")),
             str(r.get("triton_launches", "")),
         ]
@@ -235,7 +247,7 @@ def main(argv=None) -> int:
         f"host cost of one forward+backward, B={args.batch} H={args.heads} n={args.n} d_h={args.d_h}, CPU, "
         f"1 thread, {env['git_commit']} {args.label}"
     )
-    print(common.fmt_table(header, table, [False] * 4 + [True] * 4))
+    print(common.fmt_table(header, table, [False] * 4 + [True] * 5))
     if not args.no_save:
         csv_path, _ = common.append_results(args.results_dir, "host_overhead", rows, COLUMNS)
         print(f"appended {len(rows)} rows to {csv_path}")

@@ -116,6 +116,8 @@ class _Launcher:
 
     launches = 0
     log: list = []  # the metadata of every launch since the last clear (the kernel's own object)
+    record = False  # when set, `calls` keeps every launch's (metadata, arguments): tests/test_launch.py
+    calls: list = []
 
     def __init__(self, src, metadata):
         self.metadata = metadata
@@ -123,6 +125,8 @@ class _Launcher:
     def __call__(self, *args, **kwargs):
         _Launcher.launches += 1
         _Launcher.log.append(self.metadata)
+        if _Launcher.record:
+            _Launcher.calls.append((self.metadata, args))
 
 
 class _Utils:

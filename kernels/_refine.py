@@ -42,6 +42,7 @@ from ._common import (
     _store_square_partial,
     _visible,
 )
+from ._launch import launch
 
 # ------------------------------------------------------------------------------------------- jit kernels
 
@@ -550,7 +551,9 @@ def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangula
         stride_r, stride_c = stride_c, stride_r
     block = 64 if L.n > 32 else 32
     grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
-    _tril_matmul[grid](
+    launch(
+        _tril_matmul,
+        grid,
         x,
         w,
         out,
@@ -578,7 +581,9 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
     out = torch.empty(L.batch, L.heads, L.n, dv, dtype=out_dtype, device=L.device)
     lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
     bm, bn, warps = _blocks(L.n, di)
-    _flash_fwd[L.grid_rows(bm)](
+    launch(
+        _flash_fwd,
+        L.grid_rows(bm),
         xq,
         xk,
         y,
@@ -630,7 +635,9 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         maxnreg=MAX_REGISTERS,
     )
     bias_arg = bias if bias is not None else xq
-    _flash_bwd_dkdv[(triton.cdiv(L.n, bn), L.bh)](
+    launch(
+        _flash_bwd_dkdv,
+        (triton.cdiv(L.n, bn), L.bh),
         xq,
         xk,
         y,
@@ -651,7 +658,9 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         L.heads,
         **common,
     )
-    _flash_bwd_dq[L.grid_rows(bm)](
+    launch(
+        _flash_bwd_dq,
+        L.grid_rows(bm),
         xq,
         xk,
         y,
@@ -680,7 +689,9 @@ def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
     out = torch.empty_like(v)
     lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
     bm, bn, warps = _blocks(L.n, L.d)
-    _value_out_fwd[L.grid_rows(bm)](
+    launch(
+        _value_out_fwd,
+        L.grid_rows(bm),
         bv,
         v,
         L.kpm,
@@ -707,7 +718,9 @@ def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
     """(dBv, the dropped P3) of "value"'s last softmax."""
     dbv, p3 = L.scratch(), L.scratch()
     bm, bn, warps = _blocks(L.n, L.d)
-    _value_out_bwd[L.grid_rows(bm)](
+    launch(
+        _value_out_bwd,
+        L.grid_rows(bm),
         bv,
         v,
         grad,

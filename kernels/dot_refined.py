@@ -54,6 +54,7 @@ from ._common import (
     fused_max_n_from_env,
     refinement_matrix,
 )
+from ._launch import launch
 from ._op import TritonOp
 from ._refine import (  # noqa: F401  the shared kernels are listed here too: bench/kernel_resources.py reads them
     _flash_bwd_dkdv,
@@ -723,7 +724,9 @@ def uses_fused_kernels(n: int) -> bool:
 def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
     out = torch.empty_like(q)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
-    _fused_fwd[(L.bh,)](
+    launch(
+        _fused_fwd,
+        (L.bh,),
         q,
         k,
         v,
@@ -753,7 +756,9 @@ def _launch_fused_bwd(
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
     dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
-    _fused_bwd[(L.bh,)](
+    launch(
+        _fused_bwd,
+        (L.bh,),
         q,
         k,
         v,
@@ -786,7 +791,9 @@ def _launch_fused_bwd(
 def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
     a = L.scratch()
     bm, bn, warps = _blocks(L.n, L.d)
-    _attn_probs_fwd[L.grid_rows(bm)](
+    launch(
+        _attn_probs_fwd,
+        L.grid_rows(bm),
         q,
         k,
         L.kpm,
@@ -859,7 +866,9 @@ def _backward(
     )
     dq = torch.empty_like(q)
     bm, bn, warps = _blocks(L.n, L.d)
-    _attn_probs_bwd[L.grid_rows(bm)](
+    launch(
+        _attn_probs_bwd,
+        L.grid_rows(bm),
         a,
         da,
         k,

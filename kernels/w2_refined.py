@@ -40,6 +40,7 @@ from ._common import (
     dropout_seed,
     refinement_matrix,
 )
+from ._launch import launch
 from ._op import TritonOp
 from ._refine import _refine_window, _refine_window_bwd
 
@@ -681,7 +682,9 @@ def _forward(
     _check_length(L)
     omu, osig = torch.empty_like(mq), torch.empty_like(mq)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
-    _w2_fused_fwd[(L.bh,)](
+    launch(
+        _w2_fused_fwd,
+        (L.bh,),
         mq,
         sq,
         mk,
@@ -735,7 +738,9 @@ def _backward(
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
     dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
-    _w2_fused_bwd[(L.bh,)](
+    launch(
+        _w2_fused_bwd,
+        (L.bh,),
         mq,
         sq,
         mk,
