@@ -45,8 +45,9 @@ def refined_attention(
     scale defaults to 1/sqrt(d_h) for Q K^T, refine_scale (c of SPEC §3) to 1/sqrt(d_h).
     dropout_p is applied to the refined weights whenever it is > 0 (pass 0 in eval, as with SDPA).
     lengths (B,) may replace key_padding_mask for left-padded sequences. The fused backends skip the
-    left padding, so their work per head follows the real length L (~L^2 d_h + L^3), not n.
-    Returns (B, H, n, d_h); padding query rows and rows with no visible key are zeros. With
+    left padding, so their work per head follows the real length L (~L^2 d_h + L^3), not n. Values
+    outside [0, n] raise for CPU tensors; on a GPU they are clamped into it (a check would make every
+    call wait for the device). Returns (B, H, n, d_h); padding query rows and rows with no visible key are zeros. With
     return_weights=True returns (out, weights), weights = {"A": the refinement's input (or P), "B": the
     second-order scores (refined mechanisms), "P": the final weights before dropout}, each (B, H, n, n):
     the eager and reference backends store them, the fused kernels do not.

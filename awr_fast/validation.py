@@ -118,8 +118,12 @@ def lengths_to_padding_mask(lengths, key_padding_mask, batch: int, n: int, devic
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"lengths: expected device {device}, got {lengths.device}")
-    if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > n)).any()):
-        raise ValueError(
-            f"lengths: expected values in [0, n={n}], got min {int(lengths.min())}, max {int(lengths.max())}"
-        )
-    return torch.arange(n, device=device)[None, :] < (n - lengths)[:, None]
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(((lengths < 0) | (lengths > n)).any()):  # free here: the values are on the host
+            raise ValueError(
+                f"lengths: expected values in [0, n={n}], got min {int(lengths.min())}, max {int(lengths.max())}"
+            )
+        return torch.arange(n)[None, :] < (n - lengths)[:, None]
+    # On a GPU, reading the values back would block the host on every call (and break CUDA-graph
+    # capture): they are clamped to [0, n] instead, so -1 reads as 0 (fully padded) and n + 1 as n.
+    return torch.arange(n, device=device)[None, :] < (n - lengths.clamp(0, n))[:, None]

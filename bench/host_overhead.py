@@ -128,6 +128,10 @@ def _cases(args):
     except Exception as exc:
         yield "kernel", "simp", "triton", exc
         return
+    try:
+        from awr_fast.kernels import _launch
+    except ImportError:  # a checkout without the direct launch
+        _launch = None
     for mechanism in ("none", "simp"):
         weights = w if mechanism == "simp" else {}
 
@@ -136,6 +140,16 @@ def _cases(args):
             out.sum().backward()
 
         yield "kernel", mechanism, "triton", kernel_call
+        if _launch is not None and _launch._ENABLED:
+
+            def triton_launch_path(kernel_call=kernel_call):  # the same call through fn[grid](...)
+                _launch._ENABLED = False
+                try:
+                    kernel_call()
+                finally:
+                    _launch._ENABLED = True
+
+            yield "kernel", mechanism, "triton-jit-run", triton_launch_path
 
 
 class _CountOps(TorchDispatchMode):
@@ -214,7 +228,7 @@ def main(argv=None) -> int:
         except (ValueError, RuntimeError) as exc:
             rows.append({**row, "status": "skipped", "reason": common.describe(exc)})
             continue
-        direct = backend if backend in ("sdpa", "triton") else ""  # called without the dispatcher
+        direct = backend if backend in ("sdpa", "triton", "triton-jit-run") else ""  # called without the dispatcher
         row["backend_ran"] = "+".join(sorted({b for (_, b) in used})) if used else direct
         rows.append(row)
         timed.append((row, fn))

@@ -255,11 +255,29 @@ def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
 
 def refinement_matrix(mechanism: str, w_rq, w_rk):
     """M = W_RQ W_RK^T once per call (SPEC §3b), shared by the batch and the heads; "add" swaps the roles,
-    i.e. uses M^T; None for "none"."""
+    i.e. uses M^T; None for "none". Computed inside the op's forward and again in its backward (one small
+    GEMM each), not as an autograd op: that keeps M's autograd nodes off the host-bound eager path."""
     if mechanism == "none":
         return None
     first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
     return (first @ second.transpose(-1, -2)).contiguous()
+
+
+def refinement_factor_grads(mechanism: str, dm, w_rq, w_rk) -> tuple:
+    """(dW_RQ, dW_RK) from dM of refinement_matrix (SPEC §3b: M = W_F W_S^T, dW_F = dM W_S, dW_S = dM^T W_F,
+    with (W_F, W_S) = (W_RK, W_RQ) for "add"), each summed over the heads where its weight is shared;
+    (None, None) for "none"."""
+    if mechanism == "none" or dm is None:
+        return None, None
+    first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
+    d_first = dm @ second.to(dm.dtype)
+    d_second = dm.transpose(-1, -2) @ first.to(dm.dtype)
+    if first.dim() == 2 and d_first.dim() == 3:
+        d_first = d_first.sum(0)
+    if second.dim() == 2 and d_second.dim() == 3:
+        d_second = d_second.sum(0)
+    d_first, d_second = d_first.to(first.dtype), d_second.to(second.dtype)
+    return (d_second, d_first) if mechanism == "add" else (d_first, d_second)
 
 
 def dropout_seed(dropout_p: float, like: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from ._common import (
     _visible,
     dropout_seed,
     fused_max_n_from_env,
+    refinement_factor_grads,
     refinement_matrix,
 )
 from ._launch import launch
@@ -814,18 +815,22 @@ def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
     return a
 
 
-def _forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
-    """(out, lse, A, T, U, Bv, lse3): what the backward needs, None where a path does not save it."""
+def _forward(
+    q, k, v, w_rq, w_rk, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+):
+    """(out, lse, A, T, U, Bv, lse3, M): what the backward needs, None where a path does not save it (M is
+    saved so the backward needs no second GEMM for it)."""
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
+    m1 = refinement_matrix(mechanism, w_rq, w_rk)
     if uses_fused_kernels(L.n):  # saves nothing: the backward recomputes everything on chip
         out = _launch_fused_fwd(L, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p)
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, m1
     if mechanism == "none":
         out, lse = _launch_flash_fwd(L, q, k, v, None, scale, 0.0, dropout_p, seed, q.dtype)
-        return out, lse, None, None, None, None, None
+        return out, lse, None, None, None, None, None, None
     a = _launch_attn_probs(L, q, k, scale, refine_scores)
     out, lse, t, u, bv, lse3 = refine_forward(L, a, v, m1, w_rv, mechanism, refine_scale, dropout_p, seed)
-    return out, lse, a, t, u, bv, lse3
+    return out, lse, a, t, u, bv, lse3, m1
 
 
 def _backward(
@@ -833,7 +838,8 @@ def _backward(
     q,
     k,
     v,
-    m1,
+    w_rq,
+    w_rk,
     w_rv,
     key_padding_mask,
     seed,
@@ -844,23 +850,26 @@ def _backward(
     u,
     bv,
     lse3,
+    m1,
     mechanism,
     scale,
     refine_scale,
     refine_scores,
     dropout_p,
 ):
+    m1 = m1 if m1 is not None and m1.numel() else None  # the custom op saves None as an empty tensor
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
     grad = grad.contiguous()
     if uses_fused_kernels(L.n):
-        return _launch_fused_bwd(
+        dq, dk, dv, dm1, dw_rv = _launch_fused_bwd(
             L, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
         )
+        return (dq, dk, dv, *refinement_factor_grads(mechanism, dm1, w_rq, w_rk), dw_rv)
     if mechanism == "none":
         dq, dk, dv, _ = _launch_flash_bwd(
             L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed, (q.dtype, k.dtype, v.dtype)
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
     da, dv, dm1, dw_rv = refine_backward(
         L, grad, a, t, u, bv, lse, lse3, out, v, m1, w_rv, mechanism, refine_scale, dropout_p, seed
     )
@@ -888,14 +897,16 @@ def _backward(
         num_warps=warps,
     )
     dk = (da.transpose(-1, -2) @ q.float()).to(k.dtype)  # da now holds dS (scaled)
-    return dq, dk, dv, dm1, dw_rv
+    return (dq, dk, dv, *refinement_factor_grads(mechanism, dm1, w_rq, w_rk), dw_rv)
 
 
 # ------------------------------------------------------------------------ custom ops and autograd function
 
 
-def _fake_forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
-    """The shapes of _forward's (out, lse, A, T, U, Bv, lse3) for torch.compile; empty where unused."""
+def _fake_forward(
+    q, k, v, w_rq, w_rk, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
+):
+    """The shapes of _forward's (out, lse, A, T, U, Bv, lse3, M) for torch.compile; empty where unused."""
     batch, heads, n, _ = q.shape
     f32 = dict(dtype=torch.float32, device=q.device)
     square = q.new_empty(batch, heads, n, n, **f32)
@@ -904,19 +915,21 @@ def _fake_forward(q, k, v, m1, w_rv, key_padding_mask, seed, mechanism, scale, r
     def empty():
         return q.new_empty(0, **f32)
 
+    m1 = refinement_matrix(mechanism, w_rq, w_rk)  # fake tensors: only its shape and dtype are computed
+    m1 = empty() if m1 is None else m1
     if uses_fused_kernels(n):
-        return torch.empty_like(q), empty(), empty(), empty(), empty(), empty(), empty()
+        return torch.empty_like(q), empty(), empty(), empty(), empty(), empty(), empty(), m1
     if mechanism == "none":
-        return torch.empty_like(q), rows, empty(), empty(), empty(), empty(), empty()
+        return torch.empty_like(q), rows, empty(), empty(), empty(), empty(), empty(), empty()
     if mechanism == "value":
-        return torch.empty_like(q), rows, square, square.clone(), square.clone(), square.clone(), rows.clone()
-    return torch.empty_like(q), rows, square, square.clone(), empty(), empty(), empty()
+        return torch.empty_like(q), rows, square, square.clone(), square.clone(), square.clone(), rows.clone(), m1
+    return torch.empty_like(q), rows, square, square.clone(), empty(), empty(), empty(), m1
 
 
 #: awr_fast::dot_refined_fwd / _bwd for torch.compile, an autograd.Function for eager calls (kernels/_op.py)
 DOT_REFINED = TritonOp(
     "dot_refined",
-    tensors=("q", "k", "v", "m1?", "w_rv?", "key_padding_mask?", "seed"),
+    tensors=("q", "k", "v", "w_rq?", "w_rk?", "w_rv?", "key_padding_mask?", "seed"),
     options=(
         ("mechanism", "str"),
         ("scale", "float"),
@@ -924,7 +937,7 @@ DOT_REFINED = TritonOp(
         ("refine_scores", "bool"),
         ("dropout_p", "float"),
     ),
-    differentiable=("q", "k", "v", "m1", "w_rv"),
+    differentiable=("q", "k", "v", "w_rq", "w_rk", "w_rv"),
     forward=_forward,
     backward=_backward,
     fake_forward=_fake_forward,
@@ -954,9 +967,8 @@ def dot_refined(
     d_h = q.shape[-1]
     scale = default_scale(d_h) if scale is None else float(scale)
     refine_scale = default_scale(d_h) if refine_scale is None else float(refine_scale)
-    m1 = refinement_matrix(mechanism, w_rq, w_rk)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w_rv = None if w_rv is None else w_rv.contiguous()
     seed = dropout_seed(dropout_p, q)
     options = (mechanism, scale, refine_scale, refine_input == "scores", float(dropout_p))
-    return DOT_REFINED(q, k, v, m1, w_rv, key_padding_mask, seed, *options)
+    return DOT_REFINED(q, k, v, w_rq, w_rk, w_rv, key_padding_mask, seed, *options)

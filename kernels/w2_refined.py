@@ -38,6 +38,7 @@ from ._common import (
     _sum_partials,
     _visible,
     dropout_seed,
+    refinement_factor_grads,
     refinement_matrix,
 )
 from ._launch import launch
@@ -674,11 +675,11 @@ def _check_length(L: _Launch) -> None:
         raise ValueError(f"n: the Triton W2 kernels take n <= {W2_FUSED_MAX_N}, got {L.n}")
 
 
-def _forward(
-    mq, sq, mk, sk, mv, sv, m1, w_rv, key_padding_mask, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
-):
-    """(mu_out, sig_out): the fused forward saves nothing but its inputs."""
+def _forward(mq, sq, mk, sk, mv, sv, w_rq, w_rk, w_rv, key_padding_mask, seed, *options):
+    """(mu_out, sig_out, M): the fused forward saves its inputs and M (no second GEMM in the backward)."""
+    mechanism, scale, refine_scale, refine_scores, dropout_p = options
     L = _Launch(mq, key_padding_mask, mechanism, dropout_p)
+    m1 = refinement_matrix(mechanism, w_rq, w_rk)
     _check_length(L)
     omu, osig = torch.empty_like(mq), torch.empty_like(mq)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
@@ -708,7 +709,7 @@ def _forward(
         _head_stride(w_rv),
         **_fused_meta(L, mechanism, refine_scores),
     )
-    return omu, osig
+    return omu, osig, m1
 
 
 def _backward(
@@ -720,19 +721,22 @@ def _backward(
     sk,
     mv,
     sv,
-    m1,
+    w_rq,
+    w_rk,
     w_rv,
     key_padding_mask,
     seed,
     omu,
     osig,
+    m1,
     mechanism,
     scale,
     refine_scale,
     refine_scores,
     dropout_p,
 ):
-    """(dmu_q, dsig_q, dmu_k, dsig_k, dmu_v, dsig_v, dM1, dW_RV), the last two None when unused."""
+    """(dmu_q, dsig_q, dmu_k, dsig_k, dmu_v, dsig_v, dW_RQ, dW_RK, dW_RV), the weights' None when unused."""
+    m1 = m1 if m1 is not None and m1.numel() else None  # the custom op saves None as an empty tensor
     L = _Launch(mq, key_padding_mask, mechanism, dropout_p)
     grads = [torch.empty_like(x) for x in (mq, sq, mk, sk, mv, sv)]
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
@@ -770,11 +774,12 @@ def _backward(
     )
     dm1 = None if m1 is None else _sum_partials(dm1_part, m1.dim() == 3, m1.dtype)
     dw_rv = None if w_rv is None else _sum_partials(dwrv_part, w_rv.dim() == 3, w_rv.dtype)
-    return (*grads, dm1, dw_rv)
+    return (*grads, *refinement_factor_grads(mechanism, dm1, w_rq, w_rk), dw_rv)
 
 
-def _fake_forward(mq, sq, mk, sk, mv, sv, m1, w_rv, key_padding_mask, seed, *options):
-    return torch.empty_like(mq), torch.empty_like(mq)
+def _fake_forward(mq, sq, mk, sk, mv, sv, w_rq, w_rk, w_rv, key_padding_mask, seed, mechanism, *options):
+    m1 = refinement_matrix(mechanism, w_rq, w_rk)  # fake tensors: only its shape and dtype are computed
+    return torch.empty_like(mq), torch.empty_like(mq), mq.new_empty(0, dtype=torch.float32) if m1 is None else m1
 
 
 # ------------------------------------------------------------------------ custom ops and autograd function
@@ -782,7 +787,7 @@ def _fake_forward(mq, sq, mk, sk, mv, sv, m1, w_rv, key_padding_mask, seed, *opt
 #: awr_fast::w2_refined_fwd / _bwd for torch.compile, an autograd.Function for eager calls (kernels/_op.py)
 W2_REFINED = TritonOp(
     "w2_refined",
-    tensors=("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v", "m1?", "w_rv?", "key_padding_mask?", "seed"),
+    tensors=("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v", "w_rq?", "w_rk?", "w_rv?", "key_padding_mask?", "seed"),
     options=(
         ("mechanism", "str"),
         ("scale", "float"),
@@ -790,7 +795,7 @@ W2_REFINED = TritonOp(
         ("refine_scores", "bool"),
         ("dropout_p", "float"),
     ),
-    differentiable=("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v", "m1", "w_rv"),
+    differentiable=("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v", "w_rq", "w_rk", "w_rv"),
     forward=_forward,
     backward=_backward,
     fake_forward=_fake_forward,
@@ -828,9 +833,8 @@ def w2_refined(
     d_h = mu_q.shape[-1]
     scale = default_scale(d_h) if scale is None else float(scale)
     refine_scale = default_scale(d_h) if refine_scale is None else float(refine_scale)
-    m1 = refinement_matrix(mechanism, w_rq, w_rk)
     tensors = [x.contiguous() for x in (mu_q, sig_q, mu_k, sig_k, mu_v, sig_v)]
     w_rv = None if w_rv is None else w_rv.contiguous()
     seed = dropout_seed(dropout_p, mu_q)
     options = (mechanism, scale, refine_scale, refine_input == "scores", float(dropout_p))
-    return W2_REFINED(*tensors, m1, w_rv, key_padding_mask, seed, *options)
+    return W2_REFINED(*tensors, w_rq, w_rk, w_rv, key_padding_mask, seed, *options)

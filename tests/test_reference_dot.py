@@ -264,6 +264,16 @@ def test_bad_lengths(lengths, exc, match):
         awr_fast.refined_attention(q, k, v, mechanism="simp", lengths=lengths, **ws)
 
 
+def test_lengths_on_a_device_build_the_mask_without_reading_the_values():
+    """Off the CPU the mask comes from device ops alone (no host sync): meta tensors have no values, so
+    any read of them here would raise."""
+    from awr_fast.validation import lengths_to_padding_mask
+
+    meta = torch.tensor([9, 4, 0, -2, 12], device="meta")
+    mask = lengths_to_padding_mask(meta, None, 5, 9, meta.device)
+    assert mask.shape == (5, 9) and mask.dtype == torch.bool and mask.device.type == "meta"
+
+
 def test_lengths_and_mask_together_is_an_error():
     q, k, v, ws = make_inputs(batch=2, n=9, d_h=4, mechanism="simp")
     with pytest.raises(ValueError, match="lengths: expected None when key_padding_mask is given"):

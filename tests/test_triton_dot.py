@@ -359,13 +359,16 @@ def test_triton_backend_explains_refusals(case, match):
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_opcheck(mechanism):
     tensors, weights, mask, grad = make_case(mechanism, 11, 16, batch=2, seed=9)
-    m1 = None if mechanism == "none" else (weights["w_rq"] @ weights["w_rk"].T).requires_grad_(True)
+    w_rq, w_rk = (
+        None if weights.get(name) is None else weights[name].requires_grad_(True) for name in ("w_rq", "w_rk")
+    )
     w_rv = weights.get("w_rv")
     args = (
         tensors["q"].requires_grad_(True),
         tensors["k"].requires_grad_(True),
         tensors["v"].requires_grad_(True),
-        m1,
+        w_rq,
+        w_rk,
         None if w_rv is None else w_rv.requires_grad_(True),
         mask,
         torch.zeros(1, dtype=torch.int64, device=DEVICE),

@@ -165,11 +165,14 @@ def test_opcheck(mechanism):
     n = 9
     inputs = [x.requires_grad_(True) for x in _inputs(n, 8)]
     weights = _weights(mechanism, n)
-    m1 = None if mechanism == "none" else (weights["w_rq"] @ weights["w_rk"].T).requires_grad_(True)
+    w_rq, w_rk = (
+        None if weights.get(name) is None else weights[name].requires_grad_(True) for name in ("w_rq", "w_rk")
+    )
     w_rv = weights.get("w_rv")
     args = (
         *inputs,
-        m1,
+        w_rq,
+        w_rk,
         None if w_rv is None else w_rv.requires_grad_(True),
         testing.left_padding_mask([n, 4], n).to(DEVICE),
         torch.zeros(1, dtype=torch.int64, device=DEVICE),
