@@ -255,8 +255,8 @@ def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:
 
 def refinement_matrix(mechanism: str, w_rq, w_rk):
     """M = W_RQ W_RK^T once per call (SPEC §3b), shared by the batch and the heads; "add" swaps the roles,
-    i.e. uses M^T; None for "none". Computed inside the op's forward and again in its backward (one small
-    GEMM each), not as an autograd op: that keeps M's autograd nodes off the host-bound eager path."""
+    i.e. uses M^T; None for "none". Computed inside the op's forward (one small GEMM) and saved for its
+    backward, not as an autograd op: that keeps M's autograd nodes off the host-bound eager path."""
     if mechanism == "none":
         return None
     first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)

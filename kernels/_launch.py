@@ -3,15 +3,15 @@
 ``fn[grid](*args, **meta)`` runs Triton's binder over every argument, builds the cache key, looks the
 kernel up and only then calls the compiled launcher: about 35 µs of host time per launch on this
 library's argument lists, a large share of an op that is host-bound at recommender sizes
-(bench/results/host_overhead.md). ``launch(fn, grid, *args, **meta)`` does the same launch: the first
-call of a specialization goes through ``fn[grid]`` (compile, Triton's cache, launch) and remembers the
-compiled kernel under a key that determines Triton's specialization completely (per tensor its dtype
-and whether its address is 16-byte aligned, every other argument by value, the meta-parameters, the
-device); later calls with the same key call the compiled launcher directly with exactly the arguments
-``JITFunction.run`` passes it (triton 3.6 to 3.9: grid, stream, function, packed metadata, launch
-metadata, the enter/exit hooks, then every kernel parameter in order, constexprs included).
-tests/test_launch.py checks on the sm_90 stand-in driver that both paths hand the launcher the same
-arguments.
+(bench/host_overhead.py, its triton and triton-jit-run rows). ``launch(fn, grid, *args, **meta)`` does
+the same launch: the first call of a specialization goes through ``fn[grid]`` (compile, Triton's cache,
+launch) and remembers the compiled kernel under a key that determines Triton's specialization completely
+(per tensor its dtype and whether its address is 16-byte aligned, every other argument by value, the
+meta-parameters, the device); later calls with the same key call the compiled launcher directly with
+exactly the arguments ``JITFunction.run`` passes it (triton 3.6 to 3.9: grid, stream, function, packed
+metadata, launch metadata, the enter/exit hooks, then every kernel parameter in order, constexprs
+included). tests/test_launch.py checks on the sm_90 stand-in driver that both paths hand the launcher
+the same arguments.
 
 Triton's own path is kept where the shortcut could differ from it: under the interpreter, when a hook
 is installed (a profiler such as proton wants its launch metadata), for a callable grid, and with

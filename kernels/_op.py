@@ -26,22 +26,6 @@ def _empty_like_none(reference: torch.Tensor) -> torch.Tensor:
     return reference.new_empty(0, dtype=torch.float32)
 
 
-def _unaliased(tensors: list) -> list:
-    """A custom op's outputs may not share storage (torch.library checks); a backward that returns
-    several weight gradients as views of one reduced buffer (one reduction launch in eager calls) gets
-    copies here, on the compiled path only."""
-    seen = set()
-    out = []
-    for t in tensors:
-        key = t.untyped_storage().data_ptr() if t.numel() else None
-        if key is not None and key in seen:
-            t = t.clone()
-        elif key is not None:
-            seen.add(key)
-        out.append(t)
-    return out
-
-
 class TritonOp:
     """A family's op: ``TritonOp(name, tensors, options, differentiable, forward, backward, fake_forward,
     outputs=1)``.
@@ -97,7 +81,7 @@ class TritonOp:
     def _bwd_impl(self, grads_out, *args):
         tensors, saved, options = args[: self.n_tensors], args[self.n_tensors], args[self.n_tensors + 1 :]
         grads = self.backward(*grads_out, *tensors, *saved, *options)
-        return _unaliased([_empty_like_none(grads_out[0]) if g is None else g for g in grads])
+        return [_empty_like_none(grads_out[0]) if g is None else g for g in grads]
 
     def _bwd_fake(self, grads_out, *args):
         tensors = args[: self.n_tensors]
