@@ -206,6 +206,9 @@ def install_stand_in(arch: int):
 
     if hasattr(compiler.max_shared_mem, "cache_clear"):  # cached per device: a second target must not see the first's
         compiler.max_shared_mem.cache_clear()
+    from awr_fast.kernels import _launch
+
+    _launch._MEMOS.clear()  # the direct-launch memo is per device too: a second target must compile its own
     return stand_in
 
 
