@@ -41,8 +41,15 @@ import torch
 
 from . import backends
 from .training.checkpoint import atomic_write_text, load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from .training.config import PROG, RESUME_MUTABLE, TrainConfig, config_from_args, load_config
-from .training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from .training.config import MODEL_DEFAULTS, PROG, RESUME_MUTABLE, TrainConfig, config_from_args, load_config
+from .training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    broadcast_parameters,
+    cleanup,
+    init_distributed,
+)
 from .training.evaluate import (
     SAMPLED_NEGATIVES,
     evaluate,
@@ -101,8 +108,8 @@ def _jsonable(x):
 def _as_config(config: TrainConfig | Mapping[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:
     if config is None:
         config = TrainConfig()
-    elif isinstance(config, Mapping):
-        config = TrainConfig.from_dict(dict(config))
+    elif isinstance(config, Mapping):  # a model's MODEL_DEFAULTS under the fields given
+        config = TrainConfig.from_dict({**MODEL_DEFAULTS.get(config.get("model", "sasrec"), {}), **config})
     if overrides:
         config = config.replace(**overrides)
     config.validate()
@@ -141,8 +148,9 @@ def train(config: TrainConfig | Mapping[str, Any] | None = None, *, seq_dataset=
     evaluate the best epoch on test; returns final.json's dict.
 
     Args:
-        config: a :class:`~awr_fast.training.config.TrainConfig`, a dict of its fields, or None
-            (defaults); ``overrides`` replace fields (``train(epochs=3, attention="add")``).
+        config: a :class:`~awr_fast.training.config.TrainConfig`, a dict of its fields (a model's
+            ``MODEL_DEFAULTS`` fill the fields it does not give), or None (defaults); ``overrides``
+            replace fields (``train(epochs=3, attention="add")``).
         seq_dataset: a ready :class:`~awr_fast.data.SeqDataset` (its ``max_len`` must equal
             ``config.max_len``); default: ``load_dataset(config.data or config.dataset, ...)``.
             Plots and other tools reload the data from the config, so prefer the config fields
@@ -203,6 +211,7 @@ class _State:
     start_epoch: int = 1
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    sync_grads: bool = False  # gradients averaged by the loop (a model that routes gradients, no DDP)
 
 
 def _train(config: TrainConfig, dist: DistInfo, dataset) -> dict[str, Any]:
@@ -216,7 +225,7 @@ def _train(config: TrainConfig, dist: DistInfo, dataset) -> dict[str, Any]:
     if config.resume:
         _resume(config, dist, run_dir, state)
     if dist.distributed:
-        _wrap_ddp(config, device, state)
+        _wrap_ddp(config, device, state, dist)
     if config.compile:  # the step module only: checkpoints keep saving the plain model's state
         state.step_module = torch.compile(state.step_module)
     _log(
@@ -308,10 +317,16 @@ def _load_data(config: TrainConfig, dist: DistInfo, dataset, device: torch.devic
             f"max_len {dataset.max_len}"
         )
     _log(dist, config.quiet, f"data: {dataset.summary()}")
-    train_input = torch.from_numpy(np.ascontiguousarray(dataset.train_input))
-    train_pos = torch.from_numpy(np.ascontiguousarray(dataset.train_pos))
-    lengths = (dataset.train_input != 0).sum(axis=1)
-    row_widths = trailing_widths(dataset.train_input, dataset.train_pos) if config.trim_padding else None
+    train_input, train_pos = dataset.train_input, dataset.train_pos
+    if config.train_prefixes:  # every prefix a sample, its target at the last column
+        from .data import prefix_arrays
+
+        _, train_input, train_pos = prefix_arrays(dataset.sequences, dataset.max_len)
+        _log(dist, config.quiet, f"training samples: {len(train_input):,} prefixes of the training sequences")
+    lengths = (train_input != 0).sum(axis=1)
+    row_widths = trailing_widths(train_input, train_pos) if config.trim_padding else None
+    train_input = torch.from_numpy(np.ascontiguousarray(train_input))
+    train_pos = torch.from_numpy(np.ascontiguousarray(train_pos))
     if device.type == "cuda":
         train_input, train_pos = train_input.to(device), train_pos.to(device)
     batch_sampler = make_batch_sampler(
@@ -361,10 +376,18 @@ def _resume(config: TrainConfig, dist: DistInfo, run_dir: Path, state: _State) -
     _log(dist, config.quiet, f"resumed {run_dir} after epoch {ckpt['epoch']} (best epoch {state.early.best_epoch})")
 
 
-def _wrap_ddp(config: TrainConfig, device: torch.device, state: _State) -> None:
+def _wrap_ddp(config: TrainConfig, device: torch.device, state: _State, dist: DistInfo) -> None:
     """Under torchrun: the loss module wrapped in DistributedDataParallel (after a resume, so that the
-    broadcast at construction carries the resumed parameters)."""
+    broadcast at construction carries the resumed parameters). A model whose loss routes its parts'
+    gradients into different parameters (AC-SASRec: two backward passes per step, which DDP's reducer
+    does not allow) is not wrapped: rank 0's parameters are broadcast and the loop averages the gradients
+    itself (the same mean DDP takes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if getattr(state.model, "routes_gradients", False):
+        broadcast_parameters(state.model, dist)
+        state.sync_grads = True
+        return
 
     state.step_module = DDP(
         state.step_module,
@@ -429,6 +452,7 @@ def _run_epochs(
             dist=dist,
             show_progress=show,
             row_widths=data.row_widths,
+            sync_grads=state.sync_grads,
         )
         state.step += stats["steps"]
         valid, improved, eval_s = None, False, 0.0

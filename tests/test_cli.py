@@ -51,6 +51,10 @@ LEGACY_GROUPS = {
         "--num-negatives",
         "--pvn",
         "--stosa-compat",
+        "--inner-size",
+        "--mask-loss-weight",
+        "--adversarial",
+        "--position-embedding",
     ],
     "optimisation": [
         "--optimizer",
@@ -64,7 +68,15 @@ LEGACY_GROUPS = {
         "--seed",
         "--amp",
     ],
-    "data": ["--dataset", "--data", "--kcore", "--length-bucketing", "--bucket-batches", "--trim-padding"],
+    "data": [
+        "--dataset",
+        "--data",
+        "--kcore",
+        "--length-bucketing",
+        "--bucket-batches",
+        "--trim-padding",
+        "--train-prefixes",
+    ],
     "evaluation": ["--eval-every", "--eval-batch-size", "--exclude-history", "--protocol", "--select-metric"],
     "run": [
         "--device",
@@ -80,7 +92,10 @@ LEGACY_GROUPS = {
 BOOL_FLAGS = {
     "--per-head-refine",
     "--stosa-compat",
+    "--adversarial",
+    "--position-embedding",
     "--length-bucketing",
+    "--train-prefixes",
     "--trim-padding",
     "--exclude-history",
     "--tensorboard",

@@ -228,10 +228,29 @@ def test_calibrated_module_is_causal(adversarial):
             torch.testing.assert_close(o[..., : t + 1, :], b[..., : t + 1, :], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("adversarial", [True, False])
+def test_calibrated_module_narrow_batch_is_the_padded_one(adversarial):
+    """A batch of the last n < max_len positions computes what the batch padded back to max_len does on
+    those positions (the gate's columns are absolute key positions)."""
+    torch.manual_seed(0)
+    n_max, n = 9, 5
+    layer = CalibratedAttention(8, 2, n_max, adversarial=adversarial).double().eval()
+    x = _x(batch=3, n=n_max)
+    mask = left_padding_mask([5, 3, 1], n_max)
+    x = x * (~mask)[..., None]
+    noise = torch.randn(3, 2, n_max, n_max, dtype=torch.float64) if adversarial else None
+    full = layer(x, mask, noise=noise)
+    narrow = layer(x[:, -n:], mask[:, -n:], noise=None if noise is None else noise[..., -n:, -n:].contiguous())
+    for a, b in zip(full, narrow):
+        if a is not None:
+            torch.testing.assert_close(b, a[..., -n:, :] if a.dim() == 3 else a[..., -n:, -n:], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(full.h_cal).all()
+
+
 def test_calibrated_module_bad_input():
     layer = CalibratedAttention(8, 2, 7)
-    with pytest.raises(ValueError, match="x: expected \\(B, max_len=7"):
-        layer(torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match="x: expected \\(B, n, d=8\\) with 1 <= n <= max_len=7"):
+        layer(torch.randn(2, 8, 8))
     with pytest.raises(TypeError, match="key_padding_mask: expected dtype torch.bool"):
         layer(torch.randn(2, 7, 8), torch.zeros(2, 7))
     with pytest.raises(ValueError, match="n_heads"):

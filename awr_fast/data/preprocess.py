@@ -321,6 +321,30 @@ def train_arrays(seqs: Sequences, max_len: int) -> Tuple[np.ndarray, np.ndarray,
     return rows + 1, inp, pos
 
 
+def prefix_arrays(seqs: Sequences, max_len: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every prefix of every training sequence as its own sample (RecBole's augmentation, used by AC-TSR).
+
+    For each user with training sequence ``t`` (>= 2 items) and each k in 1 .. len(t) - 1: input =
+    ``t[:k]`` (its last ``max_len`` items, left padded), target ``t[k]``, stored as a ``pos`` row that is
+    0 everywhere but the last column. A loss over the non-zero entries of ``pos`` is then the loss at the
+    last position of each prefix. Rows are ordered by user, then prefix length.
+
+    Returns:
+        users int64 ``(R,)``, input int64 ``(R, max_len)``, pos int64 ``(R, max_len)``.
+    """
+    tl = train_lengths(seqs)
+    users = np.nonzero(tl >= 2)[0]
+    per_user = tl[users] - 1  # prefixes of each user
+    starts = np.repeat(seqs.indptr[users], per_user)
+    first = np.cumsum(per_user) - per_user  # each user's first row
+    k = np.arange(int(per_user.sum()), dtype=np.int64) - np.repeat(first, per_user) + 1
+    inp = left_pad(seqs.items, starts, starts + k, max_len)
+    pos = np.zeros_like(inp)
+    if inp.shape[0]:
+        pos[:, -1] = seqs.items[starts + k]
+    return np.repeat(users + 1, per_user), inp, pos
+
+
 def eval_arrays(seqs: Sequences, split: str, max_len: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out evaluation arrays for ``split`` in ``("valid", "test")``.
 

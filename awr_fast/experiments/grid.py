@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..training.config import RESUME_MUTABLE, TrainConfig
+from ..training.config import MODEL_DEFAULTS, RESUME_MUTABLE, TrainConfig
 
 __all__ = [
     "EXECUTION_FIELDS",
@@ -341,7 +341,8 @@ def load_study(path) -> Study:
     built = []
     for number, (given, t, varying) in enumerate(expanded, 1):
         try:
-            config = TrainConfig.from_dict(_coerce(given)).to_dict()
+            coerced = _coerce(given)  # a model's MODEL_DEFAULTS under the fields the grid gives
+            config = TrainConfig.from_dict({**MODEL_DEFAULTS.get(coerced.get("model"), {}), **coerced}).to_dict()
         except (ValueError, TypeError) as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in given.items() if k in _ID_FIXED or k in varying)
             raise GridError(f"{path}: [[grid]] #{t}, run {number} ({shown}): {exc}") from None

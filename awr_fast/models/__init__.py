@@ -1,10 +1,11 @@
 """Sequential recommenders over the awr_fast attention modules: SASRec (SPEC §2) and STOSA (SPEC §4), each
-with AWRSR refinement (SPEC §3).
+with AWRSR refinement (SPEC §3), and AC-SASRec (SPEC §5: calibrated attention, adversarial training).
 
 Every model takes LongTensor batches (B, n), left-padded with item 0, n <= max_len, and offers
     forward(seq)                   SASRec: hidden states (B, n, d); STOSA: (mu, sigma), each (B, n, d)
-    loss(seq, pos, neg=None)       scalar training loss; pos (B, n) next-item targets (0 = ignored),
-                                   neg (B, n) or (B, n, k), sampled with negatives.sample_negatives if None
+    loss(seq, pos, neg=None)       scalar training loss (AC-SASRec: a losses.RoutedLoss); pos (B, n)
+                                   next-item targets (0 = ignored), neg (B, n) or (B, n, k), sampled with
+                                   negatives.sample_negatives if None
     score_all(seq)                 (B, num_items + 1) scores of the last position, higher = better, col 0 = -inf
     score_items(seq, items)        (B, k) scores of the given items (sampled protocol)
     attention_maps(seq)            last layer's "A", "B", "P" (B, H, max_len, max_len) from the reference
@@ -18,12 +19,13 @@ import inspect
 
 from torch import nn
 
-from .losses import bce_loss, full_ce_loss, sampled_ce_loss, w2_bpr_loss, w2_pair_distance
+from .acsasrec import ACSASRec
+from .losses import RoutedLoss, bce_loss, full_ce_loss, sampled_ce_loss, w2_bpr_loss, w2_pair_distance
 from .negatives import sample_negatives
 from .sasrec import SASRec, SequentialRecommender
 from .stosa import STOSA
 
-MODELS = {"sasrec": SASRec, "stosa": STOSA}
+MODELS = {"sasrec": SASRec, "stosa": STOSA, "acsasrec": ACSASRec}
 
 
 def model_options(name: str) -> dict:
@@ -35,7 +37,7 @@ def model_options(name: str) -> dict:
 
 
 def build_model(name: str, *, num_items: int, max_len: int, **kwargs) -> nn.Module:
-    """Build "sasrec" or "stosa". kwargs are the model's options (see model_options(name)); an option of
+    """Build "sasrec", "stosa" or "acsasrec". kwargs are the model's options (see model_options(name)); an option of
     another model, or a bad value, raises ValueError naming the argument."""
     options = model_options(name)
     for key in kwargs:
@@ -48,6 +50,8 @@ def build_model(name: str, *, num_items: int, max_len: int, **kwargs) -> nn.Modu
 
 __all__ = [
     "MODELS",
+    "ACSASRec",
+    "RoutedLoss",
     "SASRec",
     "STOSA",
     "SequentialRecommender",

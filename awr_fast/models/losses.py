@@ -12,11 +12,22 @@ full softmax cost only the real positions.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 W2_SQRT_CLAMP = 1e-24  # STOSA clamps covariances before the square root
 BPR_EPS = 1e-24  # STOSA: -log sigmoid(W2(h, neg) - W2(h, pos) + 1e-24)
+
+
+class RoutedLoss(NamedTuple):
+    """A loss whose parts update different parameters (AC-SASRec's adversarial training): ``routes`` is
+    ((loss, parameters), ...); the trainer backpropagates each loss into its own parameters only, one
+    optimiser step for all. ``value`` is what is logged as the training loss."""
+
+    value: torch.Tensor
+    routes: tuple
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,30 @@ class SASRecBlock(nn.Module):
         return x * keep
 
 
-class SASRec(SequentialRecommender):
+class TiedDotScores:
+    """Scoring of the models with tied item embeddings (SASRec, AC-SASRec): <h_last, E[i]> from
+    ``forward(seq)[:, -1]`` and ``item_emb``."""
+
+    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, num_items + 1) scores <h_last, E[i]> of the last position, higher = better, column 0 = -inf.
+        Computed in float32 or wider even under autocast."""
+        h, table = self.forward(seq)[:, -1], self.item_embeddings()
+        dtype = self._scoring_dtype(h, table)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            scores = h.to(dtype) @ table.to(dtype).transpose(0, 1)
+        return self._mask_padding_column(scores)
+
+    def score_items(self, seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, k) scores of the given items (B, k) at the last position; item 0 scores -inf."""
+        h = self.forward(seq)[:, -1]
+        emb = self.item_emb(items.long())
+        dtype = self._scoring_dtype(h, emb)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            scores = (emb.to(dtype) @ h.to(dtype)[:, :, None]).squeeze(-1)
+        return scores.masked_fill(items == 0, float("-inf"))
+
+
+class SASRec(TiedDotScores, SequentialRecommender):
     """SASRec with AWRSR refinement of its attention weights (SPEC §2, §3).
 
     Embedding: E[s] * sqrt(d) + P (learned absolute positions), dropout, times the non-padding mask.
@@ -378,24 +401,6 @@ class SASRec(SequentialRecommender):
         if self.loss_type == "bce":
             return losses.bce_loss(h, table, pos, neg)
         return losses.sampled_ce_loss(h, table, pos, neg)
-
-    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, num_items + 1) scores <h_last, E[i]> of the last position, higher = better, column 0 = -inf.
-        Computed in float32 or wider even under autocast."""
-        h, table = self.forward(seq)[:, -1], self.item_embeddings()
-        dtype = self._scoring_dtype(h, table)
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            scores = h.to(dtype) @ table.to(dtype).transpose(0, 1)
-        return self._mask_padding_column(scores)
-
-    def score_items(self, seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, k) scores of the given items (B, k) at the last position; item 0 scores -inf."""
-        h = self.forward(seq)[:, -1]
-        emb = self.item_emb(items.long())
-        dtype = self._scoring_dtype(h, emb)
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            scores = (emb.to(dtype) @ h.to(dtype)[:, :, None]).squeeze(-1)
-        return scores.masked_fill(items == 0, float("-inf"))
 
     @torch.no_grad()
     def attention_maps(self, seq: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ class CalibratedLayerOutput(NamedTuple):
 class CalibratedAttention(nn.Module):
     """AC-TSR attention (post-LN BERT style), heads split along channels.
 
-    forward(x, key_padding_mask) takes (B, n, d) with n == max_len (the gate is Linear(d -> max_len)) and
+    forward(x, key_padding_mask) takes (B, n, d), the last n <= max_len positions (the gate is
+    Linear(d -> max_len) over absolute key positions: a narrower batch uses its last n columns), and
     returns (h_cal, h_att, perturb) with h = LN(Drop(W_o (P V)) + x) for P = P_fin and P = P_att; the two
     outputs share V, W_o, the dropout module and the LayerNorm as released. adversarial=False keeps only
     the spatial calibrator (h_att and perturb None).
@@ -113,29 +114,12 @@ class CalibratedAttention(nn.Module):
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None
     ) -> CalibratedLayerOutput:
         """noise: optional fixed N(0, 1) draw (B, H, n, n) for the perturbed attention (drawn when None)."""
-        if x.dim() != 3 or x.shape[1] != self.max_len or x.shape[2] != self.d_model:
-            raise ValueError(f"x: expected (B, max_len={self.max_len}, d={self.d_model}), got {tuple(x.shape)}")
-        q_full, k_full = self.query(x), self.key(x)
-        q, k, v = self.split_heads(q_full), self.split_heads(k_full), self.split_heads(self.value(x))
-        adv = {}
-        if self.adversarial:
-            adv = dict(
-                q_adv=self.split_heads(q_full @ self.a_q),
-                k_adv=self.split_heads(k_full @ self.a_k),
-                gate_logits=self.gate(q_full),
-                noise=noise,
-            )
+        q, k, v, adv = self._attention_inputs(x, noise)
         out = calibrated_attention(
             q,
             k,
             v,
-            w_oq=self.w_oq,
-            w_ok=self.w_ok,
-            b_o=self.b_o,
-            w_dq=self.w_dq,
-            w_dk=self.w_dk,
-            b_d=self.b_d,
-            dist_scale=self.dist_scale,
+            **self._calibrator(),
             key_padding_mask=key_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             perturb_dropout_p=self.perturb_dropout if self.training else 0.0,
@@ -145,6 +129,59 @@ class CalibratedAttention(nn.Module):
         h_cal = self._output(out.out_cal, x)
         h_att = self._output(out.out_att, x) if out.out_att is not None else None
         return CalibratedLayerOutput(h_cal, h_att, out.perturb)
+
+    def _attention_inputs(self, x: torch.Tensor, noise: torch.Tensor | None):
+        """(q, k, v, adversarial inputs) of the op for x (B, n, d), n <= max_len the last n positions: the
+        gate's columns are absolute key positions, so a narrower batch takes its last n columns (the same
+        function as on the batch padded back to max_len, whose padding keys are masked)."""
+        if x.dim() != 3 or not 1 <= x.shape[1] <= self.max_len or x.shape[2] != self.d_model:
+            raise ValueError(
+                f"x: expected (B, n, d={self.d_model}) with 1 <= n <= max_len={self.max_len}, got {tuple(x.shape)}"
+            )
+        q_full, k_full = self.query(x), self.key(x)
+        q, k, v = self.split_heads(q_full), self.split_heads(k_full), self.split_heads(self.value(x))
+        adv = {}
+        if self.adversarial:
+            adv = dict(
+                q_adv=self.split_heads(q_full @ self.a_q),
+                k_adv=self.split_heads(k_full @ self.a_k),
+                gate_logits=self.gate(q_full)[..., self.max_len - x.shape[1] :],
+                noise=noise,
+            )
+        return q, k, v, adv
+
+    def _calibrator(self) -> dict:
+        return dict(
+            w_oq=self.w_oq,
+            w_ok=self.w_ok,
+            b_o=self.b_o,
+            w_dq=self.w_dq,
+            w_dk=self.w_dk,
+            b_d=self.b_d,
+            dist_scale=self.dist_scale,
+        )
+
+    @torch.no_grad()
+    def attention_weights(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weights before dropout, from the reference: "P_sp" and, with the adversarial calibrator,
+        "M", "P_att", "P_cal", "P_fin" (B, H, n, n). Dropout follows the module's mode for M only: call
+        eval() first for clean maps."""
+        from ..reference.calibrated import calibrated
+
+        q, k, v, adv = self._attention_inputs(x, noise)
+        _, weights = calibrated(
+            q,
+            k,
+            v,
+            **self._calibrator(),
+            **adv,
+            key_padding_mask=key_padding_mask,
+            perturb_dropout_p=self.perturb_dropout if self.training else 0.0,
+            return_weights=True,
+        )
+        return weights
 
     def extra_repr(self) -> str:
         return (

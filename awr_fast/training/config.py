@@ -30,6 +30,7 @@ from typing import Any
 from ..backends import CHOICES as BACKENDS
 from ..data.dataset import KNOWN_DATASETS
 from ..data.preprocess import KCORE_MODES
+from ..models.acsasrec import ACSASREC_ATTENTIONS, DEFAULT_MASK_LOSS_WEIGHT
 from ..models.sasrec import SASREC_LAYOUTS, SASREC_LOSSES
 from ..ops import dot_refined as dot_spec
 from ..ops import w2_refined as w2_spec
@@ -37,6 +38,7 @@ from .evaluate import PROTOCOLS, SELECT_METRICS
 
 __all__ = [
     "MODELS",
+    "MODEL_DEFAULTS",
     "PROG",
     "RESUME_MUTABLE",
     "TrainConfig",
@@ -49,9 +51,27 @@ __all__ = [
 
 #: The command line's program name (argparse usage and error lines).
 PROG = "python -m awr_fast.train"
-MODELS = ("sasrec", "stosa")
+MODELS = ("sasrec", "stosa", "acsasrec")
 #: The attention mechanisms each model offers (the op specs' causal mechanisms).
-ATTENTIONS = {"sasrec": dot_spec.CAUSAL_MECHANISMS, "stosa": w2_spec.MECHANISMS}
+ATTENTIONS = {"sasrec": dot_spec.CAUSAL_MECHANISMS, "stosa": w2_spec.MECHANISMS, "acsasrec": ACSASREC_ATTENTIONS}
+#: Per-model defaults that differ from TrainConfig's (which are sized for SASRec on the synthetic data):
+#: a new run of that model takes them for every field not given. AC-SASRec: the released Beauty
+#: configuration and protocol (RecBole: every prefix a sample, full ranking without the history).
+MODEL_DEFAULTS = {
+    "acsasrec": {
+        "attention": "none",
+        "d_model": 64,
+        "n_layers": 3,
+        "n_heads": 4,
+        "max_len": 50,
+        "dropout": 0.5,
+        "attn_dropout": 0.5,
+        "lr": 1e-4,
+        "batch_size": 256,
+        "train_prefixes": True,
+        "exclude_history": True,
+    },
+}
 ALL_ATTENTIONS = tuple(dict.fromkeys(a for mechanisms in ATTENTIONS.values() for a in mechanisms))
 STOSA_ONLY = tuple(a for a in ATTENTIONS["stosa"] if a not in ATTENTIONS["sasrec"])
 AMP_MODES = ("none", "bf16", "fp16")
@@ -126,7 +146,12 @@ class TrainConfig:
     """Every setting of a training run (see ``python -m awr_fast.train --help``)."""
 
     # model
-    model: str = _model("sasrec", "backbone", choices=MODELS)
+    model: str = _model(
+        "sasrec",
+        "model; acsasrec's defaults are the released AC-TSR Beauty configuration (3 layers, 4 heads, d 64, "
+        "dropout 0.5, lr 1e-4, batch 256, n 50, prefixes, history excluded) wherever a flag is not given",
+        choices=MODELS,
+    )
     attention: str = _model(
         "simp", f"AWRSR refinement mechanism ({', '.join(STOSA_ONLY)}: stosa only)", choices=ALL_ATTENTIONS
     )
@@ -157,6 +182,12 @@ class TrainConfig:
     )
     pvn: float = _model(0.005, "stosa positive-vs-negative loss weight")
     stosa_compat: bool = _model(False, "stosa: the released encoder's behaviour (mean stream not updated)")
+    inner_size: int | None = _model(None, "acsasrec FFN inner width", default_text="2 d (128 as released)")
+    mask_loss_weight: float = _model(
+        DEFAULT_MASK_LOSS_WEIGHT, "acsasrec: weight lambda of mean_l ||1 - M_l||_F in the adversarial loss"
+    )
+    adversarial: bool = _model(True, "acsasrec: the adversarial calibrator (off: the spatial calibrator only)")
+    position_embedding: bool = _model(False, "acsasrec: learned absolute positions (off as released)")
     # optimisation
     optimizer: str = _optimisation(
         "adam", "Adam (L2 added to the gradient) or AdamW (decoupled decay)", choices=OPTIMIZERS
@@ -193,6 +224,12 @@ class TrainConfig:
         "drop the columns that are padding in every row of a batch (training and "
         "evaluation), so the work follows the batch's longest sequence; the model "
         "computes the same function",
+    )
+    train_prefixes: bool = _data(
+        False,
+        "train on every prefix of each training sequence with its loss at the last position (RecBole's "
+        "augmentation, AC-TSR's protocol) instead of the loss at every position of each sequence",
+        default_text="True for acsasrec, else False",
     )
     # evaluation
     eval_every: int = _evaluation(1, "evaluate on valid every this many epochs")
@@ -251,7 +288,11 @@ class TrainConfig:
                 isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0
             ):
                 raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
-        for name in ("num_negatives", "num_threads"):
+        if isinstance(self.mask_loss_weight, bool) or not isinstance(self.mask_loss_weight, numbers.Real):
+            raise ValueError(f"mask_loss_weight: expected a weight >= 0, got {self.mask_loss_weight!r}")
+        if self.mask_loss_weight < 0:
+            raise ValueError(f"mask_loss_weight: expected a weight >= 0, got {self.mask_loss_weight!r}")
+        for name in ("num_negatives", "num_threads", "inner_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
@@ -287,8 +328,15 @@ class TrainConfig:
         }
         if self.model == "sasrec":
             kw.update(layout=self.layout, loss=self.loss, num_negatives=self.num_negatives)
-        else:
+        elif self.model == "stosa":
             kw.update(pvn=self.pvn, stosa_compat=self.stosa_compat)
+        else:
+            kw.update(
+                inner_size=self.inner_size,
+                mask_loss_weight=self.mask_loss_weight,
+                adversarial=self.adversarial,
+                position_embedding=self.position_embedding,
+            )
         return kw
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +356,11 @@ class TrainConfig:
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+    @classmethod
+    def for_model(cls, model: str = "sasrec", **fields) -> TrainConfig:
+        """A config of ``model`` with its MODEL_DEFAULTS for every field not in ``fields``."""
+        return cls(**{**MODEL_DEFAULTS.get(model, {}), **fields, "model": model})
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -426,7 +479,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
             base.update(given)
             base["out"] = str(resume)
             return TrainConfig.from_dict(base)
-        return TrainConfig(**given)
+        return TrainConfig.for_model(given.pop("model", "sasrec"), **given)
     except ValueError as exc:
         parser.error(_cli_message(str(exc)))
         raise  # unreachable

@@ -18,9 +18,11 @@ import torch
 __all__ = [
     "DistInfo",
     "all_gather_objects",
+    "all_reduce_grads",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
+    "broadcast_parameters",
     "cleanup",
     "init_distributed",
     "is_available",
@@ -96,6 +98,32 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = value.clone()
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out / info.world_size
+
+
+def all_reduce_grads(params, info: DistInfo) -> None:
+    """Average the gradients of ``params`` over ranks in place, in one flat all-reduce (what
+    DistributedDataParallel does, for models trained without it); no-op when not distributed."""
+    if not info.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank (what DDP does at construction)."""
+    if not info.distributed:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(t.data, src=src)
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:

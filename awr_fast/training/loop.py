@@ -4,7 +4,8 @@ One epoch (:func:`train_epoch`) walks the batches of the epoch's sampler (a func
 ``(seed, epoch)``) and runs ``model.loss(seq, pos, generator=<the epoch's negative generator>)``
 under ``torch.autocast`` when AMP is on (fp16 adds a GradScaler).
 The global gradient norm (after unscaling, before optional clipping) is averaged over the epoch's
-steps and logged. :func:`seed_epoch` reseeds the global torch RNG (dropout, anything a model
+steps and logged. A model whose ``loss`` returns a RoutedLoss (AC-SASRec) gets each part's gradient in
+its own parameters (:func:`backward`). :func:`seed_epoch` reseeds the global torch RNG (dropout, anything a model
 draws itself) from ``(seed, epoch, rank)`` at the start of every epoch, so that an epoch is
 reproducible on its own: this is what makes ``--resume`` exact without replaying.
 """
@@ -23,13 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import DistInfo, all_reduce_mean
+from ..models.losses import RoutedLoss
+from .distributed import DistInfo, all_reduce_grads, all_reduce_mean
 from .sampler import epoch_generator, epoch_seed, shard_batch
 
 __all__ = [
     "EarlyStopping",
     "LossModule",
     "autocast",
+    "backward",
     "make_optimizer",
     "make_scaler",
     "resolve_device",
@@ -159,6 +162,20 @@ def batch_width(widths: np.ndarray | None, rows: np.ndarray, n: int) -> int:
     return max(int(widths[rows].max()), 1)
 
 
+def backward(loss, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """Backpropagate a step's loss (scaled by ``scaler`` when given) and return the tensor to log. A
+    :class:`~awr_fast.models.losses.RoutedLoss` (AC-SASRec) backpropagates each of its losses into its own
+    parameters only (``backward(inputs=...)``, the graph kept until the last): exactly the gradients of
+    separate requires_grad-toggled passes, for one optimiser step."""
+    if not isinstance(loss, RoutedLoss):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss
+    last = len(loss.routes) - 1
+    for i, (part, params) in enumerate(loss.routes):
+        (scaler.scale(part) if scaler is not None else part).backward(inputs=list(params), retain_graph=i < last)
+    return loss.value
+
+
 def train_epoch(
     step_module: nn.Module,
     model: nn.Module,
@@ -177,6 +194,7 @@ def train_epoch(
     dist: DistInfo | None = None,
     show_progress: bool = False,
     row_widths: np.ndarray | None = None,
+    sync_grads: bool = False,
 ) -> dict[str, Any]:
     """One pass over ``batches`` (global batches of training-row indices).
 
@@ -191,6 +209,8 @@ def train_epoch(
         row_widths: per training row, its trailing non-padding width (:func:`trailing_widths`); when
             given, each batch keeps only the last ``max(width)`` columns (the model computes the same
             function on the narrower batch), so the work follows the batch's longest sequence.
+        sync_grads: average the gradients over the ranks after the backward (models whose loss routes
+            gradients train without DistributedDataParallel, see awr_fast.train).
 
     Returns:
         ``{"loss": mean loss, "grad_norm": mean global gradient norm, "steps": steps taken,
@@ -219,11 +239,11 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             loss = step_module(seq, pos, neg_gen)
+        loss = backward(loss, scaler)
+        if sync_grads:
+            all_reduce_grads(params, dist)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
         if clip_grad and clip_grad > 0:
