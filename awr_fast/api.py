@@ -164,6 +164,11 @@ def calibrated_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     perturb_dropout_p: float = 0.0,
+    refine: str = "none",
+    w_rq: torch.Tensor | None = None,
+    w_rk: torch.Tensor | None = None,
+    w_rv: torch.Tensor | None = None,
+    refine_scale: float | None = None,
     backend: str = "auto",
 ) -> CalibratedOutput:
     """AC-TSR calibrated attention (SPEC §5).
@@ -171,7 +176,8 @@ def calibrated_attention(
     Spatial calibrator: w_oq, w_ok, w_dq, w_dk are (d_h,) vectors shared by the heads, b_o, b_d and
     dist_scale (s) scalars. Adversarial calibrator (optional): q_adv = split(Q A_q), k_adv = split(K A_k)
     as (B, H, n, d_h), gate_logits = Linear(d -> n)(Q) as (B, n, n), noise the N(0, 1) draw (B, H, n, n)
-    (drawn here when None).
+    (drawn here when None). refine: AWRSR refinement ("simp", "add", "value"; weights and refine_scale as
+    refined_attention's) of the weights out_cal uses, A = P_fin (P_sp without the adversarial calibrator).
     """
     inputs = ops.calibrated.make_inputs(
         q,
@@ -192,5 +198,10 @@ def calibrated_attention(
         scale=scale,
         dropout_p=dropout_p,
         perturb_dropout_p=perturb_dropout_p,
+        refine=refine,
+        w_rq=w_rq,
+        w_rk=w_rk,
+        w_rv=w_rv,
+        refine_scale=refine_scale,
     )
     return CalibratedOutput(*dispatch("calibrated", backend, inputs))

@@ -91,8 +91,9 @@ def test_adversary_step_increases_the_perturbed_ce():
     assert increase == pytest.approx(step * norm, rel=0.05)  # first order: +step ||g|| > 0
 
 
-def test_calibrated_output_is_causal():
-    model = _model().eval()
+@pytest.mark.parametrize("attention", ["none", "simp", "value"])
+def test_calibrated_output_is_causal(attention):
+    model = _model(attention=attention).eval()
     seq, _ = _batch(seed=3)
     t = 6
     seq2 = seq.clone()
@@ -106,10 +107,12 @@ def test_calibrated_output_is_causal():
     assert (b[:, t + 1 :] - a[:, t + 1 :]).abs().max() > 1e-6
 
 
-def test_narrow_batch_is_the_padded_batch():
+@pytest.mark.parametrize("attention", ["none", "add", "value"])
+def test_narrow_batch_is_the_padded_batch(attention):
     """The trainer's column trimming: the last n positions give the same calibrated states, L_cal and mask
-    penalty as the batch padded back to max_len (the noise only enters h_att)."""
-    model = _model().eval()
+    penalty as the batch padded back to max_len (the noise only enters h_att); the refinement matrices
+    are sliced to the window's absolute positions."""
+    model = _model(attention=attention).eval()
     seq, pos = _batch(seed=4)
     seq, pos = seq[:3], pos[:3]  # lengths 12 (cut to 8 below), 9, 5
     seq[0, :4] = 0
@@ -126,6 +129,25 @@ def test_narrow_batch_is_the_padded_batch():
     )
 
 
+@pytest.mark.parametrize("attention", ["simp", "value"])
+def test_refined_model_trains_its_refinement_with_the_calibrated_loss(attention):
+    """AWRSR on top of P_fin: the refinement matrices belong to L_cal's parameters and get a gradient
+    (only in the rows of the batch's positions); the maps still get only L_att's."""
+    model = _model(attention=attention).train()
+    seq, pos = _batch()
+    out = model.loss(seq, pos)
+    (_, cal_params), (_, adv_params) = out.routes
+    refinement = dict(model.parameter_parts()["refinement"])
+    assert len(refinement) == len(model.blocks) * (3 if attention == "value" else 2)
+    assert {id(p) for p in refinement.values()} <= {id(p) for p in cal_params}
+    assert not {id(p) for p in refinement.values()} & {id(p) for p in adv_params}
+    backward(out, None)
+    for name, p in refinement.items():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+    maps = model.eval().attention_maps(seq)
+    assert {"A", "B", "P", "P_sp"} <= set(maps)
+
+
 def test_spatial_only_model_returns_a_plain_loss():
     model = _model(adversarial=False)
     seq, pos = _batch()
@@ -133,7 +155,7 @@ def test_spatial_only_model_returns_a_plain_loss():
     assert isinstance(out, torch.Tensor) and out.dim() == 0 and not model.routes_gradients
     assert model.adversarial_parameters() == []
     maps = model.eval().attention_maps(seq)
-    assert set(maps) == {"A", "P", "key_padding_mask"}
+    assert set(maps) == {"A", "P", "P_sp", "key_padding_mask"}
 
 
 def test_attention_maps_are_distributions():
@@ -151,8 +173,10 @@ def test_attention_maps_are_distributions():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="attention: expected one of \\['none'\\]"):
-        build_model("acsasrec", num_items=10, max_len=5, attention="simp")
+    with pytest.raises(ValueError, match="attention: expected one of \\['none', 'simp', 'add', 'value'\\]"):
+        build_model("acsasrec", num_items=10, max_len=5, attention="stoc")
+    with pytest.raises(ValueError, match="refine_input: expected 'probs'"):
+        build_model("acsasrec", num_items=10, max_len=5, attention="simp", refine_input="scores")
     with pytest.raises(ValueError, match="mask_loss_weight"):
         build_model("acsasrec", num_items=10, max_len=5, mask_loss_weight=-1.0)
     with pytest.raises(ValueError, match="inner_size"):
@@ -206,13 +230,14 @@ def _tiny(**kw):
     return base
 
 
-def test_trains_and_beats_popularity(tmp_path, crafted):
-    final = train(_tiny(out=str(tmp_path / "run")), seq_dataset=crafted)
+@pytest.mark.parametrize("attention", ["none", "simp"])
+def test_trains_and_beats_popularity(tmp_path, crafted, attention):
+    final = train(_tiny(attention=attention, out=str(tmp_path / "run")), seq_dataset=crafted)
     test, pop = final["test"], final["popularity"]["test"]
     assert test["ndcg@10"] > 2 * pop["ndcg@10"], (test, pop)
     assert final["protocol"]["exclude_history"] is True  # the released protocol is the model's default
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train_prefixes"] is True and config["attention"] == "none"
+    assert config["train_prefixes"] is True and config["attention"] == attention
 
 
 def test_resume_is_bitwise_exact(tmp_path, crafted):
@@ -241,7 +266,8 @@ def test_cli_defaults_are_the_released_configuration():
     model = build_model("acsasrec", **cfg.model_kwargs(30))
     assert isinstance(model, ACSASRec) and model.blocks[0].ffn.dense_1.out_features == 128
     with pytest.raises(SystemExit):
-        config_from_args(["--model", "acsasrec", "--attention", "simp"])
+        config_from_args(["--model", "acsasrec", "--attention", "stoc"])
+    assert config_from_args(["--model", "acsasrec", "--attention", "simp"]).attention == "simp"
 
 
 def test_ddp_two_process_gloo(tmp_path):

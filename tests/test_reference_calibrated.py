@@ -305,3 +305,99 @@ def test_bad_input(case, exc, match):
         kwargs["backend"] = "xla"
     with pytest.raises(exc, match=match):
         _call(qkv, params, adv, **kwargs)
+
+
+# ---- AWRSR refinement of the final weights ----------------------------------------------------------------
+
+
+def refine_weights(refine, n, heads=None, seed=3):
+    """W_RQ, W_RK (, W_RV) of a mechanism: (n, n), or (heads, n, n) per head; nothing zero."""
+    from awr_fast.ops.calibrated import REFINE_WEIGHTS
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, n) if heads is None else (heads, n, n)
+    return {name: torch.randn(*shape, generator=g, dtype=torch.float64) for name in REFINE_WEIGHTS[refine]}
+
+
+@pytest.mark.parametrize("adversarial", [True, False])
+@pytest.mark.parametrize("refine", ["simp", "add", "value"])
+def test_refinement_refines_the_final_weights(adversarial, refine):
+    """refine= is AWRSR's refinement (dot_refined's B) of P_fin (P_sp without the adversarial calibrator):
+    out_cal = softmax(mask(B(P_fin))) V; out_att and the mask are those of the unrefined call."""
+    from awr_fast.reference.dot_refined import refine_scores
+    from awr_fast.reference.masking import masked_softmax, visible_mask
+
+    n = 9
+    qkv, params, adv = make_inputs(n=n, adversarial=adversarial)
+    mask = left_padding_mask([9, 4], n)
+    weights = refine_weights(refine, n, heads=2 if refine == "value" else None)
+    plain, maps = calibrated(*qkv.values(), **params, **adv, key_padding_mask=mask, return_weights=True)
+    out, refined_maps = calibrated(
+        *qkv.values(),
+        **params,
+        **adv,
+        key_padding_mask=mask,
+        refine=refine,
+        refine_scale=0.7,
+        **weights,
+        return_weights=True,
+    )
+    visible = visible_mask(n, mask, qkv["q"].device)
+    a = maps["P_fin"] if adversarial else maps["P_sp"]
+    probs = masked_softmax(refine_scores(a, visible, mechanism=refine, c=0.7, **{"w_rv": None, **weights}), visible)
+    expected = (probs @ qkv["v"]) * (~mask)[:, None, :, None]
+    torch.testing.assert_close(out[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(refined_maps["P"], probs, rtol=1e-12, atol=1e-12)
+    assert (out[0] - plain[0]).abs().max() > 1e-3  # the refinement changes out_cal
+    for o, p in zip(out[1:], plain[1:]):
+        assert (o is None) == (p is None)
+        if o is not None:
+            torch.testing.assert_close(o, p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("refine", ["simp", "value"])
+def test_refinement_gradcheck(refine):
+    n = 7
+    qkv, params, adv = make_inputs(n=n, requires_grad=True)
+    mask = left_padding_mask([7, 3], n)
+    noise = adv.pop("noise")
+    weights = {k: w.requires_grad_(True) for k, w in refine_weights(refine, n).items()}
+    names = (*PARAM_NAMES, *adv, *weights)
+
+    def fn(q, k, v, *rest):
+        out = awr_fast.calibrated_attention(
+            q, k, v, noise=noise, key_padding_mask=mask, refine=refine, backend="reference", **dict(zip(names, rest))
+        )
+        return tuple(out)
+
+    inputs = (*qkv.values(), *params.values(), *adv.values(), *weights.values())
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("adversarial", [True, False])
+@pytest.mark.parametrize("refine", ["add", "value"])
+def test_refinement_is_causal(adversarial, refine):
+    n = 11
+    qkv, params, adv = make_inputs(batch=2, n=n, d_h=4, adversarial=adversarial)
+    mask = left_padding_mask([11, 7], n)
+    weights = refine_weights(refine, n)
+    base = _call(qkv, params, adv, key_padding_mask=mask, refine=refine, **weights)
+    pos = 5
+    later = slice(pos + 1, None)
+    new_qkv = {name: x.clone() for name, x in qkv.items()}
+    g = torch.Generator().manual_seed(9)
+    for x in new_qkv.values():
+        x[..., later, :] = torch.randn(x[..., later, :].shape, generator=g, dtype=x.dtype)
+    out = _call(new_qkv, params, adv, key_padding_mask=mask, refine=refine, **weights)
+    torch.testing.assert_close(out.out_cal[..., : pos + 1, :], base.out_cal[..., : pos + 1, :], rtol=0, atol=1e-12)
+    assert not torch.allclose(out.out_cal[..., later, :], base.out_cal[..., later, :])
+
+
+def test_refinement_bad_input_names_the_argument():
+    qkv, params, adv = make_inputs(n=7)
+    with pytest.raises(ValueError, match="^refine: expected one of"):
+        _call(qkv, params, adv, refine="stoc")
+    with pytest.raises(ValueError, match="^w_rq: required"):
+        _call(qkv, params, adv, refine="simp")
+    with pytest.raises(ValueError, match="^w_rv"):
+        _call(qkv, params, adv, refine="simp", w_rv=torch.ones(7, 7, dtype=torch.float64), **refine_weights("simp", 7))

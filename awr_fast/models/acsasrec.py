@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.calibrated import RECBOLE_INIT_STD, CalibratedAttention
+from ..ops.calibrated import REFINE_MECHANISMS
 from . import losses
 from .losses import RoutedLoss
 from .sasrec import SequentialRecommender, TiedDotScores, check_bool, check_common, check_int
 
-ACSASREC_ATTENTIONS = ("none",)
+ACSASREC_ATTENTIONS = REFINE_MECHANISMS  # AWRSR refinement of P_fin
 RECBOLE_LN_EPS = 1e-12  # RecBole's layer_norm_eps
 DEFAULT_MASK_LOSS_WEIGHT = 0.03  # the released Beauty configuration
 
@@ -59,7 +60,9 @@ class BertFeedForward(nn.Module):
 class ACBlock(nn.Module):
     """One released AttackR layer: calibrated attention, then the FFN on each of its two outputs."""
 
-    def __init__(self, d_model, n_heads, max_len, *, inner_size, dropout, attn_dropout, adversarial, backend):
+    def __init__(
+        self, d_model, n_heads, max_len, *, inner_size, dropout, attn_dropout, adversarial, refinement, backend
+    ):
         super().__init__()
         self.attention = CalibratedAttention(
             d_model,
@@ -69,6 +72,7 @@ class ACBlock(nn.Module):
             attn_dropout=attn_dropout,
             hidden_dropout=dropout,
             layer_norm_eps=RECBOLE_LN_EPS,
+            **refinement,
             backend=backend,
         )
         self.ffn = BertFeedForward(d_model, inner_size, dropout)
@@ -84,7 +88,9 @@ class ACSASRec(TiedDotScores, SequentialRecommender):
     """AC-SASRec (see the module docstring). Init as RecBole: Linear/Embedding weights N(0, 0.02), biases 0,
     LayerNorm 1/0 (the calibrator's own parameters as awr_fast.nn.CalibratedAttention), padding row 0.
 
-    ``attention`` is the AWRSR mechanism on top of P_fin: only "none" is offered so far.
+    ``attention`` ("simp", "add", "value") refines the weights h_cal uses with AWRSR (SPEC §3: A = P_fin,
+    or P_sp with ``adversarial=False``; matrices per layer, shared by the heads unless per_head_refine;
+    refine_input must be "probs", as A is a probability matrix here).
     ``adversarial=False`` keeps only the spatial calibrator (then ``loss`` is L_cal alone, a plain tensor).
     """
 
@@ -126,6 +132,10 @@ class ACSASRec(TiedDotScores, SequentialRecommender):
         )
         inner_size = 2 * d_model if inner_size is None else inner_size
         check_int("inner_size", inner_size)
+        if refine_input != "probs":
+            raise ValueError(
+                f"refine_input: expected 'probs' for acsasrec (A is the calibrated P_fin), got {refine_input!r}"
+            )
         if isinstance(mask_loss_weight, bool) or not isinstance(mask_loss_weight, (int, float)) or mask_loss_weight < 0:
             raise ValueError(f"mask_loss_weight: expected a weight >= 0, got {mask_loss_weight!r}")
         check_bool("adversarial", adversarial)
@@ -148,6 +158,7 @@ class ACSASRec(TiedDotScores, SequentialRecommender):
                 dropout=dropout,
                 attn_dropout=attn_dropout,
                 adversarial=adversarial,
+                refinement=dict(refine=attention, per_head_refine=per_head_refine, refine_scale=refine_scale),
                 backend=backend,
             )
             for _ in range(n_layers)
@@ -238,15 +249,20 @@ class ACSASRec(TiedDotScores, SequentialRecommender):
 
     @torch.no_grad()
     def attention_maps(self, seq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The last layer's weights (B, H, max_len, max_len) from the reference: "A" = P_sp (the spatial
-        calibrator's first-order weights), "P" = P_fin (what multiplies V), and with the adversarial
-        calibrator "M", "P_att", "P_cal"; plus "key_padding_mask". Call model.eval() first."""
+        """The last layer's weights (B, H, max_len, max_len) from the reference: "P" the weights h_cal uses,
+        "A" the ones before them (P_sp without refinement; with it the refinement input P_fin, and "B" the
+        refined scores), "P_sp" and with the adversarial calibrator "M", "P_att", "P_cal"; plus
+        "key_padding_mask". Call model.eval() first."""
         seq = self._pad_seq(seq)
         key_padding_mask = seq == 0
         x = self._encode(seq, upto=len(self.blocks) - 1)[0]
         weights = self.blocks[-1].attention.attention_weights(x, key_padding_mask)
-        maps = {"A": weights["P_sp"], "P": weights.get("P_fin", weights["P_sp"])}
-        maps.update({k: weights[k] for k in ("M", "P_att", "P_cal") if k in weights})
+        first = weights.get("P_fin", weights["P_sp"])
+        if "B" in weights:
+            maps = {"A": first, "B": weights["B"], "P": weights["P"]}
+        else:
+            maps = {"A": weights["P_sp"], "P": first}
+        maps.update({k: weights[k] for k in ("P_sp", "M", "P_att", "P_cal") if k in weights})
         return {**maps, "key_padding_mask": key_padding_mask}
 
     def extra_repr(self) -> str:

@@ -7,7 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .. import validation as V
 from ..api import calibrated_attention
+from ..ops import calibrated as spec
+from ..ops.dot_refined import refine_scale_value
+from .dot import window_refine_weights
 
 RECBOLE_INIT_STD = 0.02  # RecBole's initializer_range, used by the released AC-TSR models
 
@@ -37,6 +41,9 @@ class CalibratedAttention(nn.Module):
     else (``calibrator_parameters``).
     Initialisation as RecBole: weights N(0, 0.02), biases 0, dist_scale N(0, 1) (released torch.randn(1)).
     perturb_dropout (dropout on M) defaults to attn_dropout, as the released layer uses one dropout for both.
+    refine ("simp", "add", "value"; SPEC §3): AWRSR refinement of the weights h_cal uses (A = P_fin, or P_sp
+    without the adversarial calibrator), with (max_len, max_len) matrices w_rq, w_rk (, w_rv), per head
+    with per_head_refine, initialised xavier_normal as SASRec's; c from refine_scale ("d_h", "d", "n").
     """
 
     def __init__(
@@ -50,9 +57,13 @@ class CalibratedAttention(nn.Module):
         hidden_dropout: float = 0.5,
         perturb_dropout: float | None = None,
         layer_norm_eps: float = 1e-12,
+        refine: str = "none",
+        per_head_refine: bool = False,
+        refine_scale: str = "d_h",
         backend: str = "auto",
     ):
         super().__init__()
+        V.check_choice("refine", refine, spec.REFINE_MECHANISMS)
         if d_model % n_heads:
             raise ValueError(f"n_heads: expected a divisor of d_model={d_model}, got {n_heads}")
         self.d_model, self.n_heads, self.max_len, self.adversarial = d_model, n_heads, max_len, adversarial
@@ -73,6 +84,11 @@ class CalibratedAttention(nn.Module):
             self.a_q = nn.Parameter(torch.empty(d_model, d_model))
             self.a_k = nn.Parameter(torch.empty(d_model, d_model))
             self.gate = nn.Linear(d_model, max_len)
+        self.refine = refine
+        self.refine_scale = refine_scale_value(refine_scale, d_model, n_heads, max_len)
+        shape = (n_heads, max_len, max_len) if per_head_refine else (max_len, max_len)
+        for name in spec.REFINE_WEIGHTS[refine]:
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.dense = nn.Linear(d_model, d_model)
         self.out_dropout = nn.Dropout(hidden_dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -88,6 +104,8 @@ class CalibratedAttention(nn.Module):
         nn.init.zeros_(self.b_o)
         nn.init.zeros_(self.b_d)
         nn.init.normal_(self.dist_scale)
+        for name in spec.REFINE_WEIGHTS[self.refine]:
+            nn.init.xavier_normal_(getattr(self, name))
         self.layer_norm.reset_parameters()
 
     def adversarial_parameters(self) -> list[nn.Parameter]:
@@ -119,7 +137,7 @@ class CalibratedAttention(nn.Module):
             q,
             k,
             v,
-            **self._calibrator(),
+            **self._calibrator(x.shape[1]),
             key_padding_mask=key_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             perturb_dropout_p=self.perturb_dropout if self.training else 0.0,
@@ -150,7 +168,12 @@ class CalibratedAttention(nn.Module):
             )
         return q, k, v, adv
 
-    def _calibrator(self) -> dict:
+    def _calibrator(self, n: int) -> dict:
+        """The op's calibrator and refinement arguments for a batch of the last n positions."""
+        refinement = {}
+        if self.refine != "none":
+            weights = window_refine_weights(self, spec.REFINE_WEIGHTS[self.refine], self.max_len, n)
+            refinement = dict(refine=self.refine, refine_scale=self.refine_scale, **weights)
         return dict(
             w_oq=self.w_oq,
             w_ok=self.w_ok,
@@ -159,6 +182,7 @@ class CalibratedAttention(nn.Module):
             w_dk=self.w_dk,
             b_d=self.b_d,
             dist_scale=self.dist_scale,
+            **refinement,
         )
 
     @torch.no_grad()
@@ -166,8 +190,8 @@ class CalibratedAttention(nn.Module):
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """The weights before dropout, from the reference: "P_sp" and, with the adversarial calibrator,
-        "M", "P_att", "P_cal", "P_fin" (B, H, n, n). Dropout follows the module's mode for M only: call
-        eval() first for clean maps."""
+        "M", "P_att", "P_cal", "P_fin" (B, H, n, n); with a refinement also "B" and "P" (what h_cal uses).
+        Dropout follows the module's mode for M only: call eval() first for clean maps."""
         from ..reference.calibrated import calibrated
 
         q, k, v, adv = self._attention_inputs(x, noise)
@@ -175,7 +199,7 @@ class CalibratedAttention(nn.Module):
             q,
             k,
             v,
-            **self._calibrator(),
+            **self._calibrator(x.shape[1]),
             **adv,
             key_padding_mask=key_padding_mask,
             perturb_dropout_p=self.perturb_dropout if self.training else 0.0,
@@ -186,5 +210,5 @@ class CalibratedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, max_len={self.max_len}, "
-            f"adversarial={self.adversarial}, backend={self.backend!r}"
+            f"adversarial={self.adversarial}, refine={self.refine!r}, backend={self.backend!r}"
         )

@@ -8,6 +8,7 @@ import torch
 
 from .. import validation as V
 from .capability import Capability, InputsRecord
+from .dot_refined import CAUSAL_MECHANISMS, WEIGHTS, check_refinement
 
 NAME = "calibrated"
 #: "spatial" alone, or with the adversarial calibrator (q_adv, k_adv, gate_logits given).
@@ -16,6 +17,10 @@ MECHANISMS = ("spatial", "adversarial")
 VECTORS = ("w_oq", "w_ok", "w_dq", "w_dk")
 SCALARS = ("b_o", "b_d", "dist_scale")
 ADVERSARIAL = ("q_adv", "k_adv", "gate_logits")
+#: AWRSR refinement of the final weights (P_fin, or P_sp without the adversarial calibrator), SPEC §3:
+#: the dot family's causal mechanisms and weights.
+REFINE_MECHANISMS = CAUSAL_MECHANISMS
+REFINE_WEIGHTS = WEIGHTS
 #: Parameters cast to the activations' dtype (they may stay float32 under mixed precision).
 CAST = (*VECTORS, *SCALARS, "gate_logits", "noise")
 
@@ -34,6 +39,9 @@ class Inputs(InputsRecord):
     scale: float | None
     dropout_p: float
     perturb_dropout_p: float
+    refine: str = "none"
+    refine_weights: dict | None = None  # REFINE_WEIGHTS[refine] by name
+    refine_scale: float | None = None
 
     return_weights = False
 
@@ -46,7 +54,8 @@ class Inputs(InputsRecord):
         return self.q
 
     def leaves(self) -> tuple:
-        return (self.q, self.k, self.v, self.q_adv, self.k_adv, self.gate_logits, *self.params.values())
+        extra = tuple((self.refine_weights or {}).values())
+        return (self.q, self.k, self.v, self.q_adv, self.k_adv, self.gate_logits, *self.params.values(), *extra)
 
     def call(self, fn):
         return fn(
@@ -62,6 +71,11 @@ class Inputs(InputsRecord):
             scale=self.scale,
             dropout_p=self.dropout_p,
             perturb_dropout_p=self.perturb_dropout_p,
+            **(
+                {"refine": self.refine, **self.refine_weights, "refine_scale": self.refine_scale}
+                if self.refine != "none"
+                else {}
+            ),
         )
 
 
@@ -89,6 +103,11 @@ def make_inputs(
     scale=None,
     dropout_p=0.0,
     perturb_dropout_p=0.0,
+    refine="none",
+    w_rq=None,
+    w_rk=None,
+    w_rv=None,
+    refine_scale=None,
 ) -> Inputs:
     batch, heads, n, d_h = V.check_heads_layout(("q", "k", "v"), (q, k, v))
     params = {"w_oq": w_oq, "w_ok": w_ok, "w_dq": w_dq, "w_dk": w_dk, "b_o": b_o, "b_d": b_d, "dist_scale": dist_scale}
@@ -126,6 +145,9 @@ def make_inputs(
     V.check_scale("scale", scale)
     V.check_probability("dropout_p", dropout_p)
     V.check_probability("perturb_dropout_p", perturb_dropout_p)
+    V.check_choice("refine", refine, REFINE_MECHANISMS)
+    refine_weights = check_refinement(refine, {"w_rq": w_rq, "w_rk": w_rk, "w_rv": w_rv}, heads, n, q)
+    V.check_scale("refine_scale", refine_scale)
     dtype = q.dtype
     return Inputs(
         q,
@@ -140,6 +162,9 @@ def make_inputs(
         scale,
         float(dropout_p),
         float(perturb_dropout_p),
+        refine,
+        refine_weights,
+        refine_scale,
     )
 
 

@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .dot_refined import refine_scores
 from .masking import masked_softmax, visible_mask, zero_padded_queries
 
 ORDER_EPS = 1e-24
@@ -82,6 +83,11 @@ def calibrated(
     scale: float | None = None,
     dropout_p: float = 0.0,
     perturb_dropout_p: float = 0.0,
+    refine: str = "none",
+    w_rq: torch.Tensor | None = None,
+    w_rk: torch.Tensor | None = None,
+    w_rv: torch.Tensor | None = None,
+    refine_scale: float | None = None,
     return_weights: bool = False,
 ):
     """AC-TSR calibrated attention. Inputs are assumed validated.
@@ -94,8 +100,12 @@ def calibrated(
     out_cal = dropout(P_fin) V, out_att = dropout(P_att) V; padding query rows are zeros.
 
     Without the adversarial calibrator (q_adv None) out_cal = dropout(P_sp) V and out_att, perturb are None.
+    refine (SPEC §3, "simp" / "add" / "value" with w_rq, w_rk (, w_rv) and c = refine_scale, default
+    1/sqrt(d_h)): AWRSR refinement of the weights out_cal uses, A = P_fin (P_sp without the adversarial
+    calibrator): B as dot_refined's, P = masked_softmax(B); out_att is not refined.
     Returns (out_cal, out_att, perturb), or that tuple and a dict of the weights before dropout
-    {"P_sp", "M", "P_att", "P_cal", "P_fin"} (the last four absent without the adversarial calibrator).
+    {"P_sp", "M", "P_att", "P_cal", "P_fin"} (the last four absent without the adversarial calibrator),
+    plus "B" and "P" (the refined weights out_cal uses) with a refinement.
     """
     n, d_h = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d_h) if scale is None else scale
@@ -106,7 +116,18 @@ def calibrated(
     )
     p_sp = masked_softmax(logits * scale, visible)
     weights = {"P_sp": p_sp}
+    c = 1.0 / math.sqrt(d_h) if refine_scale is None else refine_scale
+
+    def refined(p):  # the final weights of out_cal
+        if refine == "none":
+            return p
+        b = refine_scores(p, visible, mechanism=refine, w_rq=w_rq, w_rk=w_rk, w_rv=w_rv, c=c)
+        weights["B"] = b
+        weights["P"] = masked_softmax(b, visible)
+        return weights["P"]
+
     if q_adv is None:
+        p_sp = refined(p_sp)
         p_out = F.dropout(p_sp, p=dropout_p, training=True) if dropout_p > 0.0 else p_sp
         result = (zero_padded_queries(p_out @ v, key_padding_mask), None, None)
         return (result, weights) if return_weights else result
@@ -121,6 +142,7 @@ def calibrated(
     gate = torch.sigmoid(gate_logits)[:, None]
     p_fin = masked_softmax(gate * p_sp + (1.0 - gate) * p_cal, visible)
     weights.update(M=m, P_att=p_att, P_cal=p_cal, P_fin=p_fin)
+    p_fin = refined(p_fin)
     if dropout_p > 0.0:
         p_fin = F.dropout(p_fin, p=dropout_p, training=True)
         p_att = F.dropout(p_att, p=dropout_p, training=True)
