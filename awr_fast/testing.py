@@ -201,16 +201,20 @@ def grid(op: str, mechanisms=None, small: bool = False) -> list[dict]:
     return out
 
 
-def run(case: Case, backend: str, **extra) -> dict[str, torch.Tensor]:
-    """Call the op's public function on `backend`: {"out0", "out1", ..., "d<leaf>"} (detached)."""
-    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in {**case.tensors, **case.weights}.items()}
+def run(case: Case, backend: str, *, grad: bool = True, **extra) -> dict[str, torch.Tensor]:
+    """Call the op's public function on `backend`: {"out0", "out1", ..., "d<leaf>"} (detached); with
+    grad=False only the outputs, computed under no_grad (a forward-only backend)."""
+    leaves = {name: t.detach().clone().requires_grad_(grad) for name, t in {**case.tensors, **case.weights}.items()}
     kwargs = {name: leaves[name] for name in leaves if name not in _POSITIONAL[case.op]}
     positional = [leaves[name] for name in _POSITIONAL[case.op]]
     if case.op in ("dot_refined", "w2_refined"):
         kwargs["mechanism"] = case.mechanism
-    result = FUNCTIONS[case.op](*positional, **kwargs, **case.options, backend=backend, **extra)
+    with torch.set_grad_enabled(grad):
+        result = FUNCTIONS[case.op](*positional, **kwargs, **case.options, backend=backend, **extra)
     outs = [result] if isinstance(result, torch.Tensor) else [t for t in result if t is not None]
     outs = outs[: len(case.grad_outputs)]
+    if not grad:
+        return {f"out{i}": t.detach() for i, t in enumerate(outs)}
     grads = torch.autograd.grad(outs, list(leaves.values()), list(case.grad_outputs))
     return {**{f"out{i}": t.detach() for i, t in enumerate(outs)}, **{f"d{name}": g for name, g in zip(leaves, grads)}}
 
@@ -223,11 +227,12 @@ _POSITIONAL = {
 }
 
 
-def oracle_errors(case: Case, backend: str) -> list[str]:
-    """What differs from the float64 oracle beyond the tolerance rule, in words ([] when it matches)."""
-    ours = run(case, backend)
-    exact = run(case.to(torch.float64), "reference")
-    same = run(case, "reference") if case.dtype != torch.float64 else exact
+def oracle_errors(case: Case, backend: str, *, grad: bool = True) -> list[str]:
+    """What differs from the float64 oracle beyond the tolerance rule, in words ([] when it matches);
+    grad=False compares the outputs only (a forward-only backend)."""
+    ours = run(case, backend, grad=grad)
+    exact = run(case.to(torch.float64), "reference", grad=grad)
+    same = run(case, "reference", grad=grad) if case.dtype != torch.float64 else exact
     failures = []
     for name, truth in exact.items():
         got = ours[name]
@@ -246,8 +251,8 @@ def oracle_errors(case: Case, backend: str) -> list[str]:
     return failures
 
 
-def assert_matches_oracle(case: Case, backend: str) -> None:
-    failures = oracle_errors(case, backend)
+def assert_matches_oracle(case: Case, backend: str, *, grad: bool = True) -> None:
+    failures = oracle_errors(case, backend, grad=grad)
     assert not failures, f"{case.label} on {backend}: " + "; ".join(failures)
 
 

@@ -15,8 +15,9 @@
 # Steps (each under `timeout`, each allowed to fail; the script records it and goes on):
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
-#   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_build.py natively (conftest sets TRITON_INTERPRET only
-#                  without CUDA), in GPU_TEST_SHARDS (default 12) parallel pytest processes
+#   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_triton_calibrated.py,
+#                  test_build.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
+#                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
 #   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
@@ -134,7 +135,7 @@ gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_build.py) select=()
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py) select=()
     case $MODE in
         quick) files=(tests/test_triton_dot.py tests/test_triton_w2.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality or window") ;;
         dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;

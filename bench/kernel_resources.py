@@ -76,7 +76,7 @@ COLUMNS = [
 #: configurations): a compile error or more shared memory than the device has always fails; a fused
 #: kernel may have no stack frame (register spills live there) and any other kernel at most
 #: TILED_STACK_BUDGET bytes per thread, except the kernels in KNOWN_SPILLS, each held to its ceiling.
-FUSED_KERNELS = ("_fused_fwd", "_fused_bwd")
+FUSED_KERNELS = ("_fused_fwd", "_fused_bwd", "_calibrated_fwd")
 TILED_STACK_BUDGET = 512
 #: (arch, dtype, mechanism, kernel) -> stack bytes allowed: what the kernels spill today (2026-12-02, triton
 #: 3.8, after the tf32x3 / reordered-backward fixes) with a quarter's margin. A ratchet, not a target: the
@@ -89,6 +89,12 @@ KNOWN_SPILLS = {
     (90, "bf16", "value", "_fused_bwd"): 96,
     (90, "fp16", "value", "_fused_bwd"): 64,
     (90, "fp32", "value", "_flash_bwd_dkdv"): 2752,
+    # the calibrated family's fused forward (2026-12-03): fp32 on tensor cores (tf32x3) keeps P_sp, M,
+    # the noise and P_att/P_cal live at once; `mechanism` is the AWRSR refinement of P_fin
+    (90, "fp32", "none", "_calibrated_fwd"): 240,
+    (90, "fp32", "simp", "_calibrated_fwd"): 256,
+    (90, "fp32", "add", "_calibrated_fwd"): 272,
+    (90, "fp32", "value", "_calibrated_fwd"): 256,
 }
 
 
@@ -360,10 +366,44 @@ def run_config_w2(triton_w2, n, dtype, mechanism, masked, dropout, batch=2, head
     (mu.sum() + sig.sum()).backward()
 
 
+def run_config_calibrated(triton_cal, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64, device="cpu"):
+    """The calibrated family's fused forward (both calibrators; `mechanism` is the AWRSR refinement of
+    P_fin); forward only, without dropout, as its capability row."""
+    from awr_fast.ops.calibrated import REFINE_WEIGHTS
+
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+    shape = (batch, heads, n, d_h)
+    mask = None
+    if masked:
+        mask = torch.zeros(batch, n, dtype=torch.bool)
+        mask[0, : n // 3] = True
+        mask = mask.to(device)
+    calibrator = {name: randn(d_h) for name in ("w_oq", "w_ok", "w_dq", "w_dk")}
+    calibrator.update({name: randn(()) for name in ("b_o", "b_d", "dist_scale")})
+    refinement = {name: randn(n, n) for name in REFINE_WEIGHTS[mechanism]}
+    triton_cal.calibrated(
+        *(randn(*shape) for _ in range(3)),
+        **calibrator,
+        q_adv=randn(*shape),
+        k_adv=randn(*shape),
+        gate_logits=randn(batch, n, n),
+        noise=randn(batch, heads, n, n),
+        key_padding_mask=mask,
+        refine=mechanism,
+        **refinement,
+    )
+
+
 #: family -> (kernel module, entry runner, mechanisms, longest n): what `--families` compiles
 FAMILIES = {
     "dot": ("dot_refined", run_config, ("none", "simp", "add", "value"), 256),
     "w2": ("w2_refined", run_config_w2, ("none", "simp", "add", "value"), 64),
+    "calibrated": ("calibrated", run_config_calibrated, ("none", "simp", "add", "value"), 64),
 }
 
 
@@ -373,7 +413,11 @@ def main(argv=None) -> int:
     p.add_argument("--n", default="50,200", help="sequence lengths (<= 64: fused kernels; else tiled)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     p.add_argument("--mechanisms", default="none,simp,add,value")
-    p.add_argument("--families", default="dot", help="comma list of dot, w2 (W2: fused kernels only, n <= 64)")
+    p.add_argument(
+        "--families",
+        default="dot",
+        help="comma list of dot, w2, calibrated (w2: fused kernels only, n <= 64; calibrated: its fused forward)",
+    )
     p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
     p.add_argument(
         "--fp32-precision",

@@ -110,8 +110,8 @@ def _store_zero_rows(X, base, off, n, D, TILE: tl.constexpr, D_PAD: tl.constexpr
 
 @triton.jit
 def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
-    """Write one program's (n, n) float32 partial sum: `val` on the window, zeros everywhere else
-    (disjoint masks, so no element is written twice)."""
+    """Write one program's (n, n) block (a float32 partial sum, or a map such as the calibrated family's M):
+    `val` on the window, zeros everywhere else (disjoint masks, so no element is written twice)."""
     tl.store(X + base + idx[:, None] * n + idx[None, :], val, mask=(idx[:, None] < n) & (idx[None, :] < n))
     zeros = tl.zeros([TILE, TILE], tl.float32)
     for r0 in range(0, n, TILE):

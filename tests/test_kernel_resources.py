@@ -67,15 +67,18 @@ def test_gate_rules():
 
 
 def test_resource_gate_default_configurations(tmp_path):
-    """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask."""
+    """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask; the calibrated
+    family's fused forward at n=50 (every refinement)."""
     pytest.importorskip("triton")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the stand-in compiles; the interpreter would run instead
     procs = {}
-    for n in (50, 200):
+    for n, family in ((50, "dot"), (200, "dot"), (50, "calibrated")):
         args = ["--arch", "90", "--n", str(n), "--dtypes", ",".join(DTYPES), "--mechanisms", ",".join(MECHANISMS)]
-        out = tmp_path / f"n{n}"
-        procs[n] = subprocess.Popen(
+        args += ["--families", family]
+        key = n if family == "dot" else family
+        out = tmp_path / f"n{key}"
+        procs[key] = subprocess.Popen(
             [sys.executable, str(BENCH / "kernel_resources.py"), *args, "--check", "--results-dir", str(out)],
             cwd=REPO,
             env=env,
@@ -87,6 +90,10 @@ def test_resource_gate_default_configurations(tmp_path):
     for n, p in procs.items():
         gate_lines = "\n".join(line for line in outputs[n].splitlines() if line.startswith(("GATE", "resource gate")))
         assert p.returncode == 0, f"n={n}: exit {p.returncode}\n{gate_lines}\n{outputs[n][-3000:]}"
+    calibrated = list(csv.DictReader(open(tmp_path / "ncalibrated" / "kernel_resources.csv")))
+    assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_fwd"} == {
+        (dtype, mechanism) for dtype in DTYPES for mechanism in MECHANISMS
+    }
     fused = list(csv.DictReader(open(tmp_path / "n50" / "kernel_resources.csv")))
     tiled = list(csv.DictReader(open(tmp_path / "n200" / "kernel_resources.csv")))
     # every configuration compiled its kernels: the fused pair at n=50, the tiled set at n=200
@@ -99,6 +106,6 @@ def test_resource_gate_default_configurations(tmp_path):
             if mechanism != "none":
                 expected |= {"_attn_probs_fwd", "_tril_matmul", "_attn_probs_bwd"}
             assert expected <= kernels, (dtype, mechanism, kernels)
-    for r in fused + tiled:
+    for r in fused + tiled + calibrated:
         assert r["status"] == "ok" and int(r["registers"]) > 0, r
         assert 0 < int(r["shared_bytes"]) <= int(r["max_shared_bytes"]), r

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import validation as V
-from .capability import Capability, InputsRecord
-from .dot_refined import CAUSAL_MECHANISMS, WEIGHTS, check_refinement
+from .capability import KERNEL_FLOAT, Capability, InputsRecord
+from .dot_refined import CAUSAL_MECHANISMS, MAX_GRID, TRITON_MAX_D_HEAD, WEIGHTS, check_refinement
 
 NAME = "calibrated"
 #: "spatial" alone, or with the adversarial calibrator (q_adv, k_adv, gate_logits given).
@@ -168,4 +168,18 @@ def make_inputs(
     )
 
 
-CAPABILITIES = (Capability("reference", "awr_fast.reference.calibrated"),)
+CAPABILITIES = (
+    # the fused forward (n <= 64) for evaluation: no gradient, no dropout yet (training runs the reference)
+    Capability(
+        "triton",
+        "awr_fast.kernels.calibrated",
+        dtypes=KERNEL_FLOAT,
+        max_n=64,
+        max_d_h=TRITON_MAX_D_HEAD,
+        max_grid=MAX_GRID,
+        dropout=False,
+        grad=False,
+        reasons="reasons",
+    ),
+    Capability("reference", "awr_fast.reference.calibrated"),
+)
