@@ -503,6 +503,7 @@ def test_repository_grid_files(tmp_path):
         "table2_ml1m": 17,
         "table3_beauty": 16,
         "baseline_ml1m": 2,
+        "acsasrec_beauty": 2,
     }
     for study in grids.values():
         assert all(r.config["backend"] == "auto" and r.config["protocol"] == "full" for r in study.runs)
@@ -532,6 +533,13 @@ def test_repository_grid_files(tmp_path):
         study.out_dir = tmp_path / study.name
         result = dry_run(study, out=io.StringIO())
         assert result["unknown"] == 0 and result["seconds"] > 0
+
+    ac, sasrec = sorted(grids["acsasrec_beauty"].runs, key=lambda r: r.config["model"])
+    for run in (ac, sasrec):  # the released AC-TSR configuration and protocol, for both models
+        c = run.config
+        assert (c["n_layers"], c["n_heads"], c["d_model"], c["max_len"], c["batch_size"]) == (3, 4, 64, 50, 256)
+        assert (c["lr"], c["dropout"], c["train_prefixes"], c["exclude_history"]) == (1e-4, 0.5, True, True)
+    assert (ac.config["model"], sasrec.config["layout"], sasrec.config["loss"]) == ("acsasrec", "post_ln", "ce")
 
     paper = load_paper_numbers(REPO / "experiments" / "paper_numbers.toml")
     by_short = {p["short"]: p for p in paper}

@@ -63,7 +63,13 @@ DEFAULT_EPOCH_SECONDS: dict[tuple[str, str], tuple[int, int, float, float]] = {
     ("ml-1m", "sasrec"): (200, 2, 18.7, 9.4),
     ("synthetic", "sasrec"): (50, 2, 0.9, 0.13),
     ("synthetic", "stosa"): (50, 2, 2.4, 0.52),
+    # AC-SASRec at the released Beauty configuration (d 64, 4 heads, batch 256, every prefix a sample),
+    # measured 2026-12-03 with one thread beside other runs: epochs 1-9 took 112-190 s, evaluations 24-51 s
+    ("beauty", "acsasrec"): (50, 3, 150.0, 30.0),
 }
+#: Training samples with --train-prefixes over those without, per data set (Beauty: 131,413 prefixes of
+#: 22,363 training rows): what the per-position SASRec/STOSA defaults are scaled by for a prefix run.
+PREFIX_SAMPLE_RATIO = {"beauty": 131_413 / 22_363}
 #: STOSA on a data set with only a SASRec default: SASRec's seconds times STOSA's ratio on Beauty.
 _STOSA_OVER_SASREC = (12.1 / 5.4, 15.3 / 5.3)
 #: The fields that decide an epoch's cost (what a timing probe measures once for all runs sharing them).
@@ -340,6 +346,9 @@ def _default_seconds(config: dict[str, Any]) -> tuple[float, float, str] | None:
         return None
     n, layers, train_s, eval_s = entry
     scale = (config["max_len"] / n) * (config["n_layers"] / layers)
+    if config.get("train_prefixes") and model != "acsasrec" and data in PREFIX_SAMPLE_RATIO:
+        train_s *= PREFIX_SAMPLE_RATIO[data]  # the defaults were measured on one row per user
+        note += f", x{PREFIX_SAMPLE_RATIO[data]:.1f} for the prefix samples"
     return train_s * scale, eval_s * scale, f"default for {data}/{model} (n={n}, {layers} layers, scaled{note})"
 
 
