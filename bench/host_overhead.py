@@ -4,7 +4,8 @@ negligible and what remains is Python (argument checks, dispatch, autograd bookk
     python bench/host_overhead.py                     # every backend that runs here, none and simp
     python bench/host_overhead.py --label before      # tag the rows (e.g. an older checkout on PYTHONPATH)
 
-For each (mechanism, backend) it times one forward+backward through the public API (median and 20/80
+For each (mechanism, backend) it times one forward+backward (the "-fwd" rows: AC-TSR's calibrated attention,
+whose Triton kernel is forward only, beside SDPA's forward) through the public API (median and 20/80
 quantiles over --repeats blocks of --calls calls), the same through the nn module (projections included),
 and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch attention call. The
 "kernel" rows call the Triton backend's entry on the same CPU tensors with Triton's active driver replaced
@@ -118,6 +119,25 @@ def _cases(args):
 
     yield "api", "causal", "sdpa", sdpa_call
 
+    # AC-TSR's calibrated attention, forward only (evaluation: its Triton kernel has no backward yet),
+    # beside SDPA's forward; "vs SDPA" of a "-fwd" row is against SDPA's forward
+    qa, ka = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    calibrator = {name: torch.randn(d, generator=g) for name in ("w_oq", "w_ok", "w_dq", "w_dk")}
+    calibrator.update({name: torch.randn((), generator=g) for name in ("b_o", "b_d", "dist_scale")})
+    adversary = dict(q_adv=qa, k_adv=ka, gate_logits=torch.randn(b, n, n, generator=g))
+    adversary["noise"] = torch.randn(b, h, n, n, generator=g)
+
+    def sdpa_fwd_call():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def calibrated_call(backend="reference"):
+        with torch.no_grad():
+            awr_fast.calibrated_attention(q, k, v, **calibrator, **adversary, key_padding_mask=mask, backend=backend)
+
+    yield "api-fwd", "causal", "sdpa", sdpa_fwd_call
+    yield "api-fwd", "adversarial", "reference", calibrated_call
+
     if args.no_triton:
         return
     try:  # the Triton backend on CPU tensors: its real Python launch path, each launch a counted no-op
@@ -132,6 +152,13 @@ def _cases(args):
         from awr_fast.kernels import _launch
     except ImportError:  # a checkout without the direct launch
         _launch = None
+    from awr_fast.kernels import calibrated as triton_calibrated
+
+    def calibrated_kernel_call():
+        with torch.no_grad():
+            triton_calibrated.calibrated(q, k, v, **calibrator, **adversary, key_padding_mask=mask)
+
+    yield "kernel-fwd", "adversarial", "triton", calibrated_kernel_call
     for mechanism in ("none", "simp"):
         weights = w if mechanism == "simp" else {}
 
@@ -233,16 +260,28 @@ def main(argv=None) -> int:
         rows.append(row)
         timed.append((row, fn))
     t = _time_interleaved([fn for _, fn in timed], args.calls, args.repeats)
-    sdpa = next((i for i, (r, _) in enumerate(timed) if r["backend"] == "sdpa"), None)
+    sdpa = next((i for i, (r, _) in enumerate(timed) if r["backend"] == "sdpa" and r["path"] == "api"), None)
+    sdpa_fwd = next((i for i, (r, _) in enumerate(timed) if r["backend"] == "sdpa" and r["path"] == "api-fwd"), None)
     for i, (row, _) in enumerate(timed):
+        base = sdpa_fwd if row["path"].endswith("-fwd") else sdpa
         row.update(
             us_median=float(np.median(t[:, i])),
             us_p20=float(np.quantile(t[:, i], 0.2)),
             us_p80=float(np.quantile(t[:, i], 0.8)),
-            vs_sdpa=float(np.median(t[:, i] / t[:, sdpa])) if sdpa is not None else None,
+            vs_sdpa=float(np.median(t[:, i] / t[:, base])) if base is not None else None,
             status="ok",
         )
-    header = ["path", "mechanism", "backend", "ran", "us/call (fwd+bwd)", "p20-p80", "vs SDPA", "aten ops", "launches"]
+    header = [
+        "path",
+        "mechanism",
+        "backend",
+        "ran",
+        "us/call (fwd+bwd; -fwd rows: fwd)",
+        "p20-p80",
+        "vs SDPA",
+        "aten ops",
+        "launches",
+    ]
     table = [
         [
             r["path"],
