@@ -228,6 +228,10 @@ def _train(config: TrainConfig, dist: DistInfo, dataset) -> dict[str, Any]:
         _wrap_ddp(config, device, state, dist)
     if config.compile:  # the step module only: checkpoints keep saving the plain model's state
         state.step_module = torch.compile(state.step_module)
+        if getattr(state.model, "routes_gradients", False):
+            # a RoutedLoss is backpropagated in parts, keeping the graph until the last: AOTAutograd's donated
+            # buffers forbid that (its backward is compiled lazily, so the switch is process-wide)
+            torch._functorch.config.donated_buffer = False
     _log(
         dist,
         config.quiet,
