@@ -27,12 +27,11 @@ import triton.language as tl
 from awr_fast.ops.calibrated import ADVERSARIAL
 
 from ._common import (
-    MECHANISM_CODE,
+    _fused_meta,
     _head_stride,
     _Launch,
     _load_rows,
     _masked_softmax_rows,
-    _pad,
     _program_sequence,
     _refine_coefficients,
     _store_rows,
@@ -292,6 +291,8 @@ def _forward(
     out_att = torch.empty_like(q) if adversarial else None
     perturb = q.new_empty(L.batch, L.heads, L.n, L.n) if adversarial else None
     alpha, beta = _refine_coefficients(refine, refine_scale)
+    meta = _fused_meta(L, refine, False)  # the dot family's windows and warps; A here is always P_fin
+    del meta["REFINE_SCORES"], meta["DROPOUT"]  # (probabilities, no dropout: the row refuses it)
     launch(
         _calibrated_fwd,
         (L.bh,),
@@ -319,14 +320,7 @@ def _forward(
         _head_stride(m1),
         _head_stride(w_rv),
         ADV=adversarial,
-        MECH=MECHANISM_CODE[refine],
-        HAS_MASK=L.has_mask,
-        PRECISION=L.precision,
-        N_PAD=L.n_pad,
-        D_PAD=_pad(L.d),
-        TILE_S=16,
-        TILE_M=min(32, L.n_pad),
-        num_warps=4 if L.n_pad <= 32 else 8,
+        **meta,
     )
     return out_cal, out_att, perturb
 
