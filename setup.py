@@ -148,6 +148,13 @@ def default_max_jobs() -> int:
     return max(1, min(cpus, avail // (4 * GIB)))
 
 
+def cuda_sources() -> list[str]:
+    """csrc/registration.cpp (schemas, module init) and every op's csrc/<op>/*.cpp and *.cu, relative to
+    setup.py as setuptools wants."""
+    ops = sorted(str(p.relative_to(ROOT)) for ext in ("cpp", "cu") for p in (ROOT / "csrc").glob(f"*/*.{ext}"))
+    return ["csrc/registration.cpp", *ops]
+
+
 def cuda_extension():
     """(ext_modules, cmdclass) for awr_fast._C, or ([], {}) after saying why it is not built."""
     if SKIP_CUDA:
@@ -208,7 +215,7 @@ def cuda_extension():
     nvcc_after = [f"-Xcompiler=-idirafter,{inc}" for inc in nvidia_wheel_include_dirs()]
     ext = cpp_extension.CUDAExtension(
         name="awr_fast._C",
-        sources=["csrc/bindings.cpp", "csrc/w2_scores.cu"],  # relative to setup.py, as setuptools wants
+        sources=cuda_sources(),
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": ["-O3", *after], "nvcc": ["-O3", *nvcc_after]},  # never --use_fast_math
         py_limited_api=True,

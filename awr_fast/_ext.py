@@ -90,7 +90,14 @@ def cuda_status() -> tuple[bool, str]:
     if module is None:
         return False, reason
     if not torch.cuda.is_available():
-        return False, "the CUDA extension is built, but torch sees no CUDA device"
+        from .cuda import emulate
+
+        if emulate():
+            return True, (
+                f"CUDA extension {reason}, no CUDA device: AWR_FAST_CUDA_EMULATE=1 runs the kernels' block code "
+                "on CPU tensors (correct but slow)"
+            )
+        return False, "the CUDA extension is built, but torch sees no CUDA device (AWR_FAST_CUDA_EMULATE=1 emulates it)"
     return True, f"CUDA extension {reason}, device {torch.cuda.get_device_name()}"
 
 

@@ -14,6 +14,7 @@ import importlib
 import os
 from collections import Counter
 
+from .cuda import emulate as cuda_emulate
 from .ops import BACKENDS, SPECS
 from .ops.capability import DEVICE_BACKENDS
 
@@ -120,8 +121,9 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     return {name: status[name] for name in BACKENDS}
 
 
-def device_reasons(backend: str, device) -> list[str]:
-    """Reasons common to every op of a backend: is it usable at all for tensors on `device`."""
+def device_reasons(backend: str, device, row=None) -> list[str]:
+    """Reasons common to every op of a backend: is it usable at all for tensors on `device` (row: the op's
+    capability row, which says whether its CUDA op emulates on CPU tensors)."""
     if backend == "triton":
         ok, why = _triton_import_status()
         if not ok:
@@ -133,6 +135,8 @@ def device_reasons(backend: str, device) -> list[str]:
         ok, why = _cuda_extension_status()
         if not ok:
             return [why]
+        if device.type == "cpu" and row is not None and row.host_emulation and cuda_emulate():
+            return []
         if device.type != "cuda":
             return [f"inputs are on {device}; the CUDA extension needs CUDA tensors"]
     return []
@@ -143,7 +147,7 @@ def not_supported_reasons(op: str, backend: str, inputs) -> list[str]:
     row = _ROWS[op].get(backend)
     if row is None:
         return [f"backend {backend!r} has no implementation of {op} yet"]
-    reasons = device_reasons(backend, inputs.device) + row.table_reasons(inputs)
+    reasons = device_reasons(backend, inputs.device, row) + row.table_reasons(inputs)
     if reasons or row.reasons is None:
         return reasons
     try:
@@ -169,7 +173,8 @@ def select(op: str, backend: str, inputs) -> str:
         return backend
     on_gpu = inputs.device.type == "cuda"
     for candidate in AUTO_ORDER:
-        if candidate in _ROWS[op] and (on_gpu or candidate not in DEVICE_BACKENDS):
+        row = _ROWS[op].get(candidate)
+        if row is not None and row.not_auto is None and (on_gpu or candidate not in DEVICE_BACKENDS):
             if not not_supported_reasons(op, candidate, inputs):
                 return candidate
     raise AssertionError(f"unreachable: the reference backend takes every valid input of {op}")

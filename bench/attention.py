@@ -361,6 +361,16 @@ def run_case(case: Case, args, env: dict, ceilings: common.Ceilings, device, see
             "status": "skipped",
             "reason": "TRITON_INTERPRET=1: the CPU interpreter is far too slow to benchmark",
         }
+    if (
+        case.backend == "cuda"
+        and device.type == "cpu"
+        and os.environ.get("AWR_FAST_CUDA_EMULATE", "0") not in ("", "0")
+    ):
+        return {
+            **row,
+            "status": "skipped",
+            "reason": "AWR_FAST_CUDA_EMULATE=1: the host emulation of the CUDA kernels is far too slow to benchmark",
+        }
     mask = padding_mask(case.lengths, shape.n, device) if masked else None
     inputs = make_inputs(case.family, case.mechanism, shape, device, mask, seed)
     leaves = list(inputs.leaves.values())

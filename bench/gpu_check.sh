@@ -16,7 +16,7 @@
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
 #   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_triton_calibrated.py,
-#                  test_build.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
+#                  test_build.py, test_cuda_dot.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
@@ -24,7 +24,8 @@
 #                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
 #   resources      bench/kernel_resources.py --scan-cache: registers, spills and shared memory of every
 #                  Triton kernel this run compiled (TRITON_CACHE_DIR is OUT_DIR/triton_cache, fresh)
-#   sanitizer      compute-sanitizer --tool memcheck on the CUDA extension's op (when it was built)
+#   sanitizer      compute-sanitizer memcheck (w2_scores and dot_refined) and racecheck (dot_refined's shared
+#                  memory phases) on small shapes of the CUDA extension's ops (when it was built)
 #   bench_train    bench/train.py --quick
 # Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
 # last: steps, tests passed/failed, each Triton ratio against its target, kernels that spill),
@@ -135,7 +136,7 @@ gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py) select=()
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_resources.py) select=()
     case $MODE in
         quick) files=(tests/test_triton_dot.py tests/test_triton_w2.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality or window") ;;
         dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;
@@ -271,12 +272,31 @@ for batch, items, d in ((1, 1, 1), (3, 37, 5), (17, 1000, 64), (5, 129, 50), (2,
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert err < tol, (batch, items, d, dtype, err)
         print(f"w2_scores_cuda B={batch} V={items} d={d} {dtype}: rel err {err:.2e}")
+
+# dot_refined: every mechanism, forward and backward against the oracle, then with dropout
+import awr_fast  # noqa: E402
+from awr_fast.testing import make_case, oracle_errors  # noqa: E402
+
+for mechanism in ("none", "simp", "add", "value"):
+    for n in (7, 50):
+        case = make_case("dot_refined", mechanism, n=n, d_h=16, batch=3, padding="left", dtype=torch.float32)
+        case = case.to(device="cuda")
+        failures = oracle_errors(case, "cuda")
+        assert not failures, (mechanism, n, failures)
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in case.tensors.values())
+        out = awr_fast.refined_attention(
+            q, k, v, mechanism=mechanism, **case.weights, **case.options, dropout_p=0.3, backend="cuda"
+        )
+        out.sum().backward()
+        torch.cuda.synchronize()
+        print(f"dot_refined_cuda {mechanism} n={n}: matches the oracle; dropout fwd+bwd ran")
 print("driver done")
 EOF
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "$driver"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "$driver" || return 1
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool racecheck --error-exitcode 1 "$PY" "$driver"
 }
 export -f sanitizer
-step sanitizer 45 sanitizer
+step sanitizer 120 sanitizer
 
 step bench_train 60 bench_train
 

@@ -1,5 +1,6 @@
 """Test configuration. Without a GPU, Triton kernels run on the CPU interpreter: TRITON_INTERPRET must be
-set before any @triton.jit kernel is defined, i.e. before awr_fast.kernels is imported."""
+set before any @triton.jit kernel is defined, i.e. before awr_fast.kernels is imported. Likewise the CUDA
+backend's ops run their block code on CPU tensors (AWR_FAST_CUDA_EMULATE=1)."""
 
 import os
 
@@ -7,6 +8,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("AWR_FAST_CUDA_EMULATE", "1")
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # the interpreter multiplies exactly in fp32 unless told to run tl.dot's input_precision (tf32x3 for

@@ -68,6 +68,10 @@ class Capability:
     grad: bool = True
     weights: bool = False  # return_weights=True (the attention maps)
     reasons: str | None = None
+    #: the CUDA backend's op also runs its block code on CPU tensors under AWR_FAST_CUDA_EMULATE=1
+    host_emulation: bool = False
+    #: why "auto" does not pick this row (None: it does); a named backend still runs it
+    not_auto: str | None = None
     why_not: dict | None = None  # mechanism -> why the backend lacks it (said in the refusal)
 
     def table_reasons(self, inputs) -> list[str]:

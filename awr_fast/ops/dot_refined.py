@@ -155,7 +155,24 @@ def make_inputs(
 
 LITERAL_WHY = "the literal M_value is not causal, so only the reference runs it"
 
+CUDA_MAX_N = 64  # csrc/dot_refined/dot_refined.h, kMaxN: the fused kernels hold the sequence on chip
+CUDA_NOT_AUTO = (
+    "the CUDA kernels are SIMT (no tensor cores yet) and unmeasured on a GPU; auto picks them once a GPU "
+    "run shows them at least as fast as Triton"
+)
+
 CAPABILITIES = (
+    Capability(
+        "cuda",
+        "awr_fast.cuda.dot_refined",
+        dtypes=KERNEL_FLOAT,
+        mechanisms=CAUSAL_MECHANISMS,
+        max_n=CUDA_MAX_N,
+        max_grid=2**31 - 1,
+        host_emulation=True,
+        not_auto=CUDA_NOT_AUTO,
+        why_not={"value_literal": LITERAL_WHY},
+    ),
     Capability(
         "triton",
         "awr_fast.kernels.dot_refined",

@@ -6,13 +6,13 @@
 // a 64 x 64 output tile per block, 256 threads with 4 x 4 outputs each, channels staged through shared
 // memory 16 at a time (32 combined), float32 accumulation whatever the input dtype. The norms are
 // accumulated by the threads that load the tiles, so every input element is read once per block.
-// No torch header is included here: bindings.cpp does the checks and allocation.
+// No torch header is included here: w2_scores.cpp does the checks and allocation.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "w2_scores.h"
+#include "w2_scores/w2_scores.h"
 
 namespace awr_fast {
 namespace {
@@ -49,8 +49,10 @@ __device__ __forceinline__ void load_stage(const T* __restrict__ mu, const T* __
   }
 }
 
+// At least 2 blocks per SM: ptxas then takes 64 registers and spills nothing (with the bare thread
+// bound it picked 48 and spilled 8 B on sm_90; bench/cuda_resources.py --check).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 w2_scores_kernel(const T* __restrict__ mu, const T* __restrict__ sig, const T* __restrict__ item_mu,
                  const T* __restrict__ item_sig, float* __restrict__ out, int64_t B, int64_t V, int64_t d) {
   __shared__ float q_tile[2 * kChunk][kTile + kPad];   // [channel][query row]

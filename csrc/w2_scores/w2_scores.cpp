@@ -1,11 +1,7 @@
-// Checks, allocation and registration of awr_fast::w2_scores_cuda (SPEC §4), plus the Python module init.
-//
-// The op is registered with TORCH_LIBRARY, so it is reached as torch.ops.awr_fast.w2_scores_cuda once
-// awr_fast._C is imported; its fake (meta) kernel lives in awr_fast/_ext.py. No autograd: it serves
-// evaluation. The same function is registered for CPU so that CPU tensors get this file's own error
-// message rather than the dispatcher's.
-
-#include <Python.h>
+// w2_scores (SPEC §4): checks, allocation and the CUDA registration of awr_fast::w2_scores_cuda (schema in
+// csrc/registration.cpp, fake kernel in awr_fast/_ext.py). No autograd: it serves evaluation. The same
+// function is registered for CPU so that CPU tensors get this file's own error message rather than the
+// dispatcher's.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,7 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "w2_scores.h"
+#include "w2_scores/w2_scores.h"
 
 namespace awr_fast {
 namespace {
@@ -62,25 +58,6 @@ at::Tensor w2_scores_cuda(const at::Tensor& mu, const at::Tensor& sig, const at:
 }  // namespace
 }  // namespace awr_fast
 
-TORCH_LIBRARY(awr_fast, m) {
-  m.def("w2_scores_cuda(Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(awr_fast, CUDA, m) { m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda); }
 
 TORCH_LIBRARY_IMPL(awr_fast, CPU, m) { m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda); }
-
-// `import awr_fast._C` loads this library, which runs the registrations above. The module itself is
-// empty; it only uses the limited (stable) Python API, so it does not depend on libtorch_python.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      "awr_fast CUDA kernels, registered as torch.ops.awr_fast.*",
-      -1,    // size of per-interpreter state, -1: global
-      nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
-}
