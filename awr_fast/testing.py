@@ -4,7 +4,11 @@ every gradient through the public API on a chosen backend, and the one tolerance
 
 The tolerance rule (flash-attention's): a backend's error against the float64 oracle is at most twice the
 error the reference itself makes in the same dtype, plus a floor scaled by the size of the true value. In
-float64 the reference's own error is zero, so the floor alone bounds it.
+float64 the reference's own error is zero, so the floor alone bounds it. Where the op has a factored form
+(SPEC §3b, B = A M A^T with M = W_RQ W_RK^T, what every fast backend computes), "the reference's error"
+is the larger of the spelled-out reference's and the factored eager backend's in that dtype: on
+ill-conditioned cases (refine_input="scores" with W2 logits, |B| ~ 10^3) the factorization itself costs
+up to ~9x in float32, however exactly a kernel carries it out.
 
     case = make_case("dot_refined", "simp", n=37, padding="arbitrary")
     assert_matches_oracle(case, "eager")
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import api
+from .backends import UnsupportedInputError
 from .ops import SPECS
 
 PADDINGS = ("none", "left", "left_short", "arbitrary")
@@ -232,7 +237,12 @@ def oracle_errors(case: Case, backend: str, *, grad: bool = True) -> list[str]:
     grad=False compares the outputs only (a forward-only backend)."""
     ours = run(case, backend, grad=grad)
     exact = run(case.to(torch.float64), "reference", grad=grad)
-    same = run(case, "reference", grad=grad) if case.dtype != torch.float64 else exact
+    same = [run(case, "reference", grad=grad)] if case.dtype != torch.float64 else [exact]
+    if case.dtype != torch.float64 and backend not in ("reference", "eager"):
+        try:  # the factored form's own error in this dtype (module docstring)
+            same.append(run(case, "eager", grad=grad))
+        except UnsupportedInputError:
+            pass
     failures = []
     for name, truth in exact.items():
         got = ours[name]
@@ -243,7 +253,7 @@ def oracle_errors(case: Case, backend: str, *, grad: bool = True) -> list[str]:
             failures.append(f"{name}: non-finite values")
             continue
         err = (got.double() - truth).abs().max().item() if truth.numel() else 0.0
-        ref_err = (same[name].double() - truth).abs().max().item() if truth.numel() else 0.0
+        ref_err = max((ref[name].double() - truth).abs().max().item() for ref in same) if truth.numel() else 0.0
         scale = max(1.0, truth.abs().max().item() if truth.numel() else 0.0)
         bound = 2.0 * ref_err + FLOOR[case.dtype] * scale
         if err > bound:

@@ -8,8 +8,8 @@ No GPU is needed: ``cuobjdump --dump-resource-usage`` (the toolkit's, else the o
 the library's device code for each architecture it was built for (TORCH_CUDA_ARCH_LIST at build time,
 default "8.0;9.0+PTX"). Per kernel: registers, stack frame (register spills and local arrays live
 there), local memory, static shared memory; beside it the dynamic shared memory the launcher asks for
-at the default configurations (dot_refined at n = 50 and 64, every mechanism, forward and backward; the
-op awr_fast::dot_refined_cuda_smem_bytes is the launcher's own formula). The check asserts, for every
+at the default configurations (dot_refined and w2_refined at n = 50 and 64, every mechanism, forward and
+backward; the ops awr_fast::<op>_cuda_smem_bytes are the launcher's own formula). The check asserts, for every
 architecture the build was asked for:
   - no spills: STACK = 0 and LOCAL = 0 for every kernel;
   - the launch bounds hold: registers x 256 threads fit the 64K-register file (every kernel here is
@@ -114,11 +114,16 @@ def dynamic_shared(kernel: str) -> dict:
 
     import awr_fast._ext as ext
 
-    if ext.load_cuda_extension()[0] is None or not kernel.startswith("dot_refined."):
-        return {"": 0}
     backward = ".backward_kernel" in kernel
-    smem = torch.ops.awr_fast.dot_refined_cuda_smem_bytes
-    return {f"n={n} {m}": int(smem(n, m, backward)) for n in DEFAULT_N for m in MECHANISMS}
+    if ext.load_cuda_extension()[0] is None:
+        return {"": 0}
+    if "dot_refined.Family" in kernel:
+        smem = torch.ops.awr_fast.dot_refined_cuda_smem_bytes
+        return {f"n={n} {m}": int(smem(n, m, backward)) for n in DEFAULT_N for m in MECHANISMS}
+    if "w2_refined.Family" in kernel:  # M_stoc at r = n, its widest default
+        smem = torch.ops.awr_fast.w2_refined_cuda_smem_bytes
+        return {f"n={n} {m}": int(smem(n, m, backward, n)) for n in DEFAULT_N for m in (*MECHANISMS, "stoc")}
+    return {"": 0}
 
 
 def expected_archs() -> list[int]:

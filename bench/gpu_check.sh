@@ -16,7 +16,7 @@
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
 #   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_triton_calibrated.py,
-#                  test_build.py, test_cuda_dot.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
+#                  test_build.py, test_cuda_dot.py, test_cuda_w2.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
@@ -24,8 +24,8 @@
 #                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
 #   resources      bench/kernel_resources.py --scan-cache: registers, spills and shared memory of every
 #                  Triton kernel this run compiled (TRITON_CACHE_DIR is OUT_DIR/triton_cache, fresh)
-#   sanitizer      compute-sanitizer memcheck (w2_scores and dot_refined) and racecheck (dot_refined's shared
-#                  memory phases) on small shapes of the CUDA extension's ops (when it was built)
+#   sanitizer      compute-sanitizer memcheck (w2_scores, dot_refined, w2_refined) and racecheck (the fused
+#                  blocks' shared-memory phases) on small shapes of the CUDA extension's ops (when it was built)
 #   bench_train    bench/train.py --quick
 # Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
 # last: steps, tests passed/failed, each Triton ratio against its target, kernels that spill),
@@ -136,7 +136,7 @@ gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_resources.py) select=()
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_w2.py tests/test_cuda_resources.py) select=()
     case $MODE in
         quick) files=(tests/test_triton_dot.py tests/test_triton_w2.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality or window") ;;
         dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;
@@ -290,6 +290,11 @@ for mechanism in ("none", "simp", "add", "value"):
         out.sum().backward()
         torch.cuda.synchronize()
         print(f"dot_refined_cuda {mechanism} n={n}: matches the oracle; dropout fwd+bwd ran")
+for mechanism in ("none", "simp", "value", "stoc"):
+    case = make_case("w2_refined", mechanism, n=37, d_h=16, batch=3, padding="arbitrary", dtype=torch.float32)
+    failures = oracle_errors(case.to(device="cuda"), "cuda")
+    assert not failures, (mechanism, failures)
+    print(f"w2_refined_cuda {mechanism} n=37: matches the oracle")
 print("driver done")
 EOF
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 1 --leak-check no "$PY" "$driver" || return 1

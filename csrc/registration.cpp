@@ -7,11 +7,17 @@
 #include <torch/library.h>
 
 #include "dot_refined/dot_refined.h"
+#include "w2_refined/w2_refined.h"
 
 // The arguments after the tensors are the options of the Triton family of the same name (kernels/).
 #define AWR_DOT_REFINED_ARGS                                                                              \
   "Tensor q, Tensor k, Tensor v, Tensor? w_rq, Tensor? w_rk, Tensor? w_rv, Tensor? key_padding_mask, "    \
   "Tensor? seed, str mechanism, float scale, float refine_scale, bool refine_scores, float dropout_p"
+
+#define AWR_W2_REFINED_ARGS                                                                                  \
+  "Tensor mu_q, Tensor sig_q, Tensor mu_k, Tensor sig_k, Tensor mu_v, Tensor sig_v, Tensor? w_rq, Tensor? w_rk, " \
+  "Tensor? w_rv, Tensor? w_mu, Tensor? w_sigma, Tensor? key_padding_mask, Tensor? seed, str mechanism, "          \
+  "float scale, float refine_scale, bool refine_scores, float dropout_p"
 
 TORCH_LIBRARY(awr_fast, m) {
   m.def("w2_scores_cuda(Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> Tensor");
@@ -21,6 +27,12 @@ TORCH_LIBRARY(awr_fast, m) {
         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Shared memory one fused block needs (bytes), for the resource report and the capability checks.
   m.def("dot_refined_cuda_smem_bytes(int n, str mechanism, bool backward) -> int", &awr_fast::dot_refined::smem_bytes);
+  m.def("w2_refined_cuda_fwd(" AWR_W2_REFINED_ARGS ") -> (Tensor, Tensor)");
+  // the six input gradients, then (dw_rq, dw_rk, dw_rv, dw_mu, dw_sigma); empty where the call has none
+  m.def("w2_refined_cuda_bwd(Tensor grad_mu, Tensor grad_sig, " AWR_W2_REFINED_ARGS
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("w2_refined_cuda_smem_bytes(int n, str mechanism, bool backward, int r) -> int",
+        &awr_fast::w2_refined::smem_bytes);
 }
 // `import awr_fast._C` loads this library, which runs the registrations above. The module itself is
 // empty; it only uses the limited (stable) Python API, so it does not depend on libtorch_python.

@@ -135,7 +135,8 @@ def test_extension_registers_op_and_rejects_cpu_tensors():
     module, reason = _extension()
     if module is None:
         pytest.skip(f"the CUDA extension is not available: {reason}")
-    for op in ("w2_scores_cuda", "dot_refined_cuda_fwd", "dot_refined_cuda_bwd", "dot_refined_cuda_smem_bytes"):
+    ops = ["w2_scores_cuda"] + [f"{op}_cuda_{part}" for op in ("dot_refined", "w2_refined") for part in ("fwd", "bwd")]
+    for op in ops + ["dot_refined_cuda_smem_bytes", "w2_refined_cuda_smem_bytes"]:
         assert hasattr(torch.ops.awr_fast, op), op
     mu, sig = torch.randn(4, 8), torch.rand(4, 8) + 0.5
     with pytest.raises(RuntimeError, match="CUDA"):

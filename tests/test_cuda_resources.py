@@ -27,8 +27,9 @@ def test_the_built_library_passes_the_resource_check(tmp_path):
     assert archs, "the build recorded no architecture list"
     kernels = {r["kernel"] for r in rows}
     for name in (
-        "dot_refined.forward_kernel<float>",
-        "dot_refined.backward_kernel<__nv_bfloat16>",
+        "refine.forward_kernel<dot_refined.Family, float>",
+        "refine.backward_kernel<dot_refined.Family, __nv_bfloat16>",
+        "refine.backward_kernel<w2_refined.Family, __half>",
         "w2_scores_kernel<float>",
     ):
         assert name in kernels, sorted(kernels)

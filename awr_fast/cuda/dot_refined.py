@@ -56,7 +56,7 @@ def _backward(ctx, grad):
 torch.library.register_autograd(FWD, _backward, setup_context=_setup_context)
 
 
-def _seed(dropout_p: float, like: torch.Tensor):
+def dropout_seed(dropout_p: float, like: torch.Tensor):
     """The dropout seed of one call: an int64 tensor on the inputs' device (no host sync), or None."""
     if dropout_p <= 0:
         return None
@@ -91,7 +91,7 @@ def dot_refined(
         w_rk,
         w_rv,
         key_padding_mask,
-        _seed(dropout_p, q),
+        dropout_seed(dropout_p, q),
         mechanism,
         scale,
         refine_scale,

@@ -8,7 +8,7 @@ import torch
 
 from .. import validation as V
 from .capability import KERNEL_FLOAT, Capability, InputsRecord
-from .dot_refined import MAX_GRID, TRITON_MAX_D_HEAD, check_common, check_refinement
+from .dot_refined import CUDA_NOT_AUTO, MAX_GRID, TRITON_MAX_D_HEAD, check_common, check_refinement
 from .dot_refined import default_scale as default_scale  # one default for both families
 
 NAME = "w2_refined"
@@ -127,7 +127,20 @@ def check_refinement_w2(mechanism: str, given: dict, heads: int, n: int, like: t
     return out
 
 
+CUDA_MAX_N = 64  # csrc/common/refine_block.cuh, kMaxN: the fused kernels hold the sequence on chip
+
+
 CAPABILITIES = (
+    Capability(
+        "cuda",
+        "awr_fast.cuda.w2_refined",
+        dtypes=KERNEL_FLOAT,
+        max_n=CUDA_MAX_N,
+        max_grid=2**31 - 1,
+        reasons="cuda_reasons",
+        host_emulation=True,
+        not_auto=CUDA_NOT_AUTO,
+    ),
     Capability(
         "triton",
         "awr_fast.kernels.w2_refined",
