@@ -113,7 +113,3 @@ def w2_scores_cuda(mu: torch.Tensor, sig: torch.Tensor, item_mu: torch.Tensor, i
     return torch.ops.awr_fast.w2_scores_cuda(
         mu.contiguous(), sig.contiguous(), item_mu.contiguous(), item_sig.contiguous()
     )
-
-
-# The dispatcher (awr_fast.backends) looks every backend's op up by the op's name.
-w2_scores = w2_scores_cuda

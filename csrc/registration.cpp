@@ -21,6 +21,8 @@
 
 TORCH_LIBRARY(awr_fast, m) {
   m.def("w2_scores_cuda(Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> Tensor");
+  m.def("w2_scores_cuda_bwd(Tensor grad, Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("dot_refined_cuda_fwd(" AWR_DOT_REFINED_ARGS ") -> Tensor");
   // (dq, dk, dv, dw_rq, dw_rk, dw_rv); an empty tensor where the call has no such input
   m.def("dot_refined_cuda_bwd(Tensor grad, " AWR_DOT_REFINED_ARGS

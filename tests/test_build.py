@@ -243,18 +243,48 @@ def test_w2_scores_cuda_rejects_bad_inputs_by_name():
         op(mu.double(), sig.double(), mu.double(), sig.double())
 
 
-def test_cuda_w2_scores_refuses_inputs_that_need_gradients():
-    """The CUDA kernel has no backward: with grad-requiring inputs "auto" must fall back, never return a
-    result without a graph. Its capability row (grad=False, kernel dtypes) says so in words."""
+def test_cuda_w2_scores_row_takes_gradients_and_refuses_float64():
+    """The CUDA backend has a backward (w2_scores_cuda_bwd), so grad-requiring inputs are taken; float64 is
+    not a kernel dtype. Its capability row says so in words."""
     from awr_fast.backends import capabilities
     from awr_fast.ops import w2_scores as spec
 
     row = capabilities("w2_scores")["cuda"]
     mu, sig = torch.randn(3, 8, requires_grad=True), torch.rand(3, 8) + 0.1
     items = {"item_mu": torch.randn(5, 8), "item_sig": torch.rand(5, 8) + 0.1}
-    reasons = row.table_reasons(spec.make_inputs(mu, sig, **items))
-    assert any("no backward" in r for r in reasons)
-    with torch.no_grad():
-        assert row.table_reasons(spec.make_inputs(mu, sig, **items)) == []
+    assert row.table_reasons(spec.make_inputs(mu, sig, **items)) == []
     doubles = spec.make_inputs(mu.detach().double(), sig.double(), **{k: v.double() for k, v in items.items()})
     assert any("float64" in r for r in row.table_reasons(doubles))
+
+
+def test_w2_scores_backward_op_matches_autograd_of_the_reference():
+    """The backward is ATen code in the C++ op, so it runs on CPU tensors too: float64 against autograd
+    of the float64 reference, with a clamped covariance entry (its square root's gradient is zero)."""
+    module, reason = _extension()
+    if module is None:
+        pytest.skip(f"the CUDA extension is not available: {reason}")
+    from awr_fast.reference.w2_scores import w2_scores as reference
+
+    g = torch.Generator().manual_seed(3)
+    f64 = dict(generator=g, dtype=torch.float64)
+    mu, item_mu = torch.randn(6, 5, **f64), torch.randn(9, 5, **f64)
+    sig, item_sig = torch.rand(6, 5, **f64) + 0.2, torch.rand(9, 5, **f64) + 0.2
+    sig[0, 0] = 0.0  # below the clamp
+    grad = torch.randn(6, 9, **f64)
+    leaves = [t.clone().requires_grad_(True) for t in (mu, sig, item_mu, item_sig)]
+    expected = torch.autograd.grad(reference(*leaves), leaves, grad)
+    got = torch.ops.awr_fast.w2_scores_cuda_bwd(grad, mu, sig, item_mu, item_sig)
+    for name, a, b in zip(("dmu", "dsig", "ditem_mu", "ditem_sig"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    with pytest.raises(RuntimeError, match=r"grad must be \(B, V\)"):
+        torch.ops.awr_fast.w2_scores_cuda_bwd(grad[:, :4], mu, sig, item_mu, item_sig)
+
+
+def test_w2_scores_cuda_gradients_on_the_gpu():
+    why = _gpu_ready()
+    if why:
+        pytest.skip(why)
+    from awr_fast.testing import assert_matches_oracle, make_case
+
+    for batch, d in ((1, 1), (5, 16), (33, 64)):
+        assert_matches_oracle(make_case("w2_scores", batch=batch, d_h=d, dtype=torch.float32, device="cuda"), "cuda")

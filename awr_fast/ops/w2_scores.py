@@ -61,7 +61,8 @@ def make_inputs(mu, sig, item_mu, item_sig) -> Inputs:
 
 
 CAPABILITIES = (
-    Capability("cuda", "awr_fast._ext", dtypes=KERNEL_FLOAT, grad=False),
+    # tiled forward kernel, backward as GEMMs in the same C++ call; float32 scores
+    Capability("cuda", "awr_fast.cuda.w2_scores", dtypes=KERNEL_FLOAT),
     # tiled forward and backward (all four inputs), float32 result; also kernels.w2_scores.w2_topk
     Capability("triton", "awr_fast.kernels.w2_scores", dtypes=KERNEL_FLOAT),
     Capability("reference", "awr_fast.reference.w2_scores"),

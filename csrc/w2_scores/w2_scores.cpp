@@ -1,10 +1,16 @@
-// w2_scores (SPEC §4): checks, allocation and the CUDA registration of awr_fast::w2_scores_cuda (schema in
-// csrc/registration.cpp, fake kernel in awr_fast/_ext.py). No autograd: it serves evaluation. The same
-// function is registered for CPU so that CPU tensors get this file's own error message rather than the
-// dispatcher's.
+// w2_scores (SPEC §4): checks, allocation and the registration of awr_fast::w2_scores_cuda and its
+// backward w2_scores_cuda_bwd (schemas in csrc/registration.cpp, fake kernels in awr_fast/_ext.py, autograd
+// in awr_fast/cuda/w2_scores.py). The forward is registered for CPU too, so that CPU tensors get this
+// file's own error message rather than the dispatcher's. The backward is four GEMMs (cuBLAS on the GPU)
+// and norms in float32, in this one C++ call; on CPU tensors the same ATen code runs (CI checks it).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -55,9 +61,50 @@ at::Tensor w2_scores_cuda(const at::Tensor& mu, const at::Tensor& sig, const at:
   return out;
 }
 
+// With G = dL/dout (B, V), rt = sqrt(max(sig, 1e-24)) and the row and column sums of G:
+//   dmu = 2 (rowsum(G) mu - G item_mu),          dsig = rowsum(G) - [sig > 1e-24] (G item_rt) / rt,
+//   ditem_mu = 2 (colsum(G) item_mu - G^T mu),   ditem_sig = colsum(G) - [item_sig > 1e-24] (G^T rt) / item_rt.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> w2_scores_cuda_bwd(const at::Tensor& grad,
+                                                                              const at::Tensor& mu,
+                                                                              const at::Tensor& sig,
+                                                                              const at::Tensor& item_mu,
+                                                                              const at::Tensor& item_sig) {
+  constexpr const char* op = "w2_scores_cuda_bwd";
+  TORCH_CHECK(mu.dim() == 2 && item_mu.dim() == 2, op, ": mu and item_mu must be 2-d, got shapes ", mu.sizes(),
+              " and ", item_mu.sizes());
+  TORCH_CHECK(sig.sizes() == mu.sizes(), op, ": sig must have the shape of mu ", mu.sizes(), ", got ", sig.sizes());
+  TORCH_CHECK(item_sig.sizes() == item_mu.sizes(), op, ": item_sig must have the shape of item_mu ", item_mu.sizes(),
+              ", got ", item_sig.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == mu.size(0) && grad.size(1) == item_mu.size(0), op,
+              ": grad must be (B, V) = (", mu.size(0), ", ", item_mu.size(0), "), got shape ", grad.sizes());
+  for (const at::Tensor* t : {&sig, &item_mu, &item_sig, &grad}) {
+    TORCH_CHECK(t->device() == mu.device(), op, ": every input must be on the device of mu (", mu.device(),
+                "), got ", t->device());
+  }
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (mu.is_cuda()) guard.emplace(mu.device());
+  const at::ScalarType acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  constexpr double kClamp = 1e-24;
+  const at::Tensor g = grad.to(acc), m = mu.to(acc), s = sig.to(acc), im = item_mu.to(acc), is = item_sig.to(acc);
+  const at::Tensor rt = at::sqrt(at::clamp_min(s, kClamp)), irt = at::sqrt(at::clamp_min(is, kClamp));
+  const at::Tensor row = g.sum(1, true), col = g.sum(0).unsqueeze(1);
+  const at::Tensor dmu = 2 * (row * m - at::mm(g, im));
+  const at::Tensor ditem_mu = 2 * (col * im - at::mm(g.t(), m));
+  const at::Tensor dsig = row - (s > kClamp).to(acc) * at::mm(g, irt) / rt;
+  const at::Tensor ditem_sig = col - (is > kClamp).to(acc) * at::mm(g.t(), rt) / irt;
+  return std::make_tuple(dmu.to(mu.scalar_type()), dsig.to(sig.scalar_type()), ditem_mu.to(item_mu.scalar_type()),
+                         ditem_sig.to(item_sig.scalar_type()));
+}
+
 }  // namespace
 }  // namespace awr_fast
 
-TORCH_LIBRARY_IMPL(awr_fast, CUDA, m) { m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda); }
+TORCH_LIBRARY_IMPL(awr_fast, CUDA, m) {
+  m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda);
+  m.impl("w2_scores_cuda_bwd", &awr_fast::w2_scores_cuda_bwd);
+}
 
-TORCH_LIBRARY_IMPL(awr_fast, CPU, m) { m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda); }
+TORCH_LIBRARY_IMPL(awr_fast, CPU, m) {
+  m.impl("w2_scores_cuda", &awr_fast::w2_scores_cuda);
+  m.impl("w2_scores_cuda_bwd", &awr_fast::w2_scores_cuda_bwd);
+}
