@@ -221,26 +221,62 @@ def test_w2_scores_cuda_noncontiguous_and_compile():
     )
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="segfaulted on torch 2.11 / H100 on 2026-11-22 when the C++ TORCH_CHECK "
-    "fired (raised cleanly on torch 2.14 CPU); the public API validates before reaching the op. "
-    "Open: investigate the exception path of the abi3 extension on the GPU image",
-)
-def test_w2_scores_cuda_rejects_bad_inputs_by_name():
-    why = _gpu_ready()
-    if why:
-        pytest.skip(why)
-    op = torch.ops.awr_fast.w2_scores_cuda
-    mu, sig = torch.randn(4, 8, device="cuda"), torch.rand(4, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="item_sig"):
-        op(mu, sig, mu, sig.half())
-    with pytest.raises(RuntimeError, match="item_mu"):
-        op(mu, sig, torch.randn(4, 7, device="cuda"), torch.rand(4, 7, device="cuda"))
-    with pytest.raises(RuntimeError, match="sig"):
-        op(mu, sig[:, ::2], mu, sig)  # not contiguous
-    with pytest.raises(RuntimeError, match="mu"):
-        op(mu.double(), sig.double(), mu.double(), sig.double())
+# Every C++ check of the CUDA ops, fired on purpose: (op, argument-building code, the words the error
+# must contain). On CPU tensors they run here (the host emulation for the fused ops); on a GPU on device.
+_BAD_CALLS = [
+    ("w2_scores_cuda", "mu, sig, mu, sig.half()", "item_sig must have the dtype of mu"),
+    ("w2_scores_cuda", "mu, sig, torch.randn(4, 7, device=dev), torch.rand(4, 7, device=dev)", "item_mu must have 8"),
+    ("w2_scores_cuda", "mu, sig[:, ::2], mu, sig", "sig must be"),
+    ("w2_scores_cuda", "mu.double(), sig.double(), mu.double(), sig.double()", "mu must be float32"),
+    ("dot_refined_cuda_fwd", "q, q.half(), q, None, None, None, None, None, 'none', 0.5, 0.5, False, 0.0", "k must"),
+    ("dot_refined_cuda_fwd", "q, q, q, w, None, None, None, None, 'simp', 0.5, 0.5, False, 0.0", "needs w_rk"),
+    ("dot_refined_cuda_fwd", "q, q, q, None, None, None, None, None, 'none', 0.5, 0.5, False, 0.3", "needs seed"),
+    ("w2_refined_cuda_fwd", "q, q, q, q, q, q[..., :2], *[None] * 7, 'none', 0.5, 0.5, False, 0.0", "sig_v must"),
+]
+
+_BAD_CALL_SCRIPT = """
+import sys, torch
+import awr_fast._ext as ext
+assert ext.load_cuda_extension()[0] is not None
+dev = sys.argv[1]
+mu, sig = torch.randn(4, 8, device=dev), torch.rand(4, 8, device=dev)
+q, w = torch.randn(2, 2, 6, 4, device=dev), torch.randn(6, 6, device=dev)
+for op, args, words in {calls!r}:
+    if dev == "cpu" and op == "w2_scores_cuda":
+        words = "mu must be a CUDA tensor"  # on CPU tensors its first check is the device's
+    try:
+        eval(f"torch.ops.awr_fast.{{op}}({{args}})")
+    except RuntimeError as exc:
+        assert words in str(exc), (op, args, str(exc)[:300])
+        print("raised:", str(exc).splitlines()[0][:160], flush=True)
+    else:
+        raise AssertionError(f"no error from {{op}}({{args}})")
+print("all raised")
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_op_checks_raise_python_errors_never_crash(device):
+    """Each C++ TORCH_CHECK of the CUDA ops raises a RuntimeError naming the argument. Run in a child
+    process, so that a crash (the H100 run of 2026-11-22 segfaulted in w2_scores_cuda's dtype check on
+    torch 2.11) fails this test with its signal instead of killing the test session. On CPU the same
+    checks raise on torch 2.14 here and on torch 2.11 + triton 3.6 (the GPU image's versions, checked
+    2026-12-03 in a venv on the CPU machine)."""
+    module, reason = _extension()
+    if module is None:
+        pytest.skip(f"the CUDA extension is not available: {reason}")
+    if device == "cuda":
+        why = _gpu_ready()
+        if why:
+            pytest.skip(why)
+    script = _BAD_CALL_SCRIPT.format(calls=_BAD_CALLS)
+    env = {**os.environ, "AWR_FAST_CUDA_EMULATE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, device], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode} (negative: killed by that signal)\n{proc.stdout}\n{proc.stderr}"
+    )
+    assert proc.stdout.count("raised:") == len(_BAD_CALLS)
+    assert "all raised" in proc.stdout
 
 
 def test_cuda_w2_scores_row_takes_gradients_and_refuses_float64():
