@@ -78,6 +78,15 @@ def test_long_windows_match_oracle(mechanism, n, padding):
     assert_matches_oracle(case.to(device=DEVICE), "cuda")
 
 
+@pytest.mark.parametrize("mechanism", CAUSAL_MECHANISMS)
+def test_past_shared_memory_matches_oracle(mechanism):
+    """n > 64: on a GPU the blocks keep their matrices in global scratch instead of shared memory (the
+    same block code); n = 200 is the longest Beauty/ML-1M setting, 256 the limit."""
+    for n, padding in ((200, "left"), (256, "arbitrary")):
+        case = make_case("dot_refined", mechanism, n=n, d_h=8, batch=2, heads=1, padding=padding, dtype=torch.float32)
+        assert_matches_oracle(case.to(device=DEVICE), "cuda")
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize(
     "kw", grid("dot_refined", CAUSAL_MECHANISMS, small=True), ids=lambda kw: "-".join(map(str, kw.values()))
@@ -93,7 +102,7 @@ def test_half_precision_matches_oracle(dtype, kw):
 def test_float64_emulation_is_exact(mechanism, weights, refine_input):
     """In float64 the block code must equal the reference to rounding: any slip in an index, a window or
     a mask shows as an error far above 1e-10."""
-    for n, padding in ((1, "none"), (9, "left"), (33, "arbitrary"), (64, "left_short")):
+    for n, padding in ((1, "none"), (9, "left"), (33, "arbitrary"), (64, "left_short"), (97, "left")):
         case = make_case(
             "dot_refined", mechanism, n=n, d_h=5, padding=padding, weights=weights, refine_input=refine_input
         )
@@ -272,7 +281,7 @@ def _raw_args(n=6, d=4, mechanism="simp", **over):
 @pytest.mark.parametrize(
     "over, message",
     [
-        (dict(q=torch.randn(2, 2, 65, 4)), "n must be at most 64"),
+        (dict(q=torch.randn(2, 2, 257, 4)), "n must be at most 256"),
         (dict(q=torch.randn(2, 6, 4)), r"q must be \(batch, heads, n, d_h\)"),
         (dict(k=torch.randn(2, 2, 6, 3)), "k must have the shape of q"),
         (dict(v=torch.randn(2, 2, 6, 4, dtype=torch.float64)), "v must have the dtype of q"),
@@ -311,9 +320,10 @@ def test_smem_bytes_follow_the_buffer_count():
 @gpu_only
 @pytest.mark.parametrize("mechanism", CAUSAL_MECHANISMS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_gpu_cuda_agrees_with_triton(mechanism, dtype):
+@pytest.mark.parametrize("n", (50, 200))  # shared memory, global scratch
+def test_gpu_cuda_agrees_with_triton(mechanism, dtype, n):
     pytest.importorskip("triton")
-    case = make_case("dot_refined", mechanism, n=50, d_h=64, batch=8, padding="left", dtype=dtype, device="cuda")
+    case = make_case("dot_refined", mechanism, n=n, d_h=64, batch=8, padding="left", dtype=dtype, device="cuda")
     from awr_fast.testing import run
 
     ours, theirs = run(case, "cuda"), run(case, "triton")

@@ -65,6 +65,13 @@ def test_long_windows_match_oracle(mechanism, n):
     assert_matches_oracle(case.to(device=DEVICE), "cuda")
 
 
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_past_shared_memory_matches_oracle(mechanism):
+    """n > 64 (on a GPU: global scratch instead of shared memory, the same block code)."""
+    case = make_case("w2_refined", mechanism, n=200, d_h=8, batch=2, heads=1, padding="left", dtype=torch.float32)
+    assert_matches_oracle(case.to(device=DEVICE), "cuda")
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("kw", grid("w2_refined", small=True), ids=case_id)
 def test_half_precision_matches_oracle(dtype, kw):
@@ -76,7 +83,7 @@ def test_half_precision_matches_oracle(dtype, kw):
 @pytest.mark.parametrize("weights", WEIGHT_KINDS)
 @pytest.mark.parametrize("refine_input", ("probs", "scores"))
 def test_float64_emulation_is_exact(mechanism, weights, refine_input):
-    for n, padding in ((1, "none"), (9, "left"), (33, "arbitrary"), (64, "left_short")):
+    for n, padding in ((1, "none"), (9, "left"), (33, "arbitrary"), (64, "left_short"), (97, "left")):
         case = make_case(
             "w2_refined", mechanism, n=n, d_h=5, padding=padding, weights=weights, refine_input=refine_input
         )
@@ -175,7 +182,7 @@ def test_refusals_and_errors_name_the_argument():
         awr_fast.wasserstein_attention(*long.tensors.values(), mechanism="simp", **long.weights, backend="cuda")
     case = make_case("w2_refined", "stoc", n=6, d_h=4, dtype=torch.float32, device=DEVICE)
     wide = {name: torch.randn(6, CUDA_MAX_N + 1, device=DEVICE) for name in ("w_mu", "w_sigma")}
-    with pytest.raises(UnsupportedInputError, match="w_mu has 65 columns"):
+    with pytest.raises(UnsupportedInputError, match=f"w_mu has {CUDA_MAX_N + 1} columns"):
         awr_fast.wasserstein_attention(*case.tensors.values(), mechanism="stoc", **wide, backend="cuda")
     tensors = list(case.tensors.values())
     weights = [case.weights.get(name) for name in WEIGHT_NAMES]

@@ -15,8 +15,6 @@ from ..ops.dot_refined import default_scale
 
 FWD = "awr_fast::dot_refined_cuda_fwd"
 BWD = "awr_fast::dot_refined_cuda_bwd"
-#: The fused kernels hold one sequence per thread block (csrc/dot_refined/dot_refined.h, kMaxN).
-MAX_N = 64
 
 _module, _why = load_cuda_extension()
 if _module is None:

@@ -155,7 +155,7 @@ def make_inputs(
 
 LITERAL_WHY = "the literal M_value is not causal, so only the reference runs it"
 
-CUDA_MAX_N = 64  # csrc/dot_refined/dot_refined.h, kMaxN: the fused kernels hold the sequence on chip
+CUDA_MAX_N = 256  # csrc/common/refine_block.cuh, kMaxN: one block per sequence (shared memory up to 64)
 CUDA_NOT_AUTO = (
     "the CUDA kernels are SIMT (no tensor cores yet) and unmeasured on a GPU; auto picks them once a GPU "
     "run shows them at least as fast as Triton"

@@ -127,7 +127,7 @@ def check_refinement_w2(mechanism: str, given: dict, heads: int, n: int, like: t
     return out
 
 
-CUDA_MAX_N = 64  # csrc/common/refine_block.cuh, kMaxN: the fused kernels hold the sequence on chip
+CUDA_MAX_N = 256  # csrc/common/refine_block.cuh, kMaxN: one block per sequence (shared memory up to 64)
 
 
 CAPABILITIES = (

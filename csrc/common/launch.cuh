@@ -18,6 +18,18 @@ cudaError_t launch_blocks(Kernel kernel, const Args& args, bool backward, cudaSt
   const int64_t blocks = static_cast<int64_t>(c.batch) * c.heads;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
+  if (c.scratch) {  // the global-memory path: chunks of the grid, one scratch slice per block
+    if (c.scratch_blocks <= 0) return cudaErrorInvalidValue;
+    for (int64_t first = 0; first < blocks; first += c.scratch_blocks) {
+      Args chunk = args;
+      chunk.core.bh_offset = first;
+      const int64_t count = blocks - first < c.scratch_blocks ? blocks - first : c.scratch_blocks;
+      kernel<<<static_cast<unsigned>(count), kBlockThreads, 0, stream>>>(chunk);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   const size_t bytes = smem_elems(c.n, c.mechanism, backward, c.r) * sizeof(float);
   if (bytes > 48 * 1024) {  // above the default: opt in (the host checked the device's limit)
     const cudaError_t err =
@@ -37,18 +49,24 @@ void host_blocks(const Args& args, bool backward, Block block) {
   for (int64_t bh = 0; bh < blocks; ++bh) block(args, bh, smem.data());
 }
 
+// Where a block keeps its matrices: shared memory, or its slice of the global scratch (n > kFusedMaxN).
+__device__ __forceinline__ float* block_memory(const Core& c, bool backward, float* smem) {
+  if (!c.scratch) return smem;
+  return static_cast<float*>(c.scratch) + static_cast<size_t>(blockIdx.x) * smem_elems(c.n, c.mechanism, backward, c.r);
+}
+
 // A family is a struct with `using Args`, and static templates forward<T, Acc> and backward<T, Acc>(args,
 // bh, smem) doing one block's work. These kernels and dispatchers serve every family.
 template <typename Family, typename T>
 __global__ void __launch_bounds__(kBlockThreads) forward_kernel(const typename Family::Args args) {
   extern __shared__ float smem_fwd[];
-  Family::template forward<T, float>(args, blockIdx.x, smem_fwd);
+  Family::template forward<T, float>(args, args.core.bh_offset + blockIdx.x, block_memory(args.core, false, smem_fwd));
 }
 
 template <typename Family, typename T>
 __global__ void __launch_bounds__(kBlockThreads) backward_kernel(const typename Family::Args args) {
   extern __shared__ float smem_bwd[];
-  Family::template backward<T, float>(args, blockIdx.x, smem_bwd);
+  Family::template backward<T, float>(args, args.core.bh_offset + blockIdx.x, block_memory(args.core, true, smem_bwd));
 }
 
 template <typename Family>

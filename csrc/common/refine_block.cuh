@@ -23,8 +23,12 @@ namespace refine {
 // The mechanisms the kernels run (value_literal is not causal: only the reference runs it).
 enum Mechanism : int { kNone = 0, kSimp = 1, kAdd = 2, kValue = 3, kStoc = 4 };
 
-// The fused kernels hold one sequence per block: n <= kMaxN (and r <= kMaxN for M_stoc's weights).
-constexpr int kMaxN = 64;
+// One block holds one sequence. Up to kFusedMaxN its W x W matrices live in shared memory; longer
+// sequences (up to kMaxN, and r <= kMaxN for M_stoc's weights) run the same block code on a per-block
+// slice of global scratch (L2-resident at these sizes), since 7 matrices of 256 x 257 floats (1.8 MB)
+// exceed any shared memory.
+constexpr int kFusedMaxN = 64;
+constexpr int kMaxN = 256;
 constexpr double kSqrtClamp = 1e-24;  // STOSA clamps covariances here before the square root
 
 // What the refinement and the window need of one call, type-erased: Acc pointers (float32 on the GPU,
@@ -44,6 +48,9 @@ struct Core {
   void* dwrv_part = nullptr;
   void* dwmu_part = nullptr;
   void* dwsigma_part = nullptr;
+  void* scratch = nullptr;     // n > kFusedMaxN on the GPU: scratch_blocks slices of smem_elems floats
+  int64_t scratch_blocks = 0;  // blocks per launch (the launcher loops over chunks of the grid)
+  int64_t bh_offset = 0;       // first (batch, head) of this launch
   int batch = 0, heads = 0, n = 0, d = 0;
   double scale = 1.0;
   double alpha = 1.0;

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+
 namespace awr_fast {
 namespace refine {
 namespace {
@@ -90,7 +92,7 @@ Prepared prepare(const char* op, const at::Tensor& lead, const char* lead_name, 
   p.dtype = dtype_of(op, lead, lead_name, p.on_host);
   p.acc = p.dtype == Dtype::kFloat64 ? at::kDouble : at::kFloat;
   const int64_t batch = lead.size(0), heads = lead.size(1), n = lead.size(2), d = lead.size(3);
-  TORCH_CHECK(n <= kMaxN, op, ": n must be at most ", kMaxN, " (the fused kernels hold the sequence on chip), got ", n);
+  TORCH_CHECK(n <= kMaxN, op, ": n must be at most ", kMaxN, " (one block holds the sequence), got ", n);
   TORCH_CHECK(batch * heads <= 2147483647LL, op, ": batch * heads must fit the launch grid, got ", batch * heads);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   const int mech = parse_mechanism(op, mechanism, allow_stoc);
@@ -204,13 +206,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gr
   return std::make_tuple(dw_rq, dw_rk, dw_rv, dw_mu, dw_sigma);
 }
 
-void check_shared_memory(const char* op, const Prepared& p, size_t bytes) {
+void place_blocks(Prepared& p, Core& c, bool backward) {
+  c.scratch = nullptr;
+  c.scratch_blocks = 0;
   if (p.on_host) return;
+  const size_t bytes = smem_elems(c.n, c.mechanism, backward, c.r) * sizeof(float);
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= static_cast<size_t>(limit), op, ": n=", p.core.n, " with mechanism ", p.core.mechanism,
-              " needs ", bytes, " bytes of shared memory per block, more than this device's ", limit);
+  if (c.n <= kFusedMaxN && bytes <= static_cast<size_t>(limit)) return;
+  const int64_t blocks = static_cast<int64_t>(c.batch) * c.heads;
+  const int64_t fit = static_cast<int64_t>(kScratchBytes / bytes);
+  c.scratch_blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, fit));
+  p.scratch = at::empty({c.scratch_blocks * static_cast<int64_t>(bytes / sizeof(float))},
+                        at::TensorOptions().dtype(at::kFloat).device(p.device));
+  c.scratch = p.scratch.data_ptr();
 }
 
 }  // namespace refine

@@ -21,7 +21,7 @@ using OptTensor = std::optional<at::Tensor>;
 // What one call's refinement holds alive while its kernel runs, and the Core the kernel reads.
 struct Prepared {
   at::Tensor kpm, m, first, second, w_rv, w_mu, w_sigma;  // the weights in the accumulation dtype
-  at::Tensor dm_part, dwrv_part, dwmu_part, dwsigma_part;
+  at::Tensor dm_part, dwrv_part, dwmu_part, dwsigma_part, scratch;
   Core core;
   Dtype dtype = Dtype::kFloat32;
   at::ScalarType acc = at::kFloat;
@@ -48,8 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> weight_gr
     const Prepared& p, const OptTensor& w_rq, const OptTensor& w_rk, const OptTensor& w_rv, const OptTensor& w_mu,
     const OptTensor& w_sigma);
 
-// The device's opt-in shared memory per block must hold `bytes` (a clear error otherwise).
-void check_shared_memory(const char* op, const Prepared& p, size_t bytes);
+// Where the blocks of a GPU launch keep their matrices: shared memory for n <= kFusedMaxN when the
+// device's opt-in limit holds them, else slices of a global scratch that p keeps alive (at most
+// kScratchBytes at a time; the launcher loops over chunks of the grid). Sets c.scratch, c.scratch_blocks.
+void place_blocks(Prepared& p, Core& c, bool backward);
+constexpr size_t kScratchBytes = size_t{256} << 20;
 
 int parse_mechanism(const char* op, const std::string& name, bool allow_stoc);
 

@@ -53,14 +53,13 @@ Call prepare(const at::Tensor& mu_q, const at::Tensor& sig_q, const at::Tensor& 
   return call;
 }
 
-void run(const Call& call, bool backward) {
-  const refine::Prepared& p = call.prep;
+void run(Call& call, bool backward) {
+  refine::Prepared& p = call.prep;
   if (p.on_host) {
     backward ? backward_host(p.dtype, call.args) : forward_host(p.dtype, call.args);
     return;
   }
-  const refine::Core& c = call.args.core;
-  refine::check_shared_memory(kOp, p, refine::smem_elems(c.n, c.mechanism, backward, c.r) * sizeof(float));
+  refine::place_blocks(p, call.args.core, backward);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cudaError_t err =
       backward ? backward_launch(p.dtype, call.args, stream) : forward_launch(p.dtype, call.args, stream);
