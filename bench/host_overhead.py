@@ -178,6 +178,23 @@ def _cases(args):
 
             yield "kernel", mechanism, "triton-jit-run", triton_launch_path
 
+    # STOSA's W2 attention on its Triton family: none and simp take the fused kernels at this n, stoc the
+    # tiled ones (its row Gaussians are always written out); "vs SDPA" against plain attention's fwd+bwd
+    from awr_fast.kernels import w2_refined as triton_w2
+
+    sig_q, sig_k, sig_v = ((torch.rand(b, h, n, d, generator=g) + 0.5).requires_grad_(True) for _ in range(3))
+    w_stoc = {name: torch.randn(n, n, generator=g).requires_grad_(True) for name in ("w_mu", "w_sigma")}
+    for mechanism in ("none", "simp", "stoc"):
+        weights = {"none": {}, "simp": w, "stoc": w_stoc}[mechanism]
+
+        def w2_call(weights=weights, mechanism=mechanism):
+            mu, sig = triton_w2.w2_refined(
+                q, sig_q, k, sig_k, v, sig_v, mechanism=mechanism, key_padding_mask=mask, **weights
+            )
+            (mu.sum() + sig.sum()).backward()
+
+        yield "kernel-w2", mechanism, "triton", w2_call
+
 
 class _CountOps(TorchDispatchMode):
     """Counts the aten ops a call runs (what reaches the dispatcher: every op a GPU would launch or fuse)."""

@@ -3,7 +3,7 @@
     python bench/kernel_resources.py                          # the default configurations, sm_90 and sm_80
     python bench/kernel_resources.py --arch 90 --n 50 --dtypes fp32 --mechanisms simp
     python bench/kernel_resources.py --all                    # every window, block size and flag
-    python bench/kernel_resources.py --families w2 --n 50     # the W2 family's fused kernels
+    python bench/kernel_resources.py --families w2 --n 50,200  # the W2 family: fused and tiled kernels
 
 Triton's whole JIT path (binder, specialization, constexprs, ``triton.compile`` with its bundled ptxas)
 runs here once the active driver is replaced by a stand-in that reports the target
@@ -76,7 +76,7 @@ COLUMNS = [
 #: configurations): a compile error or more shared memory than the device has always fails; a fused
 #: kernel may have no stack frame (register spills live there) and any other kernel at most
 #: TILED_STACK_BUDGET bytes per thread, except the kernels in KNOWN_SPILLS, each held to its ceiling.
-FUSED_KERNELS = ("_fused_fwd", "_fused_bwd", "_calibrated_fwd")
+FUSED_KERNELS = ("_fused_fwd", "_fused_bwd", "_w2_fused_fwd", "_w2_fused_bwd", "_calibrated_fwd")
 TILED_STACK_BUDGET = 512
 #: (arch, dtype, mechanism, kernel) -> stack bytes allowed: what the kernels spill today (2026-12-02, triton
 #: 3.8, after the tf32x3 / reordered-backward fixes) with a quarter's margin. A ratchet, not a target: the
@@ -89,6 +89,14 @@ KNOWN_SPILLS = {
     (90, "bf16", "value", "_fused_bwd"): 96,
     (90, "fp16", "value", "_fused_bwd"): 64,
     (90, "fp32", "value", "_flash_bwd_dkdv"): 2752,
+    # the W2 family's fused backward (2026-12-04, measured 488/856/912/1472 B fp32, 200 B bf16, 208 B fp16):
+    # the dot family's fp32 (tf32x3) register pressure plus the covariance path's second n x n product
+    (90, "fp32", "none", "_w2_fused_bwd"): 640,
+    (90, "fp32", "simp", "_w2_fused_bwd"): 1088,
+    (90, "fp32", "add", "_w2_fused_bwd"): 1152,
+    (90, "fp32", "value", "_w2_fused_bwd"): 1856,
+    (90, "bf16", "value", "_w2_fused_bwd"): 256,
+    (90, "fp16", "value", "_w2_fused_bwd"): 288,
     # the calibrated family's fused forward (2026-12-03): fp32 on tensor cores (tf32x3) keeps P_sp, M,
     # the noise and P_att/P_cal live at once; `mechanism` is the AWRSR refinement of P_fin
     (90, "fp32", "none", "_calibrated_fwd"): 240,
@@ -251,9 +259,17 @@ def cubin_resources(cubin: bytes) -> dict:
 
 
 def jit_functions(module) -> dict:
+    """name -> JITFunction of a family's module and of the shared core it launches (kernels/_refine.py)."""
     import triton
 
-    return {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.JITFunction)}
+    from awr_fast.kernels import _refine
+
+    return {
+        name: fn
+        for m in (_refine, module)
+        for name, fn in vars(m).items()
+        if isinstance(fn, triton.runtime.JITFunction)
+    }
 
 
 def compiled(fn) -> dict:
@@ -402,7 +418,7 @@ def run_config_calibrated(triton_cal, n, dtype, mechanism, masked, dropout, batc
 #: family -> (kernel module, entry runner, mechanisms, longest n): what `--families` compiles
 FAMILIES = {
     "dot": ("dot_refined", run_config, ("none", "simp", "add", "value"), 256),
-    "w2": ("w2_refined", run_config_w2, ("none", "simp", "add", "value"), 64),
+    "w2": ("w2_refined", run_config_w2, ("none", "simp", "add", "value", "stoc"), 256),
     "calibrated": ("calibrated", run_config_calibrated, ("none", "simp", "add", "value"), 64),
 }
 
@@ -412,11 +428,11 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90,80", help="comma list of 90 (H100/H200), 80 (A100)")
     p.add_argument("--n", default="50,200", help="sequence lengths (<= 64: fused kernels; else tiled)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
-    p.add_argument("--mechanisms", default="none,simp,add,value")
+    p.add_argument("--mechanisms", default="none,simp,add,value,stoc", help="those a family lacks are skipped")
     p.add_argument(
         "--families",
         default="dot",
-        help="comma list of dot, w2, calibrated (w2: fused kernels only, n <= 64; calibrated: its fused forward)",
+        help="comma list of dot, w2, calibrated (dot, w2: fused n <= 64, tiled to 256; calibrated: fused forward)",
     )
     p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
     p.add_argument(

@@ -227,14 +227,15 @@ def _sum_partials(partial: torch.Tensor, per_head: bool, dtype: torch.dtype) -> 
 
 
 def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torch.Tensor:
-    """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and y."""
+    """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and (B, H, n, m) y."""
     batch, heads, n, _ = x.shape
+    m = y.shape[-1]
     if per_head:
         return torch.bmm(
             x.transpose(0, 1).reshape(heads, batch * n, n).transpose(1, 2),
-            y.transpose(0, 1).reshape(heads, batch * n, n),
+            y.transpose(0, 1).reshape(heads, batch * n, m),
         )
-    return x.reshape(-1, n).t() @ y.reshape(-1, n)
+    return x.reshape(-1, n).t() @ y.reshape(-1, m)
 
 
 def _fused_meta(L: _Launch, mechanism: str, refine_scores: bool) -> dict:

@@ -18,6 +18,10 @@ first real position):
     _flash_bwd_dkdv     dXk, dY of the flash pass (grid over key blocks)
     _flash_bwd_dq       dXq (and beta*dB into dA) of the flash pass (grid over query blocks)
 refine_forward / refine_backward run them from A to the output and from the output's gradient to dA.
+A family whose output is not one P V (W2's (P o P) V_sigma) takes P itself, written out:
+    _softmax_probs_fwd  P = masked softmax(alpha Xq Xk^T + beta bias), two passes over key blocks
+    _softmax_probs_bwd  P o (dP - rowsum(P o dP)) in place
+refine_probs_forward / refine_probs_backward run them from A to P and from dP to dA.
 """
 
 from __future__ import annotations
@@ -470,6 +474,154 @@ def _flash_bwd_dq(
 
 
 @triton.jit
+def _probs_logits(
+    XQ,
+    XK,
+    BIAS,
+    bh,
+    rows,
+    cols,
+    alpha,
+    beta,
+    n,
+    DI,
+    HAS_QK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_BLOCK: tl.constexpr,
+):
+    """alpha XQ[rows] XK[cols]^T + beta BIAS[rows, cols] (either term optional) of _softmax_probs_fwd; the
+    inner dimension (n for T A^T) in chunks of DI_BLOCK, so no (BLOCK, n) tile is held in registers."""
+    inside = (rows[:, None] < n) & (cols[None, :] < n)
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if HAS_QK:
+        for k0 in range(0, DI, DI_BLOCK):
+            di = k0 + tl.arange(0, DI_BLOCK)
+            xq = tl.load(
+                XQ + bh * n * DI + rows[:, None] * DI + di[None, :],
+                mask=(rows[:, None] < n) & (di[None, :] < DI),
+                other=0.0,
+            ).to(tl.float32)
+            xk = tl.load(
+                XK + bh * n * DI + cols[:, None] * DI + di[None, :],
+                mask=(cols[:, None] < n) & (di[None, :] < DI),
+                other=0.0,
+            ).to(tl.float32)
+            s += tl.dot(xq, tl.trans(xk), input_precision=PRECISION)
+        s = s * alpha
+    if HAS_BIAS:
+        s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+    return s
+
+
+@triton.jit
+def _softmax_probs_fwd(
+    XQ,
+    XK,
+    BIAS,
+    KPM,
+    P,
+    alpha,
+    beta,
+    n,
+    DI,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    HAS_QK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DI_BLOCK: tl.constexpr,
+):
+    """P = masked softmax(alpha XQ XK^T + beta BIAS) written out (float32, zero where masked): the
+    materialised form of _flash_fwd's weights, for a family whose output is not one P Y. Two passes
+    over the causal key blocks (row max and sum, then the weights)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = _probs_logits(
+            XQ, XK, BIAS, bh, rows, cols, alpha, beta, n, DI, HAS_QK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, DI_BLOCK
+        )
+        s = tl.where(_visible(rows, cols, n, start, b, KPM, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        s = _probs_logits(
+            XQ, XK, BIAS, bh, rows, cols, alpha, beta, n, DI, HAS_QK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, DI_BLOCK
+        )
+        vis = _visible(rows, cols, n, start, b, KPM, HAS_MASK)
+        p = tl.where(vis, tl.exp(tl.where(vis, s - m_i[:, None], 0.0)) * inv_l[:, None], 0.0)
+        tl.store(P + bh * n * n + rows[:, None] * n + cols[None, :], p, mask=(rows[:, None] < n) & (cols[None, :] < n))
+
+
+@triton.jit
+def _softmax_probs_bwd(
+    P,
+    DP,
+    KPM,
+    n,
+    H,
+    HAS_MASK: tl.constexpr,
+    N_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dX = P o (dP - rowsum(P o dP)), the softmax backward of _softmax_probs_fwd, in place of dP; every
+    entry outside the visible blocks is set to 0 (dP may be dense there, e.g. dR = dBv U^T)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n)
+    row_dot = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        p = tl.load(P + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        dp = tl.load(DP + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        row_dot += tl.sum(p * dp, 1)
+    for j0 in range(lo, hi, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        inside = row_ok[:, None] & (cols[None, :] < n)
+        p = tl.load(P + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        dp = tl.load(DP + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        tl.store(DP + bh * n * n + rows[:, None] * n + cols[None, :], p * (dp - row_dot[:, None]), mask=inside)
+    _zero_outside(DP, bh, rows, lo, hi, n, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _zero_outside(X, bh, rows, lo, hi, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Zero the columns of rows `rows` of an (n, n) block outside the key blocks [lo, hi) a row loop
+    covered, so that later whole-row GEMMs read only what the loop wrote."""
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    row_ok = rows < n
+    for j0 in range(0, lo, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        tl.store(X + bh * n * n + rows[:, None] * n + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < n))
+    for j0 in range(lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N) * BLOCK_N, n, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        tl.store(X + bh * n * n + rows[:, None] * n + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < n))
+
+
+@triton.jit
 def _refine_window(
     a, vis, M1, WRV, h, idx, n, alpha, beta, m_head_stride, wrv_head_stride, MECH: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -746,6 +898,57 @@ def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
     return dbv, p3
 
 
+def _launch_softmax_probs(L: _Launch, xq, xk, bias, alpha, beta):
+    """masked softmax(alpha xq xk^T + beta bias) as a (B, H, n, n) float32 tensor (xq, xk or bias None)."""
+    p = L.scratch()
+    di = L.n if xq is None else xq.shape[-1]
+    bm, bn, warps = _blocks(L.n, min(di, 64))  # the inner dimension is looped over in chunks
+    launch(
+        _softmax_probs_fwd,
+        L.grid_rows(bm),
+        xq if xq is not None else p,
+        xk if xk is not None else p,
+        bias if bias is not None else p,
+        L.kpm,
+        p,
+        alpha,
+        beta,
+        L.n,
+        di,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        HAS_QK=xq is not None,
+        HAS_BIAS=bias is not None,
+        PRECISION=L.precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DI_BLOCK=min(_pad(di), 32),
+        num_warps=warps,
+    )
+    return p
+
+
+def _launch_softmax_probs_bwd(L: _Launch, p, dp):
+    """dp (B, H, n, n) float32 becomes the gradient of the logits of p = masked softmax(logits)."""
+    bm, bn, warps = _blocks(L.n, L.d)
+    launch(
+        _softmax_probs_bwd,
+        L.grid_rows(bm),
+        p,
+        dp,
+        L.kpm,
+        L.n,
+        L.heads,
+        HAS_MASK=L.has_mask,
+        N_PAD=L.n_pad,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+    )
+    return dp
+
+
 # ------------------------------------------------------------------------------------------------- entry
 
 
@@ -796,3 +999,40 @@ def refine_backward(
     _launch_tril_matmul(L, dt, m1, out=da, transpose_w=True)
     dm1 = _reduce_over_batch(a, dt, m1.dim() == 3).to(m1.dtype)
     return da, dv, dm1, dw_rv
+
+
+def refine_probs_forward(L: _Launch, a, m1, w_rv, mechanism, refine_scale):
+    """Tiled refinement from A (B, H, n, n) float32 to the final weights P, written out, for a family whose
+    output is not one P V (W2: P V_mu and (P o P) V_sigma): (P, T, U, R), None where unused."""
+    t = _launch_tril_matmul(L, a, m1)
+    if mechanism == "value":
+        u = _launch_tril_matmul(L, a, w_rv)
+        r = _launch_softmax_probs(L, t, a, None, refine_scale, 0.0)
+        p = _launch_softmax_probs(L, None, None, r @ u, 0.0, 1.0)  # B = R U is dense: one GEMM
+        return p, t, u, r
+    alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    return _launch_softmax_probs(L, t, a, a if beta else None, alpha, beta), t, None, None
+
+
+def refine_probs_backward(L: _Launch, dp, a, t, u, r, p, m1, w_rv, mechanism, refine_scale):
+    """refine_probs_forward's backward from dL/dP (float32, overwritten): (dA, dM1, dW_RV or None).
+    The GEMMs over whole (n, n) blocks (dT = dB A, dB^T T, the R U pair of "value") run as torch matmuls."""
+    dlogits = _launch_softmax_probs_bwd(L, p, dp)
+    dw_rv = None
+    if mechanism == "value":
+        dr = dlogits @ u.transpose(-1, -2)
+        du = r.transpose(-1, -2) @ dlogits
+        dlogits = _launch_softmax_probs_bwd(L, r, dr)
+        alpha, beta = refine_scale, 0.0
+    else:
+        alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    da = torch.matmul(dlogits.transpose(-1, -2), t).mul_(alpha)
+    if beta:
+        da.add_(dlogits, alpha=beta)
+    dt = torch.matmul(dlogits, a).mul_(alpha)
+    if mechanism == "value":
+        _launch_tril_matmul(L, du, w_rv, out=da, transpose_w=True, triangular=False)  # dU is not triangular
+        dw_rv = _reduce_over_batch(a, du, w_rv.dim() == 3).to(w_rv.dtype)
+    _launch_tril_matmul(L, dt, m1, out=da, transpose_w=True)
+    dm1 = _reduce_over_batch(a, dt, m1.dim() == 3).to(m1.dtype)
+    return da, dm1, dw_rv

@@ -67,14 +67,15 @@ def test_gate_rules():
 
 
 def test_resource_gate_default_configurations(tmp_path):
-    """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask; the calibrated
-    family's fused forward at n=50 (every refinement)."""
+    """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask, for the dot and
+    W2 families; the calibrated family's fused forward at n=50 (every refinement)."""
     pytest.importorskip("triton")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the stand-in compiles; the interpreter would run instead
     procs = {}
-    for n, family in ((50, "dot"), (200, "dot"), (50, "calibrated")):
-        args = ["--arch", "90", "--n", str(n), "--dtypes", ",".join(DTYPES), "--mechanisms", ",".join(MECHANISMS)]
+    for n, family in ((50, "dot"), (200, "dot"), ("50,200", "w2"), (50, "calibrated")):
+        mechanisms = (*MECHANISMS, "stoc") if family == "w2" else MECHANISMS
+        args = ["--arch", "90", "--n", str(n), "--dtypes", ",".join(DTYPES), "--mechanisms", ",".join(mechanisms)]
         args += ["--families", family]
         key = n if family == "dot" else family
         out = tmp_path / f"n{key}"
@@ -106,6 +107,24 @@ def test_resource_gate_default_configurations(tmp_path):
             if mechanism != "none":
                 expected |= {"_attn_probs_fwd", "_tril_matmul", "_attn_probs_bwd"}
             assert expected <= kernels, (dtype, mechanism, kernels)
-    for r in fused + tiled + calibrated:
+    w2 = list(csv.DictReader(open(tmp_path / "nw2" / "kernel_resources.csv")))
+    for dtype in DTYPES:
+        for mechanism in (*MECHANISMS, "stoc"):
+            fused_w2 = {
+                r["kernel"] for r in w2 if r["n"] == "50" and (r["dtype"], r["mechanism"]) == (dtype, mechanism)
+            }
+            tiled_w2 = {
+                r["kernel"] for r in w2 if r["n"] == "200" and (r["dtype"], r["mechanism"]) == (dtype, mechanism)
+            }
+            expected = {"_w2_probs_fwd", "_w2_out_fwd", "_w2_out_bwd", "_w2_out_bwd_values", "_w2_probs_bwd"}
+            expected.add("_w2_probs_bwd_keys")
+            if mechanism == "stoc":  # tiled at every n: B is the W2 score of A's row Gaussians
+                assert expected <= fused_w2, (dtype, mechanism, fused_w2)
+            else:
+                assert {"_w2_fused_fwd", "_w2_fused_bwd"} <= fused_w2, (dtype, mechanism, fused_w2)
+            if mechanism in ("simp", "add", "value"):  # the refinement of the shared core, on the written-out A
+                expected |= {"_tril_matmul", "_softmax_probs_fwd", "_softmax_probs_bwd"}
+            assert expected <= tiled_w2, (dtype, mechanism, tiled_w2)
+    for r in fused + tiled + calibrated + w2:
         assert r["status"] == "ok" and int(r["registers"]) > 0, r
         assert 0 < int(r["shared_bytes"]) <= int(r["max_shared_bytes"]), r

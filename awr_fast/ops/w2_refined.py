@@ -8,7 +8,7 @@ import torch
 
 from .. import validation as V
 from .capability import KERNEL_FLOAT, Capability, InputsRecord
-from .dot_refined import CUDA_NOT_AUTO, MAX_GRID, TRITON_MAX_D_HEAD, check_common, check_refinement
+from .dot_refined import CUDA_NOT_AUTO, MAX_GRID, TRITON_MAX_D_HEAD, TRITON_MAX_N, check_common, check_refinement
 from .dot_refined import default_scale as default_scale  # one default for both families
 
 NAME = "w2_refined"
@@ -22,7 +22,6 @@ WEIGHTS = {
 }
 TENSORS = ("mu_q", "sig_q", "mu_k", "sig_k", "mu_v", "sig_v")
 SQRT_CLAMP = 1e-24  # STOSA clamps covariances here before the square root
-TRITON_MAX_N = 64  # the Triton W2 kernels are the fused single-program ones (longer n: eager)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -145,11 +144,11 @@ CAPABILITIES = (
         "triton",
         "awr_fast.kernels.w2_refined",
         dtypes=KERNEL_FLOAT,
-        mechanisms=("none", "simp", "add", "value"),
+        mechanisms=MECHANISMS,
         max_n=TRITON_MAX_N,
         max_d_h=TRITON_MAX_D_HEAD,
         max_grid=MAX_GRID,
-        why_not={"stoc": "M_stoc's ELU covariance pass is not in the Triton kernels yet: eager runs it"},
+        reasons="triton_reasons",
     ),
     Capability(
         "eager",
