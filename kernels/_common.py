@@ -221,11 +221,6 @@ def _head_stride(w) -> int:
     return w.stride(0) if w is not None and w.dim() == 3 else 0
 
 
-def _sum_partials(partial: torch.Tensor, per_head: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, n, n) per-program partial sums -> (H, n, n) per-head or (n, n) shared weight gradient."""
-    return (partial.sum(0) if per_head else partial.sum((0, 1))).to(dtype)
-
-
 def _reduce_over_batch(x: torch.Tensor, y: torch.Tensor, per_head: bool) -> torch.Tensor:
     """sum over batch (and heads unless per_head) of x^T y, for (B, H, n, n) x and (B, H, n, m) y."""
     batch, heads, n, _ = x.shape

@@ -22,6 +22,7 @@ A family whose output is not one P V (W2's (P o P) V_sigma) takes P itself, writ
     _softmax_probs_fwd  P = masked softmax(alpha Xq Xk^T + beta bias), two passes over key blocks
     _softmax_probs_bwd  P o (dP - rowsum(P o dP)) in place
 refine_probs_forward / refine_probs_backward run them from A to P and from dP to dA.
+After a fused backward: _weight_grads turns its per-program partials into dW_RQ, dW_RK, dW_RV (one launch).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ._common import (
     _dropout_keep,
     _dropped_pair,
     _first_real_position,
+    _head_stride,
     _Launch,
     _load_square,
     _masked_softmax_rows,
@@ -689,6 +691,83 @@ def _refine_window_bwd(
     return da
 
 
+@triton.jit
+def _weight_grads(
+    DM,
+    DRV,
+    FIRST,
+    SECOND,
+    D_FIRST,
+    D_SECOND,
+    D_RV,
+    B,
+    H,
+    n,
+    r,
+    first_hs,
+    second_hs,
+    rv_hs,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    N_PAD: tl.constexpr,
+):
+    """The refinement weights' gradients from a fused backward's per-program partials, in one launch
+    (SPEC §3b). With dM_h = sum_b DM[b, h] and M = FIRST SECOND^T:
+        side 0: dFIRST = dM SECOND,    side 1: dSECOND = dM^T FIRST,    side 2: dW_RV = sum_b DRV[b, h].
+    A weight shared by the heads (head stride 0) sums every head's term, each with that head's other
+    factor. Program (row block, column block, side + 3 * output head); the batch is summed in a fixed
+    order, so the result is deterministic. Weights (n, r) or (H, n, r), contiguous; DRV may be DM when
+    there is no W_RV (side 2 then has no output: rv_hs < 0)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    side = tl.program_id(2) % 3
+    h_out = tl.program_id(2) // 3
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, N_PAD)
+    out_hs = tl.where(side == 0, first_hs, tl.where(side == 1, second_hs, rv_hs))
+    width = tl.where(side == 2, n, r)
+    exists = (out_hs > 0) | ((out_hs == 0) & (h_out == 0))  # a shared weight has one output head
+    if exists & (pid_r * BLOCK_R < width):
+        h_lo = tl.where(out_hs > 0, h_out, 0)
+        h_hi = tl.where(out_hs > 0, h_out + 1, H)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        if side == 2:
+            inside = (rows[:, None] < n) & (cols[None, :] < n)
+            for h in range(h_lo, h_hi):
+                for b in range(0, B):
+                    at = DRV + (b * H + h) * n * n + rows[:, None] * n + cols[None, :]
+                    acc += tl.load(at, mask=inside, other=0.0)
+            tl.store(
+                D_RV + h_out * rv_hs + rows[:, None] * n + cols[None, :], acc.to(D_RV.dtype.element_ty), mask=inside
+            )
+        else:
+            # P's entry (i, k) for dFIRST, (k, i) for dSECOND: the rows of dM, or of dM^T
+            s_i = tl.where(side == 0, n, 1)
+            s_k = tl.where(side == 0, 1, n)
+            other_hs = tl.where(side == 0, second_hs, first_hs)
+            part_ok = (rows[:, None] < n) & (ks[None, :] < n)
+            w_ok = (ks[:, None] < n) & (cols[None, :] < r)
+            for h in range(h_lo, h_hi):
+                dm = tl.zeros([BLOCK_M, N_PAD], tl.float32)
+                for b in range(0, B):
+                    at = DM + (b * H + h) * n * n + rows[:, None] * s_i + ks[None, :] * s_k
+                    dm += tl.load(at, mask=part_ok, other=0.0)
+                w_at = h * other_hs + ks[:, None] * r + cols[None, :]
+                if side == 0:
+                    w = tl.load(SECOND + w_at, mask=w_ok, other=0.0)
+                else:
+                    w = tl.load(FIRST + w_at, mask=w_ok, other=0.0)
+                acc += tl.dot(dm, w.to(tl.float32), input_precision=PRECISION)
+            out_at = h_out * out_hs + rows[:, None] * r + cols[None, :]
+            out_ok = (rows[:, None] < n) & (cols[None, :] < r)
+            if side == 0:
+                tl.store(D_FIRST + out_at, acc.to(D_FIRST.dtype.element_ty), mask=out_ok)
+            else:
+                tl.store(D_SECOND + out_at, acc.to(D_SECOND.dtype.element_ty), mask=out_ok)
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 
 
@@ -947,6 +1026,46 @@ def _launch_softmax_probs_bwd(L: _Launch, p, dp):
         num_warps=warps,
     )
     return dp
+
+
+def refinement_weight_grads(L: _Launch, mechanism: str, dm_part, drv_part, w_rq, w_rk, w_rv) -> tuple:
+    """(dW_RQ, dW_RK, dW_RV or None) from a fused backward's (B, H, n, n) float32 partials of dM and dW_RV:
+    one launch of _weight_grads in place of the partials' sums, the two GEMMs of SPEC §3b and the casts
+    (M = W_F W_S^T, dW_F = dM W_S, dW_S = dM^T W_F, (W_F, W_S) = (W_RK, W_RQ) for "add"), each in its
+    weight's dtype and shape."""
+    first, second = (w_rk, w_rq) if mechanism == "add" else (w_rq, w_rk)
+    first, second = first.contiguous(), second.contiguous()
+    d_first, d_second = torch.empty_like(first), torch.empty_like(second)
+    d_rv, rv_hs, width = d_first, -1, first.shape[-1]
+    if w_rv is not None:
+        w_rv = w_rv.contiguous()
+        d_rv, rv_hs, width = torch.empty_like(w_rv), _head_stride(w_rv), max(width, L.n)
+    block_r = min(64, _pad(width))
+    launch(
+        _weight_grads,
+        (triton.cdiv(L.n, 16), triton.cdiv(width, block_r), 3 * L.heads),
+        dm_part,
+        dm_part if drv_part is None else drv_part,
+        first,
+        second,
+        d_first,
+        d_second,
+        d_rv,
+        L.batch,
+        L.heads,
+        L.n,
+        first.shape[-1],
+        _head_stride(first),
+        _head_stride(second),
+        rv_hs,
+        PRECISION=L.precision,
+        BLOCK_M=16,
+        BLOCK_R=block_r,
+        N_PAD=L.n_pad,
+        num_warps=4,
+    )
+    dw_rq, dw_rk = (d_second, d_first) if mechanism == "add" else (d_first, d_second)
+    return dw_rq, dw_rk, None if w_rv is None else d_rv
 
 
 # ------------------------------------------------------------------------------------------------- entry

@@ -48,7 +48,6 @@ from ._common import (
     _refine_coefficients,
     _store_rows,
     _store_zero_rows,
-    _sum_partials,
     _visible,
     dropout_seed,
     fused_max_n_from_env,
@@ -57,19 +56,14 @@ from ._common import (
 )
 from ._launch import launch
 from ._op import TritonOp
-from ._refine import (  # noqa: F401  the shared kernels are listed here too: bench/kernel_resources.py reads them
-    _flash_bwd_dkdv,
-    _flash_bwd_dq,
-    _flash_fwd,
+from ._refine import (
     _launch_flash_bwd,
     _launch_flash_fwd,
     _refine_window,
     _refine_window_bwd,
-    _tril_matmul,
-    _value_out_bwd,
-    _value_out_fwd,
     refine_backward,
     refine_forward,
+    refinement_weight_grads,
 )
 
 _fused_max_n_from_env = fused_max_n_from_env
@@ -784,9 +778,7 @@ def _launch_fused_bwd(
         _head_stride(w_rv),
         **_fused_meta(L, mechanism, refine_scores),
     )
-    dm1 = None if m1 is None else _sum_partials(dm1_part, m1.dim() == 3, m1.dtype)
-    dw_rv = None if w_rv is None else _sum_partials(dwrv_part, w_rv.dim() == 3, w_rv.dtype)
-    return dq, dk, dv, dm1, dw_rv
+    return dq, dk, dv, dm1_part, dwrv_part
 
 
 def _launch_attn_probs(L: _Launch, q, k, scale, refine_scores):
@@ -861,10 +853,12 @@ def _backward(
     L = _Launch(q, key_padding_mask, mechanism, dropout_p)
     grad = grad.contiguous()
     if uses_fused_kernels(L.n):
-        dq, dk, dv, dm1, dw_rv = _launch_fused_bwd(
+        dq, dk, dv, dm1_part, dwrv_part = _launch_fused_bwd(
             L, grad, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p
         )
-        return (dq, dk, dv, *refinement_factor_grads(mechanism, dm1, w_rq, w_rk), dw_rv)
+        if m1 is None:
+            return dq, dk, dv, None, None, None
+        return (dq, dk, dv, *refinement_weight_grads(L, mechanism, dm1_part, dwrv_part, w_rq, w_rk, w_rv))
     if mechanism == "none":
         dq, dk, dv, _ = _launch_flash_bwd(
             L, grad, q, k, v, None, out, lse, scale, 0.0, dropout_p, seed, (q.dtype, k.dtype, v.dtype)

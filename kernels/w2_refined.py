@@ -47,7 +47,6 @@ from ._common import (
     _refine_coefficients,
     _store_rows,
     _store_zero_rows,
-    _sum_partials,
     _visible,
     dropout_seed,
     fused_max_n_from_env,
@@ -62,6 +61,7 @@ from ._refine import (
     _zero_outside,
     refine_probs_backward,
     refine_probs_forward,
+    refinement_weight_grads,
 )
 
 W2_FUSED_MAX_N = fused_max_n_from_env()  # longer sequences (up to TRITON_MAX_N) take the tiled kernels
@@ -1175,9 +1175,7 @@ def _launch_fused_bwd(L: _Launch, grad_mu, grad_sig, inputs, m1, w_rv, seed, opt
         **_fused_meta(L, mechanism, refine_scores),
         **_register_bound(L.device),
     )
-    dm1 = None if m1 is None else _sum_partials(dm1_part, m1.dim() == 3, m1.dtype)
-    dw_rv = None if w_rv is None else _sum_partials(dwrv_part, w_rv.dim() == 3, w_rv.dtype)
-    return grads, dm1, dw_rv
+    return grads, dm1_part, dwrv_part
 
 
 def _launch_w2_probs(L: _Launch, mq, sq, mk, sk, scale, refine_scores):
@@ -1422,8 +1420,10 @@ def _backward(
         dmq, dsq, dmk, dsk = _launch_w2_probs_bwd(L, a, da, mq, sq, mk, sk, scale, refine_scores)
         return dmq, dsq, dmk, dsk, dmv, dsv, None, None, None, dw_mu, dw_sigma
     if uses_fused_kernels(L.n):
-        grads, dm1, dw_rv = _launch_fused_bwd(L, grad_mu, grad_sig, inputs, m1, w_rv, seed, options)
-        return (*grads, *refinement_factor_grads(mechanism, dm1, w_rq, w_rk), dw_rv, None, None)
+        grads, dm1_part, dwrv_part = _launch_fused_bwd(L, grad_mu, grad_sig, inputs, m1, w_rv, seed, options)
+        if m1 is None:
+            return (*grads, None, None, None, None, None)
+        return (*grads, *refinement_weight_grads(L, mechanism, dm1_part, dwrv_part, w_rq, w_rk, w_rv), None, None)
     p = a if m1 is None else p
     dp, dmv, dsv = _launch_w2_out_bwd(L, grad_mu, grad_sig, p, mv, sv, seed, dropout_p)
     dm1 = dw_rv = None
