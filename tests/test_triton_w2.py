@@ -88,6 +88,25 @@ def test_tiled_path_past_the_fused_limit(mechanism):
     assert testing.oracle_errors(case, "triton") == []
 
 
+@pytest.mark.parametrize("mechanism", ["none", "value", "stoc"])
+@pytest.mark.parametrize("n", [200, 256])
+def test_tiled_path_longest_sequences(mechanism, n):
+    """The longest sequences the family takes (several 32-row blocks; stoc's 256-wide row Gaussians read in
+    64-column chunks), arbitrary padding with a fully padded row."""
+    case = testing.make_case(
+        "w2_refined", mechanism, n=n, d_h=8, batch=2, heads=1, padding="arbitrary", dtype=torch.float32
+    )
+    assert testing.oracle_errors(case.to(device=DEVICE), "triton") == []
+
+
+@pytest.mark.parametrize("d_h", [50, 64])
+@pytest.mark.parametrize("n", [1, 37])
+def test_head_widths_on_both_paths(path, d_h, n):
+    """d_h not a power of two (50) and the widest common one (64), at n = 1 and an odd n."""
+    case = testing.make_case("w2_refined", "simp", n=n, d_h=d_h, batch=2, heads=2, padding="left", dtype=torch.float32)
+    assert testing.oracle_errors(case.to(device=DEVICE), "triton") == []
+
+
 @pytest.mark.parametrize("mechanism", ["simp", "add", "value"])
 def test_tiled_refine_input_scores_per_head_weights(tiled_only, mechanism):
     case = testing.make_case(
