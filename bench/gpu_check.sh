@@ -20,6 +20,8 @@
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
+#   bench_w2       bench/w2_scoring.py: W2 item scoring (B=256, |V|=60k, d=64, bf16; every backend, fwd and
+#                  fwd+bwd) and the fused top-k beside one (B x d)(d x |V|) matmul (full mode)
 #   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
 #                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
 #   resources      bench/kernel_resources.py --scan-cache: registers, spills and shared memory of every
@@ -192,6 +194,17 @@ bench_attention() {
 }
 export -f bench_attention
 step bench_attn 200 bench_attention
+
+bench_w2_scoring() {  # STOSA's full-ranking scoring against one matmul (issue shape B=256, |V|=60k, d=64, bf16)
+    case $MODE in
+        quick) echo "quick mode: no W2 scoring benchmark"; return 75 ;;
+        dry-run) "$PY" bench/w2_scoring.py --quick --batch 8 --items 500 --backends reference --min-time 0.02 \
+            --results-dir "$RESULTS_DIR" ;;
+        *) "$PY" bench/w2_scoring.py --min-time 0.2 --results-dir "$RESULTS_DIR" ;;
+    esac
+}
+export -f bench_w2_scoring
+step bench_w2 45 bench_w2_scoring
 
 bench_train() {
     if [ "$MODE" != full ]; then

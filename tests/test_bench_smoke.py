@@ -313,11 +313,10 @@ def test_gpu_check_dry_run(tmp_path):
     steps = {}
     for line in summary.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("install", "info", "gpu_tests", "bench_attn", "breakdown", "resources"):
+        if parts and parts[0] in ("install", "info", "gpu_tests", "bench_attn", "bench_w2", "breakdown", "resources"):
             steps[parts[0]] = parts[1]
-    assert steps == dict.fromkeys(("install", "info", "gpu_tests", "bench_attn", "breakdown", "resources"), "pass"), (
-        summary
-    )
+    expected = ("install", "info", "gpu_tests", "bench_attn", "bench_w2", "breakdown", "resources")
+    assert steps == dict.fromkeys(expected, "pass"), summary
     assert "dry-run mode" in summary
     assert "tests: " in summary and " passed" in summary and "failed" not in summary.split("tests: ")[1].split("\n")[0]
     assert "Triton fwd+bwd against its targets" in summary
@@ -326,6 +325,34 @@ def test_gpu_check_dry_run(tmp_path):
     shard_log = (out / "gpu_tests_shards.log").read_text()
     assert shard_log.count(" passed") >= 2, shard_log[-2000:]
     assert (out / "results" / "attention.csv").exists() and (out / "results" / "kernel_resources.csv").exists()
+    assert (out / "results" / "w2_scoring.csv").exists()
+
+
+def test_w2_scoring(tmp_path):
+    """bench/w2_scoring.py at a small CPU shape: the matmul yardstick, the reference's scores (forward and
+    forward+backward) and its top-k, each with a positive time, its ratio to the matmul and a roofline floor."""
+    scoring = _load("w2_scoring")
+    _run(
+        "w2_scoring.py",
+        ["--quick", "--batch", "8", "--items", "300", "--backends", "reference", "--min-time", "0.02"],
+        tmp_path,
+        timeout=600,
+    )
+    header, rows, _ = _rows(tmp_path, "w2_scoring")
+    assert header == scoring.COLUMNS
+    by = {(r["op"], r["backend"]): r for r in rows}
+    assert set(by) == {
+        ("matmul", "torch"),
+        ("scores", "reference"),
+        ("scores_fwd_bwd", "reference"),
+        ("topk", "reference+torch.topk"),
+    }
+    assert float(by[("matmul", "torch")]["x_matmul"]) == 1.0
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert 0 < float(r["p20_ms"]) <= float(r["ms"]) <= float(r["p80_ms"]), r
+        assert float(r["x_matmul"]) > 0 and float(r["floor_ms"]) > 0, r
+    assert int(by[("topk", "reference+torch.topk")]["k"]) == 10
 
 
 def test_gpu_summary_ratios_and_test_counts(tmp_path):
