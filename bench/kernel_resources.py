@@ -419,7 +419,7 @@ def run_config_calibrated(triton_cal, n, dtype, mechanism, masked, dropout, batc
 FAMILIES = {
     "dot": ("dot_refined", run_config, ("none", "simp", "add", "value"), 256),
     "w2": ("w2_refined", run_config_w2, ("none", "simp", "add", "value", "stoc"), 256),
-    "calibrated": ("calibrated", run_config_calibrated, ("none", "simp", "add", "value"), 64),
+    "calibrated": ("calibrated", run_config_calibrated, ("none", "simp", "add", "value"), 256),
 }
 
 
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--families",
         default="dot",
-        help="comma list of dot, w2, calibrated (dot, w2: fused n <= 64, tiled to 256; calibrated: fused forward)",
+        help="comma list of dot, w2, calibrated (fused n <= 64, tiled/row-block to 256; calibrated: forward only)",
     )
     p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
     p.add_argument(

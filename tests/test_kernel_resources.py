@@ -68,12 +68,13 @@ def test_gate_rules():
 
 def test_resource_gate_default_configurations(tmp_path):
     """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask, for the dot and
-    W2 families; the calibrated family's fused forward at n=50 (every refinement)."""
+    W2 families; the calibrated family's fused forward at n=50 and row-block forward at n=200 (every
+    refinement)."""
     pytest.importorskip("triton")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the stand-in compiles; the interpreter would run instead
     procs = {}
-    for n, family in ((50, "dot"), (200, "dot"), ("50,200", "w2"), (50, "calibrated")):
+    for n, family in ((50, "dot"), (200, "dot"), ("50,200", "w2"), ("50,200", "calibrated")):
         mechanisms = (*MECHANISMS, "stoc") if family == "w2" else MECHANISMS
         args = ["--arch", "90", "--n", str(n), "--dtypes", ",".join(DTYPES), "--mechanisms", ",".join(mechanisms)]
         args += ["--families", family]
@@ -92,9 +93,9 @@ def test_resource_gate_default_configurations(tmp_path):
         gate_lines = "\n".join(line for line in outputs[n].splitlines() if line.startswith(("GATE", "resource gate")))
         assert p.returncode == 0, f"n={n}: exit {p.returncode}\n{gate_lines}\n{outputs[n][-3000:]}"
     calibrated = list(csv.DictReader(open(tmp_path / "ncalibrated" / "kernel_resources.csv")))
-    assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_fwd"} == {
-        (dtype, mechanism) for dtype in DTYPES for mechanism in MECHANISMS
-    }
+    every = {(dtype, mechanism) for dtype in DTYPES for mechanism in MECHANISMS}
+    assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_fwd"} == every
+    assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_rows_fwd"} == every
     fused = list(csv.DictReader(open(tmp_path / "n50" / "kernel_resources.csv")))
     tiled = list(csv.DictReader(open(tmp_path / "n200" / "kernel_resources.csv")))
     # every configuration compiled its kernels: the fused pair at n=50, the tiled set at n=200

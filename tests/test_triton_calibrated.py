@@ -113,8 +113,8 @@ def test_causal():
 
 
 def test_row_refuses_what_it_lacks():
-    """Forward only, no dropout, n <= 64: "auto" sends training, dropout and long sequences to the reference,
-    and naming the backend says why."""
+    """Forward only, no dropout, n <= 256: "auto" sends training, dropout and longer sequences to the
+    reference, and naming the backend says why."""
     kwargs = _case(7, [7, 3])
     q, k, v = (kwargs.pop(name).float().requires_grad_(True) for name in ("q", "k", "v"))
     rest = {key: value.float() if value.is_floating_point() else value for key, value in kwargs.items()}
@@ -124,11 +124,11 @@ def test_row_refuses_what_it_lacks():
         awr_fast.calibrated_attention(q, k, v, **rest, dropout_p=0.1, backend="triton")
     with torch.no_grad(), pytest.raises(Exception, match="perturb_dropout_p"):
         awr_fast.calibrated_attention(q, k, v, **rest, perturb_dropout_p=0.1, backend="triton")
-    long = _case(65, [65])
+    long = _case(257, [257], d_h=4)
     q2, k2, v2 = (long.pop(name).float() for name in ("q", "k", "v"))
     rest2 = {key: value.float() if value.is_floating_point() else value for key, value in long.items()}
     inputs = awr_fast.ops.calibrated.make_inputs(q2, k2, v2, **rest2)
-    assert any("65" in r for r in backends.capabilities("calibrated")["triton"].table_reasons(inputs))
+    assert any("n=257" in r for r in backends.capabilities("calibrated")["triton"].table_reasons(inputs))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -149,3 +149,63 @@ def test_torch_compile_fullgraph_no_graph_break():
     for a, b, c in zip(compiled, eager, expected):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+# ---- the row-block path (n > FUSED_MAX_N; rows_only forces it at any n) --------------------------------
+
+
+@pytest.fixture
+def rows_only(monkeypatch):
+    from awr_fast.kernels import calibrated as triton_cal
+
+    monkeypatch.setattr(triton_cal, "FUSED_MAX_N", 0)
+
+
+ROW_SHAPES = [(97, [97, 40, 0]), (200, [200, 77, 1]), (256, [256, 130])]
+
+
+@pytest.mark.parametrize("adversarial", [True, False])
+@pytest.mark.parametrize("n,lengths", ROW_SHAPES, ids=[f"n{n}" for n, _ in ROW_SHAPES])
+def test_row_blocks_match_reference(adversarial, n, lengths):
+    """Past the fused limit: several 16-row blocks and 32-key blocks, a fully padded row, n = 256."""
+    _assert_matches(_case(n, lengths, adversarial=adversarial, d_h=8, seed=n))
+
+
+@pytest.mark.parametrize("refine", ["simp", "add", "value"])
+def test_row_blocks_with_refinement(refine):
+    """P_fin written out and refined by the dot family's tiled core (shared and per-head weights)."""
+    _assert_matches(_case(97, [97, 30, 0], refine=refine, d_h=8, seed=6))
+    _assert_matches(_case(70, [70, 9], adversarial=False, refine=refine, per_head=True, d_h=8, seed=7))
+
+
+@pytest.mark.parametrize("n,lengths", SHAPES, ids=[f"n{n}" for n, _ in SHAPES])
+def test_row_blocks_forced_at_short_lengths(rows_only, n, lengths):
+    _assert_matches(_case(n, lengths, refine="simp" if n % 2 else "none", seed=n))
+
+
+def test_row_blocks_half_precision_and_padding_zero(rows_only):
+    _assert_matches(_case(37, [37, 12, 0], refine="value", seed=3), torch.bfloat16)
+    kwargs = _case(40, [40, 6, 0], seed=4)
+    out_cal, out_att, perturb = _call(kwargs, torch.float32, "triton")
+    pad = kwargs["key_padding_mask"].to(DEVICE)
+    for out in (out_cal, out_att):
+        assert (out[pad[:, None, :].expand(out.shape[:3])] == 0).all()
+    ref = _call(kwargs, torch.float64, "reference")[2]
+    torch.testing.assert_close(perturb.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)  # zeros outside too
+
+
+def test_row_blocks_causal():
+    """Changing every input at positions > t moves no output at positions <= t (n = 97, refined)."""
+    kwargs = _case(97, [97, 80], refine="simp", d_h=8, seed=9)
+    base = _call(kwargs, torch.float32, "triton")
+    t = 45
+    changed = dict(kwargs)
+    g = torch.Generator().manual_seed(8)
+    for name in ("q", "k", "v", "q_adv", "k_adv"):
+        x = kwargs[name].clone()
+        x[..., t + 1 :, :] = torch.randn(x[..., t + 1 :, :].shape, generator=g, dtype=x.dtype)
+        changed[name] = x
+    out = _call(changed, torch.float32, "triton")
+    for a, b in zip(out[:2], base[:2]):
+        torch.testing.assert_close(a[..., : t + 1, :], b[..., : t + 1, :], rtol=0, atol=0)
+        assert (a[..., t + 1 :, :] - b[..., t + 1 :, :]).abs().max() > 1e-3

@@ -8,7 +8,7 @@ import torch
 
 from .. import validation as V
 from .capability import KERNEL_FLOAT, Capability, InputsRecord
-from .dot_refined import CAUSAL_MECHANISMS, MAX_GRID, TRITON_MAX_D_HEAD, WEIGHTS, check_refinement
+from .dot_refined import CAUSAL_MECHANISMS, MAX_GRID, TRITON_MAX_D_HEAD, TRITON_MAX_N, WEIGHTS, check_refinement
 
 NAME = "calibrated"
 #: "spatial" alone, or with the adversarial calibrator (q_adv, k_adv, gate_logits given).
@@ -174,7 +174,7 @@ CAPABILITIES = (
         "triton",
         "awr_fast.kernels.calibrated",
         dtypes=KERNEL_FLOAT,
-        max_n=64,
+        max_n=TRITON_MAX_N,
         max_d_h=TRITON_MAX_D_HEAD,
         max_grid=MAX_GRID,
         dropout=False,
