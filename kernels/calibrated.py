@@ -59,6 +59,26 @@ ORDER_EPS = tl.constexpr(1e-24)  # the released log(1 - p_o + 1e-24), computed i
 
 
 @triton.jit
+def _calibrator(VEC, SCAL, D, D_PAD: tl.constexpr):
+    """The spatial calibrator's parameters: VEC rows w_oq, w_ok, w_dq, w_dk; SCAL b_o, b_d, s (float32)."""
+    dcols = tl.arange(0, D_PAD)
+    dmask = dcols < D
+    w_oq = tl.load(VEC + 0 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    w_ok = tl.load(VEC + 1 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    w_dq = tl.load(VEC + 2 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    w_dk = tl.load(VEC + 3 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    return (
+        w_oq,
+        w_ok,
+        w_dq,
+        w_dk,
+        tl.load(SCAL + 0).to(tl.float32),
+        tl.load(SCAL + 1).to(tl.float32),
+        tl.load(SCAL + 2).to(tl.float32),
+    )
+
+
+@triton.jit
 def _window_fwd(
     Q,
     K,
@@ -101,16 +121,8 @@ def _window_fwd(
     vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
     q = _load_rows(Q, base, idx, n, D, D_PAD)
     k = _load_rows(K, base, idx, n, D, D_PAD)
-    # the spatial calibrator's separable projections: VEC rows w_oq, w_ok, w_dq, w_dk; SCAL b_o, b_d, s
-    dcols = tl.arange(0, D_PAD)
-    dmask = dcols < D
-    w_oq = tl.load(VEC + 0 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_ok = tl.load(VEC + 1 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_dq = tl.load(VEC + 2 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_dk = tl.load(VEC + 3 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    b_o = tl.load(SCAL + 0).to(tl.float32)
-    b_d = tl.load(SCAL + 1).to(tl.float32)
-    dist_scale = tl.load(SCAL + 2).to(tl.float32)
+    # the spatial calibrator's separable projections
+    w_oq, w_ok, w_dq, w_dk, b_o, b_d, dist_scale = _calibrator(VEC, SCAL, D, D_PAD)
     order = tl.sum(q * w_oq[None, :], 1)[:, None] + tl.sum(k * w_ok[None, :], 1)[None, :] + b_o
     p_o = tl.sigmoid(order)
     e_o = tl.where(vis, tl.log(1.0 - p_o + ORDER_EPS), 0.0)
@@ -387,15 +399,7 @@ def _calibrated_rows_fwd(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     base = bh * n * D
     sq_base = bh * n * n
-    dcols = tl.arange(0, D_PAD)
-    dmask = dcols < D
-    w_oq = tl.load(VEC + 0 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_ok = tl.load(VEC + 1 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_dq = tl.load(VEC + 2 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_dk = tl.load(VEC + 3 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    b_o = tl.load(SCAL + 0).to(tl.float32)
-    b_d = tl.load(SCAL + 1).to(tl.float32)
-    dist_scale = tl.load(SCAL + 2).to(tl.float32)
+    w_oq, w_ok, w_dq, w_dk, b_o, b_d, dist_scale = _calibrator(VEC, SCAL, D, D_PAD)
     q = _load_rows(Q, base, rows, n, D, D_PAD)
     q_order = tl.sum(q * w_oq[None, :], 1)
     q_dist = tl.sum(q * w_dq[None, :], 1)
