@@ -19,7 +19,8 @@
 #                  test_build.py, test_cuda_dot.py, test_cuda_w2.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
-#                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; then Beauty's lengths
+#                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; the W2 family (H 1, n 50
+#                  and 200) with a third of the budget (full mode); then Beauty's lengths
 #   bench_w2       bench/w2_scoring.py: W2 item scoring (B=256, |V|=60k, d=64, bf16; every backend, fwd and
 #                  fwd+bwd) and the fused top-k beside one (B x d)(d x |V|) matmul (full mode)
 #   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
@@ -184,9 +185,25 @@ bench_attention() {
         quick) default_args="--family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends sdpa,eager,compile,triton --min-time 0.05" ;;
         dry-run) default_args="--quick --family dot --batch 2 --n 20 --d 32 --heads 1 --mechanisms none,simp --backends sdpa,eager,triton --min-time 0.01" ;;
     esac
+    # then STOSA's W2 family at the same shapes (issue 10's targets), a third of what is left
+    local w2_args="" w2_budget=0
+    if [ -z "${BENCH_ATTN_ARGS:-}" ]; then
+        case $MODE in
+            full) w2_args="--family w2 --d 64 --heads 1 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05" ;;
+            dry-run) w2_args="--quick --family w2 --batch 2 --n 20 --d 32 --heads 1 --mechanisms none,simp,stoc --backends eager,triton --min-time 0.01" ;;
+        esac
+        if [ -n "$w2_args" ]; then
+            w2_budget=$(( budget / 3 ))
+            budget=$(( budget - w2_budget ))
+        fi
+    fi
     # shellcheck disable=SC2086
     "$PY" bench/attention.py ${BENCH_ATTN_ARGS:-$default_args} \
         --time-budget "$budget" --results-dir "$RESULTS_DIR" || return $?
+    if [ "$w2_budget" -gt 0 ]; then
+        # shellcheck disable=SC2086
+        "$PY" bench/attention.py $w2_args --time-budget "$w2_budget" --results-dir "$RESULTS_DIR" || return $?
+    fi
     if [ "$real_budget" -gt 0 ]; then  # padded vs length-aware with Beauty's lengths (issue: length-aware)
         "$PY" bench/attention.py --family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends eager,triton \
             --lengths-from .gpu_data/Beauty.txt --min-time 0.05 --time-budget "$real_budget" --results-dir "$RESULTS_DIR"

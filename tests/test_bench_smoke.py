@@ -326,6 +326,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert shard_log.count(" passed") >= 2, shard_log[-2000:]
     assert (out / "results" / "attention.csv").exists() and (out / "results" / "kernel_resources.csv").exists()
     assert (out / "results" / "w2_scoring.csv").exists()
+    with open(out / "results" / "attention.csv", newline="") as f:
+        families = {(r["family"], r["status"]) for r in csv.DictReader(f)}
+    assert ("w2", "ok") in families and ("dot", "ok") in families, families  # the W2 family is benchmarked too
 
 
 def test_w2_scoring(tmp_path):
