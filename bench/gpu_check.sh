@@ -16,11 +16,12 @@
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
 #   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_triton_calibrated.py,
-#                  test_build.py, test_cuda_dot.py, test_cuda_w2.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
+#                  test_triton_calibrated_backward.py, test_build.py, test_cuda_dot.py, test_cuda_w2.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
 #                  family, eager/compile/triton/cuda/SDPA, bounded by --time-budget; the W2 family (H 1, n 50
-#                  and 200) with a third of the budget (full mode); then Beauty's lengths
+#                  and 200) with a third of the budget and the calibrated family (H 4, n 50 and 200; triton
+#                  fwd+bwd against compile and SDPA) with a quarter of the rest (full mode); then Beauty's lengths
 #   bench_w2       bench/w2_scoring.py: W2 item scoring (B=256, |V|=60k, d=64, bf16; every backend, fwd and
 #                  fwd+bwd) and the fused top-k beside one (B x d)(d x |V|) matmul (full mode)
 #   breakdown      bench/breakdown.py: host vs device time and the kernels of one step (simp, value; n=50, 200;
@@ -139,7 +140,7 @@ gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_w2.py tests/test_cuda_resources.py) select=()
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_triton_calibrated_backward.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_w2.py tests/test_cuda_resources.py) select=()
     case $MODE in
         quick) files=(tests/test_triton_dot.py tests/test_triton_w2.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality or window") ;;
         dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;
@@ -185,16 +186,22 @@ bench_attention() {
         quick) default_args="--family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends sdpa,eager,compile,triton --min-time 0.05" ;;
         dry-run) default_args="--quick --family dot --batch 2 --n 20 --d 32 --heads 1 --mechanisms none,simp --backends sdpa,eager,triton --min-time 0.01" ;;
     esac
-    # then STOSA's W2 family at the same shapes (issue 10's targets), a third of what is left
-    local w2_args="" w2_budget=0
+    # then STOSA's W2 family at the same shapes (issue 10's targets), a third of what is left, and AC-TSR's
+    # calibrated attention at the released shape (H 4, n 50; and 200), forward and backward, a quarter of the rest
+    local w2_args="" w2_budget=0 cal_args="" cal_budget=0
     if [ -z "${BENCH_ATTN_ARGS:-}" ]; then
         case $MODE in
-            full) w2_args="--family w2 --d 64 --heads 1 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05" ;;
+            full) w2_args="--family w2 --d 64 --heads 1 --n 50,200 --dtype bf16 --backends sdpa,eager,compile,triton,cuda --min-time 0.05"
+                  cal_args="--family calibrated --d 64 --heads 4 --n 50,200 --dtype bf16 --backends sdpa,compile,triton --min-time 0.05" ;;
             dry-run) w2_args="--quick --family w2 --batch 2 --n 20 --d 32 --heads 1 --mechanisms none,simp,stoc --backends eager,triton --min-time 0.01" ;;
         esac
         if [ -n "$w2_args" ]; then
             w2_budget=$(( budget / 3 ))
             budget=$(( budget - w2_budget ))
+        fi
+        if [ -n "$cal_args" ]; then
+            cal_budget=$(( budget / 4 ))
+            budget=$(( budget - cal_budget ))
         fi
     fi
     # shellcheck disable=SC2086
@@ -203,6 +210,10 @@ bench_attention() {
     if [ "$w2_budget" -gt 0 ]; then
         # shellcheck disable=SC2086
         "$PY" bench/attention.py $w2_args --time-budget "$w2_budget" --results-dir "$RESULTS_DIR" || return $?
+    fi
+    if [ "$cal_budget" -gt 0 ]; then
+        # shellcheck disable=SC2086
+        "$PY" bench/attention.py $cal_args --time-budget "$cal_budget" --results-dir "$RESULTS_DIR" || return $?
     fi
     if [ "$real_budget" -gt 0 ]; then  # padded vs length-aware with Beauty's lengths (issue: length-aware)
         "$PY" bench/attention.py --family dot --d 64 --heads 1 --n 50 --dtype bf16 --backends eager,triton \

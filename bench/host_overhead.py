@@ -4,8 +4,8 @@ negligible and what remains is Python (argument checks, dispatch, autograd bookk
     python bench/host_overhead.py                     # every backend that runs here, none and simp
     python bench/host_overhead.py --label before      # tag the rows (e.g. an older checkout on PYTHONPATH)
 
-For each (mechanism, backend) it times one forward+backward (the "-fwd" rows: AC-TSR's calibrated attention,
-whose Triton kernel is forward only, beside SDPA's forward) through the public API (median and 20/80
+For each (mechanism, backend) it times one forward+backward (the "-fwd" rows: AC-TSR's calibrated attention in
+evaluation, forward only, beside SDPA's forward) through the public API (median and 20/80
 quantiles over --repeats blocks of --calls calls), the same through the nn module (projections included),
 and F.scaled_dot_product_attention at the same shape as the floor of any PyTorch attention call. The
 "kernel" rows call the Triton backend's entry on the same CPU tensors with Triton's active driver replaced
@@ -119,8 +119,8 @@ def _cases(args):
 
     yield "api", "causal", "sdpa", sdpa_call
 
-    # AC-TSR's calibrated attention, forward only (evaluation: its Triton kernel has no backward yet),
-    # beside SDPA's forward; "vs SDPA" of a "-fwd" row is against SDPA's forward
+    # AC-TSR's calibrated attention, forward only (evaluation) beside SDPA's forward ("vs SDPA" of a "-fwd"
+    # row is against SDPA's forward); its Triton forward+backward is the "kernel" adversarial row below
     qa, ka = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
     calibrator = {name: torch.randn(d, generator=g) for name in ("w_oq", "w_ok", "w_dq", "w_dk")}
     calibrator.update({name: torch.randn((), generator=g) for name in ("b_o", "b_d", "dist_scale")})
@@ -159,6 +159,14 @@ def _cases(args):
             triton_calibrated.calibrated(q, k, v, **calibrator, **adversary, key_padding_mask=mask)
 
     yield "kernel-fwd", "adversarial", "triton", calibrated_kernel_call
+    trained = {name: t.clone().requires_grad_(True) for name, t in {**calibrator, **adversary}.items()}
+    trained["noise"] = adversary["noise"]
+
+    def calibrated_training_call():  # forward and backward (row and column blocks), as AC-SASRec trains
+        out_cal, out_att, perturb = triton_calibrated.calibrated(q, k, v, **trained, key_padding_mask=mask)
+        (out_cal.sum() + out_att.sum() + perturb.sum()).backward()
+
+    yield "kernel", "adversarial", "triton", calibrated_training_call
     for mechanism in ("none", "simp"):
         weights = w if mechanism == "simp" else {}
 

@@ -383,15 +383,16 @@ def run_config_w2(triton_w2, n, dtype, mechanism, masked, dropout, batch=2, head
 
 
 def run_config_calibrated(triton_cal, n, dtype, mechanism, masked, dropout, batch=2, heads=1, d_h=64, device="cpu"):
-    """The calibrated family's fused forward (both calibrators; `mechanism` is the AWRSR refinement of
-    P_fin); forward only, without dropout, as its capability row."""
+    """The calibrated family with both calibrators, forward and backward (the row- and column-block kernels),
+    with dropout on every stream when `dropout`; `mechanism` is the AWRSR refinement of P_fin (the dot
+    family's tiled core, recomputed in the backward)."""
     from awr_fast.ops.calibrated import REFINE_WEIGHTS
 
     g = torch.Generator().manual_seed(0)
     dt = DTYPES[dtype]
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt).requires_grad_(True)
 
     shape = (batch, heads, n, d_h)
     mask = None
@@ -402,17 +403,21 @@ def run_config_calibrated(triton_cal, n, dtype, mechanism, masked, dropout, batc
     calibrator = {name: randn(d_h) for name in ("w_oq", "w_ok", "w_dq", "w_dk")}
     calibrator.update({name: randn(()) for name in ("b_o", "b_d", "dist_scale")})
     refinement = {name: randn(n, n) for name in REFINE_WEIGHTS[mechanism]}
-    triton_cal.calibrated(
+    p = 0.1 if dropout else 0.0
+    out_cal, out_att, perturb = triton_cal.calibrated(
         *(randn(*shape) for _ in range(3)),
         **calibrator,
         q_adv=randn(*shape),
         k_adv=randn(*shape),
         gate_logits=randn(batch, n, n),
-        noise=randn(batch, heads, n, n),
+        noise=randn(batch, heads, n, n).detach(),
         key_padding_mask=mask,
+        dropout_p=p,
+        perturb_dropout_p=p,
         refine=mechanism,
         **refinement,
     )
+    (out_cal.sum() + out_att.sum() + perturb.sum()).backward()
 
 
 #: family -> (kernel module, entry runner, mechanisms, longest n): what `--families` compiles
@@ -432,7 +437,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--families",
         default="dot",
-        help="comma list of dot, w2, calibrated (fused n <= 64, tiled/row-block to 256; calibrated: forward only)",
+        help="comma list of dot, w2, calibrated (fused n <= 64, tiled/row-block to 256)",
     )
     p.add_argument("--all", action="store_true", help="also without a mask and with dropout; n 50,100,200,256")
     p.add_argument(

@@ -851,7 +851,7 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
     dxk = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[1], device=L.device)
     dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
     dbias = L.scratch() if bias is not None else None
-    bm, bn, warps = _blocks(L.n, di)
+    bm, bn, warps = _blocks(max(L.n, 65), di)  # 32-row blocks: whole 64-row ones overflow shared memory
     common = dict(
         HAS_MASK=L.has_mask,
         N_PAD=L.n_pad,
@@ -948,7 +948,7 @@ def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
 def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
     """(dBv, the dropped P3) of "value"'s last softmax."""
     dbv, p3 = L.scratch(), L.scratch()
-    bm, bn, warps = _blocks(L.n, L.d)
+    bm, bn, warps = _blocks(max(L.n, 65), L.d)  # 32-row blocks, as the flash backward
     launch(
         _value_out_bwd,
         L.grid_rows(bm),

@@ -67,6 +67,30 @@ def test_loss_routes_each_part_into_its_own_parameters():
     assert any(g is not None and g.abs().max() > 0 for g in leak_att)  # L_att does reach them, unrouted
 
 
+def test_trains_on_the_triton_kernels():
+    """The Triton backend's forward and backward (row/column blocks, noise drawn in the kernels) inside the
+    two routed losses: L_cal does not read the noise, so with dropout off its value and every gradient it
+    routes match the reference backend; L_att reaches the maps with finite, nonzero gradients."""
+    models = {}
+    for backend in ("triton", "reference"):
+        models[backend] = _model(dropout=0.0, attn_dropout=0.0, backend=backend).float().train()
+    seq, pos = _batch()
+    grads, values = {}, {}
+    for backend, model in models.items():
+        out = model.loss(seq, pos)
+        (loss_cal, cal_params), (loss_att, adv_params) = out.routes
+        values[backend] = loss_cal.item()
+        grads[backend] = torch.autograd.grad(loss_cal, cal_params, retain_graph=True, allow_unused=True)
+        att = torch.autograd.grad(loss_att, adv_params)
+        assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in att), backend
+    assert values["triton"] == pytest.approx(values["reference"], rel=1e-5)
+    for g_triton, g_ref in zip(grads["triton"], grads["reference"]):
+        if g_ref is None:
+            assert g_triton is None
+        else:
+            torch.testing.assert_close(g_triton, g_ref, rtol=2e-3, atol=2e-5)
+
+
 def test_adversary_step_increases_the_perturbed_ce():
     """With lambda = 0, a small step of A_q, A_k against dL_att raises CE(h_att) by what the gradient
     predicts (||g|| times the step): the maps attack, they do not help."""

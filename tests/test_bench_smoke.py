@@ -262,6 +262,8 @@ def test_host_overhead(tmp_path):
     assert kernel["status"] == "ok" and kernel["triton_launches"] == "3", kernel
     assert by[("kernel", "none", "triton")]["triton_launches"] == "2"  # no weights: the fused pair only
     assert by[("kernel-w2", "simp", "triton")]["triton_launches"] == "3"  # the W2 family's fused kernels alike
+    calibrated = by[("kernel", "adversarial", "triton")]  # fused forward; row- and column-block backward
+    assert calibrated["status"] == "ok" and calibrated["triton_launches"] == "3", calibrated
     stoc = by[("kernel-w2", "stoc", "triton")]  # tiled: A, B of the row Gaussians, outputs; and their backward
     assert stoc["status"] == "ok" and int(stoc["triton_launches"]) == 3 + 6, stoc
     for r in rows:

@@ -69,7 +69,7 @@ def test_gate_rules():
 def test_resource_gate_default_configurations(tmp_path):
     """sm_90, fused n=50 and tiled n=200, fp32 and bf16, every mechanism, with a padding mask, for the dot and
     W2 families; the calibrated family's fused forward at n=50 and row-block forward at n=200 (every
-    refinement)."""
+    refinement), and its backward (row and column blocks) at both."""
     pytest.importorskip("triton")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the stand-in compiles; the interpreter would run instead
@@ -96,6 +96,9 @@ def test_resource_gate_default_configurations(tmp_path):
     every = {(dtype, mechanism) for dtype in DTYPES for mechanism in MECHANISMS}
     assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_fwd"} == every
     assert {(r["dtype"], r["mechanism"]) for r in calibrated if r["kernel"] == "_calibrated_rows_fwd"} == every
+    for kernel in ("_calibrated_rows_bwd", "_calibrated_cols_bwd"):
+        trained = {(r["dtype"], r["mechanism"], r["n"]) for r in calibrated if r["kernel"] == kernel}
+        assert trained == {(dtype, mechanism, n) for dtype, mechanism in every for n in ("50", "200")}, kernel
     fused = list(csv.DictReader(open(tmp_path / "n50" / "kernel_resources.csv")))
     tiled = list(csv.DictReader(open(tmp_path / "n200" / "kernel_resources.csv")))
     # every configuration compiled its kernels: the fused pair at n=50, the tiled set at n=200

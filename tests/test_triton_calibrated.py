@@ -1,6 +1,7 @@
-"""The Triton calibrated family (kernels/calibrated.py): its fused forward against the float64 reference
+"""The Triton calibrated family (kernels/calibrated.py): its forward against the float64 reference
 (both calibrators, every AWRSR refinement of P_fin, shared and per-head weights, every window size, odd n,
-padding and fully padded rows, fp32/bf16/fp16), causality, and what its capability row refuses.
+padding and fully padded rows, fp32/bf16/fp16), causality, and what its capability row refuses. The
+backward and dropout: tests/test_triton_calibrated_backward.py.
 
 On CPU these run under TRITON_INTERPRET=1 (tests/conftest.py); the shared backend grid of
 tests/test_backends.py also runs the row on the spatial and adversarial cases."""
@@ -10,6 +11,7 @@ import torch
 
 import awr_fast
 from awr_fast import backends, testing
+from awr_fast.kernels import calibrated as triton_cal
 from awr_fast.ops.calibrated import REFINE_WEIGHTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,17 +115,16 @@ def test_causal():
 
 
 def test_row_refuses_what_it_lacks():
-    """Forward only, no dropout, n <= 256: "auto" sends training, dropout and longer sequences to the
-    reference, and naming the backend says why."""
-    kwargs = _case(7, [7, 3])
-    q, k, v = (kwargs.pop(name).float().requires_grad_(True) for name in ("q", "k", "v"))
-    rest = {key: value.float() if value.is_floating_point() else value for key, value in kwargs.items()}
-    with pytest.raises(Exception, match="gradient|grad"):
-        awr_fast.calibrated_attention(q, k, v, **rest, backend="triton")
-    with torch.no_grad(), pytest.raises(Exception, match="dropout"):
-        awr_fast.calibrated_attention(q, k, v, **rest, dropout_p=0.1, backend="triton")
-    with torch.no_grad(), pytest.raises(Exception, match="perturb_dropout_p"):
-        awr_fast.calibrated_attention(q, k, v, **rest, perturb_dropout_p=0.1, backend="triton")
+    """n <= 256 and the kernel dtypes: "auto" sends longer sequences and float64 to the reference, and
+    naming the backend says why; training and dropout, refined or not, it takes."""
+    kwargs = _case(7, [7, 3], refine="simp")
+    q, k, v = (kwargs.pop(name).requires_grad_(True) for name in ("q", "k", "v"))
+    with pytest.raises(Exception, match="dtype torch.float64 is not supported"):
+        awr_fast.calibrated_attention(q, k, v, **kwargs, backend="triton")
+    rest = {key: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for key, t in kwargs.items()}
+    inputs = awr_fast.ops.calibrated.make_inputs(q.float(), k.float(), v.float(), **rest, dropout_p=0.1)
+    assert inputs.requires_grad()
+    assert backends.capabilities("calibrated")["triton"].table_reasons(inputs) == []
     long = _case(257, [257], d_h=4)
     q2, k2, v2 = (long.pop(name).float() for name in ("q", "k", "v"))
     rest2 = {key: value.float() if value.is_floating_point() else value for key, value in long.items()}
@@ -156,8 +157,6 @@ def test_torch_compile_fullgraph_no_graph_break():
 
 @pytest.fixture
 def rows_only(monkeypatch):
-    from awr_fast.kernels import calibrated as triton_cal
-
     monkeypatch.setattr(triton_cal, "FUSED_MAX_N", 0)
 
 

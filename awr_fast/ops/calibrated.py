@@ -169,7 +169,8 @@ def make_inputs(
 
 
 CAPABILITIES = (
-    # the fused forward (n <= 64) for evaluation: no gradient, no dropout yet (training runs the reference)
+    # forward (fused windows for n <= 64 in evaluation, row blocks otherwise) and backward (row and column
+    # blocks, a refinement of P_fin through the dot family's tiled core) with Philox dropout
     Capability(
         "triton",
         "awr_fast.kernels.calibrated",
@@ -177,9 +178,6 @@ CAPABILITIES = (
         max_n=TRITON_MAX_N,
         max_d_h=TRITON_MAX_D_HEAD,
         max_grid=MAX_GRID,
-        dropout=False,
-        grad=False,
-        reasons="reasons",
     ),
     Capability("reference", "awr_fast.reference.calibrated"),
 )
