@@ -74,12 +74,12 @@ ORDER_EPS = tl.constexpr(1e-24)  # the released log(1 - p_o + 1e-24), computed i
 
 @triton.jit
 def _calibrator(VEC, SCAL, D, D_PAD: tl.constexpr):
-    """The spatial calibrator's parameters: VEC rows w_oq, w_ok, w_dq, w_dk; SCAL b_o, b_d, s (float32)."""
+    """The spatial calibrator's parameters: VEC rows w_oq, w_dq, w_ok, w_dk; SCAL b_o, b_d, s (float32)."""
     dcols = tl.arange(0, D_PAD)
     dmask = dcols < D
     w_oq = tl.load(VEC + 0 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_ok = tl.load(VEC + 1 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    w_dq = tl.load(VEC + 2 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    w_dq = tl.load(VEC + 1 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    w_ok = tl.load(VEC + 2 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
     w_dk = tl.load(VEC + 3 * D + dcols, mask=dmask, other=0.0).to(tl.float32)
     return (
         w_oq,
@@ -767,10 +767,11 @@ def _calibrated_rows_bwd(
     tl.store(st + 12 * n, d_cal, mask=in_rows)
     tl.store(st + 13 * n, d_sp, mask=in_rows)
     tl.store(st + 14 * n, d_m, mask=in_rows)
-    rs = ROWSUMS + bh * 3 * n + rows
+    rs = ROWSUMS + bh * n + rows  # (3, batch*heads, n): the host's weight-gradient GEMM reads it as is
+    plane = tl.num_programs(1) * n
     tl.store(rs, r_order, mask=in_rows)
-    tl.store(rs + n, r_dist, mask=in_rows)
-    tl.store(rs + 2 * n, r_scale, mask=in_rows)
+    tl.store(rs + plane, r_dist, mask=in_rows)
+    tl.store(rs + 2 * plane, r_scale, mask=in_rows)
 
 
 @triton.jit
@@ -851,8 +852,8 @@ def _calibrated_cols_bwd(
     if ADV:
         _store_rows(DKA, base, acc_ka, cols, n, D, D_PAD)
     in_cols = cols < n
-    tl.store(COLSUMS + bh * 2 * n + cols, c_order, mask=in_cols)
-    tl.store(COLSUMS + bh * 2 * n + n + cols, c_dist, mask=in_cols)
+    tl.store(COLSUMS + bh * n + cols, c_order, mask=in_cols)  # (2, batch*heads, n)
+    tl.store(COLSUMS + tl.num_programs(1) * n + bh * n + cols, c_dist, mask=in_cols)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -1043,8 +1044,8 @@ def _backward(
     dka = torch.empty_like(k_adv) if adversarial else None
     dgate = L.scratch() if adversarial else None  # per head, summed below (the gate is shared by the heads)
     stats = q.new_empty(L.bh, STAT_ROWS.value, L.n, dtype=torch.float32)
-    rowsums = q.new_empty(L.bh, 3, L.n, dtype=torch.float32)
-    colsums = q.new_empty(L.bh, 2, L.n, dtype=torch.float32)
+    rowsums = q.new_empty(3, L.bh * L.n, dtype=torch.float32)  # order, distance, scale terms per query
+    colsums = q.new_empty(2, L.bh * L.n, dtype=torch.float32)  # order, distance terms per key
     noise = noise if _present(noise) else None  # None: drawn in the kernels from the seed, as the forward did
     refined = refine != "none"
     d_pfin = dv_refined = dm1 = dw_rv = None
@@ -1086,16 +1087,9 @@ def _backward(
         dv = dv + dv_refined
     dw_rq, dw_rk = refinement_factor_grads(refine, dm1, w_rq, w_rk)
     # the calibrator's weights: w_oq . q_i and w_ok . k_j enter every logit of row i / column j
-    qf, kf = q.float().reshape(L.bh, L.n, L.d), k.float().reshape(L.bh, L.n, L.d)
-    d_vectors = torch.stack(
-        (
-            torch.einsum("bi,bid->d", rowsums[:, 0], qf),
-            torch.einsum("bj,bjd->d", colsums[:, 0], kf),
-            torch.einsum("bi,bid->d", rowsums[:, 1], qf),
-            torch.einsum("bj,bjd->d", colsums[:, 1], kf),
-        )
-    )
-    d_scalars = rowsums.sum(dim=(0, 2))
+    # (vectors are stacked w_oq, w_dq, w_ok, w_dk: two GEMMs and one cat give their gradient)
+    d_vectors = torch.cat((rowsums[:2] @ q.reshape(-1, L.d).float(), colsums @ k.reshape(-1, L.d).float()))
+    d_scalars = rowsums.sum(1)
     return (
         dq,
         dk,
@@ -1222,7 +1216,7 @@ def calibrated(
     d_h = q.shape[-1]
     scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
     c = 1.0 / math.sqrt(d_h) if refine_scale is None else float(refine_scale)
-    vectors = torch.stack([w.to(torch.float32) for w in (w_oq, w_ok, w_dq, w_dk)]).contiguous()
+    vectors = torch.stack([w.to(torch.float32) for w in (w_oq, w_dq, w_ok, w_dk)]).contiguous()
     scalars = torch.stack([s.reshape(()).to(torch.float32) for s in (b_o, b_d, dist_scale)]).contiguous()
     adversarial = q_adv is not None
     draw = adversarial and noise is None and (training or dropout_p > 0.0 or perturb_dropout_p > 0.0)
