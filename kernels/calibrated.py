@@ -649,6 +649,8 @@ def _calibrated_rows_bwd(
     PRECISION: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """dQ, dQ_adv and the gate's gradient of one block of query rows; its statistics and deltas to STATS
+    (for _calibrated_cols_bwd) and the calibrator's row sums to ROWSUMS."""
     bh, b, start, rows, q, q_order, q_dist, w_oq, w_ok, w_dq, w_dk, b_o, b_d, dist_scale, lo, hi, stats = _row_program(
         Q, K, QA, KA, GATE, NOISE, VEC, SCAL, KPM, SEED, scale, perturb_dropout_p, n, D, H, ADV, PERTURB_DROPOUT,
         DRAW_NOISE, HAS_MASK, PRECISION, N_PAD, D_PAD, BLOCK_M, BLOCK_N,
