@@ -929,9 +929,7 @@ def _forward(
     return out_cal, out_att, perturb
 
 
-def _rows_meta(
-    L: _Launch, adversarial, noise, dropout_p, perturb_dropout_p, block_n=ROWS_BLOCK_N, num_warps=ROWS_WARPS
-) -> dict:
+def _rows_meta(L: _Launch, adversarial, noise, dropout_p, perturb_dropout_p, num_warps=ROWS_WARPS) -> dict:
     return dict(
         ADV=adversarial,
         DROPOUT=dropout_p > 0.0,
@@ -942,7 +940,7 @@ def _rows_meta(
         N_PAD=L.n_pad,
         D_PAD=_pad(L.d),
         BLOCK_M=ROWS_BLOCK_M,
-        BLOCK_N=block_n,
+        BLOCK_N=ROWS_BLOCK_N,
         num_warps=num_warps,
     )
 
