@@ -9,7 +9,8 @@ the library's device code for each architecture it was built for (TORCH_CUDA_ARC
 default "8.0;9.0+PTX"). Per kernel: registers, stack frame (register spills and local arrays live
 there), local memory, static shared memory; beside it the dynamic shared memory the launcher asks for
 at the default configurations (dot_refined and w2_refined at n = 50 and 64, every mechanism, forward and
-backward; the ops awr_fast::<op>_cuda_smem_bytes are the launcher's own formula). The check asserts, for every
+backward; w2_topk at the largest k of each key width; the ops awr_fast::<op>_cuda_smem_bytes are the
+launcher's own formula). The check asserts, for every
 architecture the build was asked for:
   - no spills: STACK = 0 and LOCAL = 0 for every kernel;
   - the launch bounds hold: registers x 256 threads fit the 64K-register file (every kernel here is
@@ -123,6 +124,10 @@ def dynamic_shared(kernel: str) -> dict:
     if "w2_refined.Family" in kernel:  # M_stoc at r = n, its widest default
         smem = torch.ops.awr_fast.w2_refined_cuda_smem_bytes
         return {f"n={n} {m}": int(smem(n, m, backward, n)) for n in DEFAULT_N for m in (*MECHANISMS, "stoc")}
+    match = re.match(r"w2_topk_kernel<[^,]+, (\d+)>", kernel)
+    if match:  # one instantiation per key width k_pad = 32 E: the largest k it serves
+        k = 32 * int(match.group(1))
+        return {f"k={k}": int(torch.ops.awr_fast.w2_topk_cuda_smem_bytes(k))}
     return {"": 0}
 
 

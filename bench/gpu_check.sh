@@ -15,7 +15,7 @@
 # Steps (each under `timeout`, each allowed to fail; the script records it and goes on):
 #   install        pip install -e . --no-build-isolation --no-deps   (builds the CUDA extension)
 #   info           python -m awr_fast.info
-#   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_triton_calibrated.py,
+#   gpu_tests      tests/test_triton_dot.py, test_triton_w2.py, test_triton_w2_scores.py, test_w2_topk.py, test_triton_calibrated.py,
 #                  test_triton_calibrated_backward.py, test_build.py, test_cuda_dot.py, test_cuda_w2.py, test_cuda_resources.py natively (conftest sets TRITON_INTERPRET only without CUDA), in GPU_TEST_SHARDS
 #                  (default 12) parallel pytest processes
 #   bench_attn     bench/attention.py: the issue's shapes (B=256, d=64, H 1 and 2, n 50 and 200, bf16), dot
@@ -28,7 +28,7 @@
 #                  the Triton path fused and tiled; Beauty lengths when .gpu_data/Beauty.txt is present)
 #   resources      bench/kernel_resources.py --scan-cache: registers, spills and shared memory of every
 #                  Triton kernel this run compiled (TRITON_CACHE_DIR is OUT_DIR/triton_cache, fresh)
-#   sanitizer      compute-sanitizer memcheck (w2_scores, dot_refined, w2_refined) and racecheck (the fused
+#   sanitizer      compute-sanitizer memcheck (w2_scores and its top-k, dot_refined, w2_refined) and racecheck (the fused
 #                  blocks' shared-memory phases) on small shapes of the CUDA extension's ops (when it was built)
 #   bench_train    bench/train.py --quick
 # Output: OUT_DIR/gpu_check.log (every step's output, in sections), OUT_DIR/summary.txt (the table printed
@@ -140,7 +140,7 @@ gpu_tests() {
     # The native Triton/CUDA tests are dominated by kernel compilation (about 10 s a test on one
     # core), so they run as GPU_TEST_SHARDS parallel pytest processes sharing Triton's disk cache.
     # Test ids go to pytest.main as a list, never through the shell (some ids contain spaces).
-    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_triton_calibrated.py tests/test_triton_calibrated_backward.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_w2.py tests/test_cuda_resources.py) select=()
+    local shards=${GPU_TEST_SHARDS:-12} dir files=(tests/test_triton_dot.py tests/test_triton_w2.py tests/test_triton_w2_scores.py tests/test_w2_topk.py tests/test_triton_calibrated.py tests/test_triton_calibrated_backward.py tests/test_build.py tests/test_cuda_dot.py tests/test_cuda_w2.py tests/test_cuda_resources.py) select=()
     case $MODE in
         quick) files=(tests/test_triton_dot.py tests/test_triton_w2.py); select=(-k "grid_gpu_dtypes and not dtype1 or causality or window") ;;
         dry-run) shards=${GPU_TEST_SHARDS:-2}; files=(tests/test_triton_dot.py); select=(-k "causality or fully_padded") ;;
@@ -297,6 +297,7 @@ sanitizer() {
 # sees each tensor's real bounds.
 import torch
 from awr_fast._ext import w2_scores_cuda
+from awr_fast.cuda.w2_scores import w2_topk
 from awr_fast.reference.w2_scores import w2_scores as reference
 
 g = torch.Generator().manual_seed(0)
@@ -313,6 +314,19 @@ for batch, items, d in ((1, 1, 1), (3, 37, 5), (17, 1000, 64), (5, 129, 50), (2,
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert err < tol, (batch, items, d, dtype, err)
         print(f"w2_scores_cuda B={batch} V={items} d={d} {dtype}: rel err {err:.2e}")
+        # the fused top-k, with a history by ids (bits) and the padding item excluded
+        k = min(items, 33 if items > 40 else items)
+        ids = torch.randint(-1, items, (batch, 5), generator=g)
+        values, indices = w2_topk(*(t.cuda() for t in args), k, ids.cuda(), exclude_padding=items > 1)
+        torch.cuda.synchronize()
+        skipped = torch.zeros(batch, items, dtype=torch.bool)
+        rows, cols = (ids >= 0).nonzero(as_tuple=True)
+        skipped[rows, ids[rows, cols]] = True
+        skipped[:, 0] |= items > 1
+        truth = ref.masked_fill(skipped, float("inf")).topk(k, dim=1, largest=False).values
+        gap = (values.double().cpu() - truth).nan_to_num(posinf=0.0).abs().max().item()
+        assert gap < 0.05 * (1 + truth.nan_to_num(posinf=0.0).abs().max().item()), (batch, items, d, dtype, gap)
+        print(f"w2_topk_cuda B={batch} V={items} d={d} k={k} {dtype}: max value gap {gap:.2e}")
 
 # dot_refined: every mechanism, forward and backward against the oracle, then with dropout
 import awr_fast  # noqa: E402

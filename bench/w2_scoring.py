@@ -1,7 +1,8 @@
 """STOSA's full-ranking W2 item scoring against its yardstick, in one run: the squared W2 distances of B
 sequence Gaussians to every item Gaussian (`awr_fast.w2_scores`: two GEMMs plus norms) per backend,
-forward and forward+backward, the fused top-k of the Triton backend (`kernels.w2_scores.w2_topk`, with
-each row's history excluded, never writing the (B, |V|) scores) beside torch.topk over the reference's
+forward and forward+backward, the fused top-k of the Triton and CUDA backends (`w2_topk` of
+kernels.w2_scores and awr_fast.cuda.w2_scores, with each row's history excluded, never writing the
+(B, |V|) scores) beside torch.topk over the reference's
 scores, and one (B x d) @ (d x |V|) matmul in the same dtype.
 
     python bench/w2_scoring.py                        # B=256, |V|=60000, d=64, bf16 (GPU; the issue's shape)
@@ -16,6 +17,7 @@ the compiled-kernel note of the backend. Rows are appended to bench/results/w2_s
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -109,14 +111,15 @@ def cases(args, device, dtype):
             return torch.topk(s, k, dim=1, largest=False)
 
         yield "topk", "reference+torch.topk", k, reference_topk
-    if "triton" in args.backends:
+    for backend, module in (("triton", "awr_fast.kernels.w2_scores"), ("cuda", "awr_fast.cuda.w2_scores")):
+        if backend not in args.backends:
+            continue
         try:
-            from awr_fast.kernels.w2_scores import w2_topk
-
+            w2_topk = importlib.import_module(module).w2_topk
             w2_topk(*plain, k, seen)
-            yield "topk", "triton", k, lambda: w2_topk(*plain, k, seen)
+            yield "topk", backend, k, lambda w2_topk=w2_topk: w2_topk(*plain, k, seen)
         except Exception as exc:
-            yield "topk", "triton", k, exc
+            yield "topk", backend, k, exc
 
 
 def main(argv=None) -> int:

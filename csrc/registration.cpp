@@ -8,6 +8,7 @@
 
 #include "dot_refined/dot_refined.h"
 #include "w2_refined/w2_refined.h"
+#include "w2_scores/w2_scores.h"
 
 // The arguments after the tensors are the options of the Triton family of the same name (kernels/).
 #define AWR_DOT_REFINED_ARGS                                                                              \
@@ -23,6 +24,10 @@ TORCH_LIBRARY(awr_fast, m) {
   m.def("w2_scores_cuda(Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> Tensor");
   m.def("w2_scores_cuda_bwd(Tensor grad, Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  // (values, indices) of the k nearest items; exclude: a bool (B, V) mask or (B, L) item ids padded with -1
+  m.def("w2_topk_cuda(Tensor mu, Tensor sig, Tensor item_mu, Tensor item_sig, int k, Tensor? exclude, "
+        "bool exclude_padding) -> (Tensor, Tensor)");
+  m.def("w2_topk_cuda_smem_bytes(int k) -> int", &awr_fast::w2_topk_cuda_smem_bytes);
   m.def("dot_refined_cuda_fwd(" AWR_DOT_REFINED_ARGS ") -> Tensor");
   // (dq, dk, dv, dw_rq, dw_rk, dw_rv); an empty tensor where the call has no such input
   m.def("dot_refined_cuda_bwd(Tensor grad, " AWR_DOT_REFINED_ARGS

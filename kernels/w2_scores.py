@@ -27,15 +27,13 @@ import triton
 import triton.language as tl
 from triton.language.standard import bitonic_merge as _bitonic_merge
 
-from awr_fast.ops.capability import KERNEL_FLOAT, dtype_names
 from awr_fast.ops.w2_refined import SQRT_CLAMP
-from awr_fast.ops.w2_scores import make_inputs
+from awr_fast.ops.w2_scores import TopkRequest, make_topk_request
 
 from ._common import _pad, _precision
 from ._launch import launch
 from ._op import TritonOp
 
-TOPK_MAX_K = 128  # the running top-k lives in registers: (BLOCK_B, next power of two >= k) int64 keys
 _CLAMP = tl.constexpr(SQRT_CLAMP)  # a jit function may read a module global only as a constexpr
 _EMPTY = tl.constexpr(2**63 - 1)  # the key of "no item" (excluded, out of range): above every real key
 _EMPTY_KEY = 2**63 - 1
@@ -348,41 +346,15 @@ def _fake_forward(mu, sig, item_mu, item_sig):
     return (mu.new_empty(mu.shape[0], item_mu.shape[0], dtype=torch.float32),)
 
 
-def _check_k(k, items: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if not 1 <= k <= min(items, TOPK_MAX_K):
-        limit = f"|V| = {items}" if items <= TOPK_MAX_K else f"{TOPK_MAX_K} (this kernel's limit)"
-        raise ValueError(f"k: expected 1 <= k <= {limit}, got {k}")
-    return k
-
-
-def _exclusion(exclude, batch: int, items: int, device) -> tuple[int, torch.Tensor | None, int]:
-    """(EXCLUDE mode, the tensor the top-k kernel reads, its row stride) of w2_topk's `exclude`."""
-    if exclude is None:
+def _exclusion(request: TopkRequest, batch: int, items: int) -> tuple[int, torch.Tensor | None, int]:
+    """(EXCLUDE mode, the tensor the top-k kernel reads, its row stride) of a validated request."""
+    if request.kind == "none":
         return EXCLUDE_NONE, None, 0
-    if not isinstance(exclude, torch.Tensor):
-        raise TypeError(f"exclude: expected a torch.Tensor or None, got {type(exclude).__name__}")
-    if exclude.device != device:
-        raise ValueError(f"exclude: expected device {device} (that of mu), got {exclude.device}")
-    if exclude.dtype == torch.bool:
-        if tuple(exclude.shape) != (batch, items):
-            raise ValueError(f"exclude: expected a bool mask of shape {(batch, items)}, got {tuple(exclude.shape)}")
-        return EXCLUDE_BYTES, exclude.contiguous().view(torch.uint8), items
-    if exclude.dtype not in (torch.int64, torch.int32) or exclude.dim() != 2 or exclude.shape[0] != batch:
-        raise ValueError(
-            f"exclude: expected (B={batch}, L) int64 item ids padded with -1, or a bool ({batch}, {items}) mask, "
-            f"got {exclude.dtype} of shape {tuple(exclude.shape)}"
-        )
-    if exclude.numel() == 0:
-        return EXCLUDE_NONE, None, 0
-    low, high = (int(x) for x in torch.aminmax(exclude))  # one host sync: an evaluation batch, not a step
-    if low < -1 or high >= items:
-        bad = low if low < -1 else high
-        raise ValueError(f"exclude: expected item ids in 0..{items - 1} or -1 (padding), got {bad}")
+    if request.kind == "mask":
+        return EXCLUDE_BYTES, request.exclude.contiguous().view(torch.uint8), items
     words = triton.cdiv(items, 32)
-    bits = torch.zeros(batch, words, dtype=torch.int32, device=device)
-    ids = exclude.contiguous()
+    ids = request.exclude.contiguous()
+    bits = torch.zeros(batch, words, dtype=torch.int32, device=ids.device)
     block_l = min(128, _pad(ids.shape[1]))
     launch(
         _exclusion_bits,
@@ -443,16 +415,12 @@ def w2_topk(mu, sig, item_mu, item_sig, k, exclude=None, *, exclude_padding=Fals
     user's history (pack a CSR history as rows of its ids); or a bool (B, |V|) mask, True = skip, the
     layout of SeqDataset.history_mask. exclude_padding=True also skips item 0 (the padding row of the
     models' tables). A row left with fewer than k items fills its tail with (+inf, -1).
-    Validation: the op's (awr_fast.ops.w2_scores), dtypes float32/bfloat16/float16, 1 <= k <= min(|V|,
-    TOPK_MAX_K), ids in -1..|V|-1 (one host sync)."""
-    make_inputs(mu, sig, item_mu, item_sig)
-    if mu.dtype not in KERNEL_FLOAT:
-        raise TypeError(f"mu: expected dtype {dtype_names(KERNEL_FLOAT)}, got {mu.dtype}")
-    if not isinstance(exclude_padding, bool):
-        raise TypeError(f"exclude_padding: expected a bool, got {type(exclude_padding).__name__}")
+    Validation: awr_fast.ops.w2_scores.make_topk_request (dtypes float32/bfloat16/float16, 1 <= k <=
+    min(|V|, TOPK_MAX_K), ids in -1..|V|-1 with one host sync)."""
+    request = make_topk_request(mu, sig, item_mu, item_sig, k, exclude, exclude_padding)
     (B, d), V = mu.shape, item_mu.shape[0]
-    k = _check_k(k, V)
-    mode, ex, ex_stride = _exclusion(exclude, B, V, mu.device)
+    k = request.k
+    mode, ex, ex_stride = _exclusion(request, B, V)
     k_pad = 1 << (k - 1).bit_length()
     # 16 query rows a program: the running keys of k <= 128 stay in registers (8 warps from k > 16: with 4,
     # k = 32 spills 24 B per thread on sm_90)
@@ -473,7 +441,7 @@ def w2_topk(mu, sig, item_mu, item_sig, k, exclude=None, *, exclude_padding=Fals
             ex_stride,
             per * block_v,
             EXCLUDE=mode,
-            SKIP_PADDING=exclude_padding,
+            SKIP_PADDING=request.exclude_padding,
             PRECISION=_precision(mu.dtype),
             BLOCK_B=block_b,
             BLOCK_V=block_v,

@@ -135,9 +135,21 @@ def test_extension_registers_op_and_rejects_cpu_tensors():
     module, reason = _extension()
     if module is None:
         pytest.skip(f"the CUDA extension is not available: {reason}")
-    ops = ["w2_scores_cuda"] + [f"{op}_cuda_{part}" for op in ("dot_refined", "w2_refined") for part in ("fwd", "bwd")]
-    for op in ops + ["dot_refined_cuda_smem_bytes", "w2_refined_cuda_smem_bytes"]:
+    ops = ["w2_scores_cuda", "w2_topk_cuda"]
+    ops += [f"{op}_cuda_{part}" for op in ("dot_refined", "w2_refined") for part in ("fwd", "bwd")]
+    for op in ops + ["dot_refined_cuda_smem_bytes", "w2_refined_cuda_smem_bytes", "w2_topk_cuda_smem_bytes"]:
         assert hasattr(torch.ops.awr_fast, op), op
+    # the top-k keeps 64 rows x k_pad int64 keys in shared memory, k_pad in {32, 64, 128}
+    assert [torch.ops.awr_fast.w2_topk_cuda_smem_bytes(k) for k in (1, 32, 33, 64, 65, 128)] == [
+        64 * 32 * 8,
+        64 * 32 * 8,
+        64 * 64 * 8,
+        64 * 64 * 8,
+        64 * 128 * 8,
+        64 * 128 * 8,
+    ]
+    with pytest.raises(RuntimeError, match=r"w2_topk_cuda_smem_bytes: k must be in \[1, 128\], got 129"):
+        torch.ops.awr_fast.w2_topk_cuda_smem_bytes(129)
     mu, sig = torch.randn(4, 8), torch.rand(4, 8) + 0.5
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.ops.awr_fast.w2_scores_cuda(mu, sig, mu, sig)
@@ -152,6 +164,10 @@ def test_extension_fake_kernel_traces():
     items = torch.empty(11, 7, device="meta", dtype=torch.bfloat16)
     out = torch.ops.awr_fast.w2_scores_cuda(mu, mu, items, items)
     assert out.shape == (5, 11) and out.dtype == torch.float32 and out.device.type == "meta"
+    import awr_fast.cuda.w2_scores  # noqa: F401  registers the top-k's fake kernel
+
+    values, indices = torch.ops.awr_fast.w2_topk_cuda(mu, mu, items, items, 3, None, False)
+    assert values.shape == indices.shape == (5, 3) and (values.dtype, indices.dtype) == (torch.float32, torch.int64)
 
 
 # ------------------------------------------------------------------------------- GPU: numerical check
@@ -232,6 +248,10 @@ _BAD_CALLS = [
     ("dot_refined_cuda_fwd", "q, q, q, w, None, None, None, None, 'simp', 0.5, 0.5, False, 0.0", "needs w_rk"),
     ("dot_refined_cuda_fwd", "q, q, q, None, None, None, None, None, 'none', 0.5, 0.5, False, 0.3", "needs seed"),
     ("w2_refined_cuda_fwd", "q, q, q, q, q, q[..., :2], *[None] * 7, 'none', 0.5, 0.5, False, 0.0", "sig_v must"),
+    ("w2_topk_cuda", "mu, sig, mu, sig, 5, None, False", "k must be in [1, 4]"),
+    ("w2_topk_cuda", "mu, sig, mu, sig, 2, torch.zeros(3, 4, dtype=torch.bool, device=dev), False", "(B, V) = (4, 4)"),
+    ("w2_topk_cuda", "mu, sig, mu, sig, 2, torch.zeros(4, 2, device=dev), False", "exclude must be a bool"),
+    ("w2_topk_cuda", "mu, sig, mu[:, :3].contiguous(), sig[:, :3].contiguous(), 2, None, False", "item_mu must have 8"),
 ]
 
 _BAD_CALL_SCRIPT = """
@@ -242,8 +262,8 @@ dev = sys.argv[1]
 mu, sig = torch.randn(4, 8, device=dev), torch.rand(4, 8, device=dev)
 q, w = torch.randn(2, 2, 6, 4, device=dev), torch.randn(6, 6, device=dev)
 for op, args, words in {calls!r}:
-    if dev == "cpu" and op == "w2_scores_cuda":
-        words = "mu must be a CUDA tensor"  # on CPU tensors its first check is the device's
+    if dev == "cpu" and op in ("w2_scores_cuda", "w2_topk_cuda"):
+        words = f"{{op}}: mu must be a CUDA tensor"  # on CPU tensors their first check is the device's
     try:
         eval(f"torch.ops.awr_fast.{{op}}({{args}})")
     except RuntimeError as exc:

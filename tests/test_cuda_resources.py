@@ -31,6 +31,8 @@ def test_the_built_library_passes_the_resource_check(tmp_path):
         "refine.backward_kernel<dot_refined.Family, __nv_bfloat16>",
         "refine.backward_kernel<w2_refined.Family, __half>",
         "w2_scores_kernel<float>",
+        "w2_topk_kernel<__nv_bfloat16, 4>",
+        "exclusion_bits_kernel",
     ):
         assert name in kernels, sorted(kernels)
     assert {r["arch"] for r in rows} >= set(archs)

@@ -15,4 +15,32 @@ cudaError_t w2_scores_launch(W2Dtype dtype, const void* mu, const void* sig, con
                              const void* item_sig, float* out, int64_t B, int64_t V, int64_t d,
                              cudaStream_t stream);
 
+// The fused top-k of w2_topk_cuda (w2_topk_kernels.cu). Keys pack (distance, index) into one int64 whose
+// integer order is the distance order with ties to the lower index: the float32 bits made
+// order-preserving as an int32 (negative floats get their 31 low bits flipped; -0 -> +0, NaN -> one
+// positive NaN, ranked after +inf) in the high word, the item index in the low word; kTopkEmpty is
+// "no item" (excluded, padding, out of range), above every real key.
+constexpr int64_t kTopkEmpty = INT64_MAX;
+constexpr int kTopkMaxK = 128;   // k_pad is 32, 64 or 128: the running keys of 64 rows in shared memory
+enum class TopkExclude : int { kNone = 0, kBits = 1, kBytes = 2 };
+
+// Dynamic shared memory of one top-k block (bytes) for keys of width k_pad; the op
+// awr_fast::w2_topk_cuda_smem_bytes(k) gives it for a k (the resource report's request).
+int64_t w2_topk_smem_bytes(int k_pad);
+int64_t w2_topk_cuda_smem_bytes(int64_t k);
+
+// keys (splits, B, k_pad) int64: per row, the k_pad smallest keys of the items [s * span, (s + 1) * span)
+// of split s, ascending (span a multiple of 64). exclude: kBits -> (B, ex_stride) uint32 words of packed
+// bits (bit v % 32 of word v / 32 set = item v excluded); kBytes -> (B, ex_stride) bytes, nonzero =
+// excluded; skip_padding also excludes item 0.
+cudaError_t w2_topk_launch(W2Dtype dtype, const void* mu, const void* sig, const void* item_mu,
+                           const void* item_sig, TopkExclude exclude, const void* ex, int64_t ex_stride,
+                           bool skip_padding, int64_t* keys, int k_pad, int64_t B, int64_t V, int64_t d,
+                           int64_t splits, int64_t span, cudaStream_t stream);
+
+// bits (B, words) uint32 |= 1 << (id % 32) at word id / 32 for every id of ids (B, L) in [0, V);
+// bits must be zeroed by the caller. Other ids (the -1 padding) are skipped.
+cudaError_t w2_exclusion_bits_launch(const int64_t* ids, uint32_t* bits, int64_t B, int64_t L, int64_t V,
+                                     int64_t words, cudaStream_t stream);
+
 }  // namespace awr_fast

@@ -13,41 +13,12 @@
 #include <cuda_runtime.h>
 
 #include "w2_scores/w2_scores.h"
+#include "w2_scores/w2_tile.cuh"
 
 namespace awr_fast {
 namespace {
 
-constexpr int kTile = 64;          // rows (queries) and columns (items) per block
-constexpr int kChunk = 16;         // channels per stage (mu and sqrt(sig): 2 * kChunk combined)
-constexpr int kThreads = 256;
-constexpr int kPerThread = 4;      // outputs per thread along each axis
-constexpr int kPad = 4;            // shared-memory padding against bank conflicts
-constexpr float kSigFloor = 1e-24f;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// Loads channels [c0, c0 + kChunk) of row `row` (4 per thread) into the transposed stage tile and
-// accumulates the row's norm contribution. Out-of-range rows and channels contribute zeros.
-template <typename T>
-__device__ __forceinline__ void load_stage(const T* __restrict__ mu, const T* __restrict__ sig, int64_t rows,
-                                           int64_t d, int64_t row, int local_row, int c_local, int64_t c0,
-                                           float (*tile)[kTile + kPad], float& norm) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t c = c0 + c_local + i;
-    float m = 0.f, s = 0.f, root = 0.f;
-    if (row < rows && c < d) {
-      m = to_float(mu[row * d + c]);
-      s = to_float(sig[row * d + c]);
-      root = sqrtf(fmaxf(s, kSigFloor));
-    }
-    norm = fmaf(m, m, norm) + s;
-    tile[c_local + i][local_row] = m;
-    tile[kChunk + c_local + i][local_row] = root;
-  }
-}
+using namespace w2_tile;
 
 // At least 2 blocks per SM: ptxas then takes 64 registers and spills nothing (with the bare thread
 // bound it picked 48 and spilled 8 B on sm_90; bench/cuda_resources.py --check).
@@ -55,59 +26,15 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
 w2_scores_kernel(const T* __restrict__ mu, const T* __restrict__ sig, const T* __restrict__ item_mu,
                  const T* __restrict__ item_sig, float* __restrict__ out, int64_t B, int64_t V, int64_t d) {
-  __shared__ float q_tile[2 * kChunk][kTile + kPad];   // [channel][query row]
-  __shared__ float i_tile[2 * kChunk][kTile + kPad];   // [channel][item row]
-  __shared__ float q_norm[kTile];
-  __shared__ float i_norm[kTile];
-
-  const int tid = threadIdx.x;
+  __shared__ TileShared s;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
-
-  // Loader layout: 4 threads per row, 4 consecutive channels each.
-  const int load_row = tid / 4;
-  const int load_c = (tid % 4) * 4;
-  // Compute layout: thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j.
-  const int ty = tid / 16;
-  const int tx = tid % 16;
-
   float acc[kPerThread][kPerThread];
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) acc[i][j] = 0.f;
-  float q_part = 0.f, i_part = 0.f;
+  tile_products(mu, sig, item_mu, item_sig, B, V, d, row0, col0, s, acc);
 
-  for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
-    load_stage(mu, sig, B, d, row0 + load_row, load_row, load_c, c0, q_tile, q_part);
-    load_stage(item_mu, item_sig, V, d, col0 + load_row, load_row, load_c, c0, i_tile, i_part);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < 2 * kChunk; ++k) {
-      float a[kPerThread], b[kPerThread];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) a[i] = q_tile[k][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < kPerThread; ++j) b[j] = i_tile[k][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-
-  // The 4 loaders of a row are consecutive lanes of one warp.
-  q_part += __shfl_xor_sync(0xffffffffu, q_part, 1);
-  q_part += __shfl_xor_sync(0xffffffffu, q_part, 2);
-  i_part += __shfl_xor_sync(0xffffffffu, i_part, 1);
-  i_part += __shfl_xor_sync(0xffffffffu, i_part, 2);
-  if (tid % 4 == 0) {
-    q_norm[load_row] = q_part;
-    i_norm[load_row] = i_part;
-  }
-  __syncthreads();
-
+  // Compute layout: thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j.
+  const int ty = threadIdx.x / 16;
+  const int tx = threadIdx.x % 16;
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int64_t row = row0 + ty + 16 * i;
@@ -115,7 +42,7 @@ w2_scores_kernel(const T* __restrict__ mu, const T* __restrict__ sig, const T* _
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t col = col0 + tx + 16 * j;
-      if (col < V) out[row * V + col] = q_norm[ty + 16 * i] + i_norm[tx + 16 * j] - 2.f * acc[i][j];
+      if (col < V) out[row * V + col] = s.q_norm[ty + 16 * i] + s.i_norm[tx + 16 * j] - 2.f * acc[i][j];
     }
   }
 }
