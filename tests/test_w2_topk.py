@@ -4,9 +4,10 @@ float64 reference scores: with and without exclusions (ids, int32 ids, a bool ma
 k from 1 to 128 and k = |V|, rows left with fewer than k items, ties across chunks and splits, half
 precision, input errors; and the two backends against each other.
 
-Triton runs everywhere (under TRITON_INTERPRET=1 on CPU, tests/conftest.py). The CUDA kernel needs a GPU:
-without one its value tests skip, while its input validation (which runs before the C++ op) and the
-C++ op's own device check still run wherever the extension is built.
+Triton runs everywhere (under TRITON_INTERPRET=1 on CPU, tests/conftest.py). The CUDA op runs wherever
+the extension is built: on a GPU its kernel, on CPU tensors the kernel's host emulation
+(AWR_FAST_CUDA_EMULATE=1: the same keys, candidates and insertion rule and the same C++ host code, i.e. the
+exclusion bits, the merge of the item splits and the decoding; not the warp intrinsics).
 """
 
 import pytest
@@ -19,29 +20,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("triton", "cuda")
 
 
-def _backend_topk(backend: str, need_gpu: bool):
+def _backend_topk(backend: str):
     if backend == "triton":
         pytest.importorskip("triton")
         from awr_fast.kernels.w2_scores import w2_topk
     else:
         if load_cuda_extension()[0] is None:
             pytest.skip(f"CUDA extension not built: {load_cuda_extension()[1]}")
-        if need_gpu and not torch.cuda.is_available():
-            pytest.skip("the CUDA kernel needs a GPU")
         from awr_fast.cuda.w2_scores import w2_topk
     return w2_topk
 
 
 @pytest.fixture(params=BACKENDS)
-def topk(request):
-    """Each backend's w2_topk; the CUDA one only on a GPU (see topk_checks for its validation)."""
-    return _backend_topk(request.param, need_gpu=True)
-
-
-@pytest.fixture(params=BACKENDS)
-def topk_checks(request):
-    """Each backend's w2_topk for the input-validation tests, which never reach a kernel."""
-    return _backend_topk(request.param, need_gpu=False)
+def topk(request, monkeypatch):
+    """Each backend's w2_topk (the CUDA one emulated on the host without a GPU)."""
+    if request.param == "cuda" and DEVICE == "cpu":
+        monkeypatch.setenv("AWR_FAST_CUDA_EMULATE", "1")
+    return _backend_topk(request.param)
 
 
 def _tensors(batch, items, d, seed):
@@ -148,8 +143,7 @@ def test_topk_half_precision_values(topk):
         assert (values.double() - truth.values).abs().max().item() < 0.5
 
 
-def test_topk_rejects_bad_k_and_bad_exclude(topk_checks):
-    topk = topk_checks
+def test_topk_rejects_bad_k_and_bad_exclude(topk):
     tensors = _topk_inputs(3, 7, 4, seed=1)
     args = list(tensors.values())
     for k in (0, 8, -1):
@@ -185,8 +179,8 @@ def test_cuda_and_triton_agree_at_an_evaluation_size(k):
     """Both backends on one GPU at a shape with many item splits and row blocks, the history excluded: each
     returns k distinct, not excluded items whose float64 distances are the k smallest (to within both
     kernels' rounding, so near-ties may swap), and the two agree on most rows exactly."""
-    cuda_topk = _backend_topk("cuda", need_gpu=True)
-    triton_topk = _backend_topk("triton", need_gpu=True)
+    cuda_topk = _backend_topk("cuda")
+    triton_topk = _backend_topk("triton")
     tensors = _topk_inputs(300, 20_000, 64, seed=k)
     ids, mask = _history(300, 20_000, 50, seed=k + 1)
     scores = _reference_scores(tensors).masked_fill(mask, float("inf"))
@@ -200,3 +194,28 @@ def test_cuda_and_triton_agree_at_an_evaluation_size(k):
         torch.testing.assert_close(values.double(), truth.values, rtol=0, atol=1e-3)
         found.append(indices)
     assert (found[0] == found[1]).all(dim=1).float().mean().item() > 0.9
+
+
+def test_cuda_topk_takes_cpu_tensors_only_when_emulating(monkeypatch):
+    cuda_topk = _backend_topk("cuda")
+    tensors = _topk_inputs(3, 20, 4, seed=2)
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the tensors are CUDA ones")
+    monkeypatch.delenv("AWR_FAST_CUDA_EMULATE", raising=False)
+    with pytest.raises(ValueError, match="^mu: the CUDA backend's w2_topk needs CUDA tensors, got device cpu"):
+        cuda_topk(*tensors.values(), 3)
+    monkeypatch.setenv("AWR_FAST_CUDA_EMULATE", "1")
+    values, indices = cuda_topk(*tensors.values(), 3)
+    assert indices.shape == (3, 3) and torch.equal(indices, _reference_scores(tensors).topk(3, 1, largest=False)[1])
+
+
+def test_cuda_topk_splits_the_items_of_a_small_batch(topk):
+    """B = 2 rows against 700 items: the CUDA launcher splits the 11 item chunks across blocks and merges
+    their lists (the host's torch.topk over the splits' keys); Triton splits likewise. Ranks and values as
+    torch.topk of the reference, the history excluded."""
+    tensors = _topk_inputs(2, 700, 6, seed=3)
+    ids, mask = _history(2, 700, 30, seed=4)
+    truth = _reference_scores(tensors).masked_fill(mask, float("inf")).topk(40, dim=1, largest=False)
+    values, indices = topk(*tensors.values(), 40, ids)
+    assert torch.equal(indices, truth.indices)
+    torch.testing.assert_close(values.double(), truth.values, rtol=0, atol=1e-4)

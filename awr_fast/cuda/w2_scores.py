@@ -14,6 +14,7 @@ import torch
 
 from .._ext import load_cuda_extension
 from ..ops.w2_scores import make_topk_request
+from . import emulate
 
 FWD = "awr_fast::w2_scores_cuda"
 BWD = "awr_fast::w2_scores_cuda_bwd"
@@ -59,8 +60,13 @@ def w2_topk(mu, sig, item_mu, item_sig, k, exclude=None, *, exclude_padding=Fals
     k items nearest each query by ascending squared W2, ties to the lower index, NaN last, (+inf, -1)
     where a row has fewer than k items left; exclude None, a bool (B, |V|) mask or (B, L) ids padded with
     -1; exclude_padding also skips item 0. One C++ call: the exclusion bits, the fused kernel, the merge
-    of its item splits and the decoding of the keys."""
+    of its item splits and the decoding of the keys. CPU tensors only under AWR_FAST_CUDA_EMULATE=1."""
     request = make_topk_request(mu, sig, item_mu, item_sig, k, exclude, exclude_padding)
+    if mu.device.type != "cuda" and not emulate():
+        raise ValueError(
+            f"mu: the CUDA backend's w2_topk needs CUDA tensors, got device {mu.device} "
+            "(AWR_FAST_CUDA_EMULATE=1 runs its kernel's host emulation on CPU tensors, for testing)"
+        )
     return torch.ops.awr_fast.w2_topk_cuda(
         mu.contiguous(),
         sig.contiguous(),

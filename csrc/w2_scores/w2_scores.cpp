@@ -20,6 +20,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "w2_scores/w2_scores.h"
 
@@ -108,15 +109,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> w2_scores_cuda_bwd(co
 // (values float32 (B, k), indices int64 (B, k)) of the k items nearest each query, ascending squared W2,
 // ties to the lower index; "no item" left for a row -> (+inf, -1). exclude: None, a bool (B, V) mask
 // (True = skip), or int32/int64 (B, L) item ids padded with -1; ids outside [0, V) are skipped here (the
-// Python entry, awr_fast.cuda.w2_scores.w2_topk, rejects them with a clear error first).
+// Python entry, awr_fast.cuda.w2_scores.w2_topk, rejects them with a clear error first). CPU tensors run
+// the kernel's host emulation (AWR_FAST_CUDA_EMULATE=1 lets the Python entry take them).
 std::tuple<at::Tensor, at::Tensor> w2_topk_cuda(const at::Tensor& mu, const at::Tensor& sig,
                                                 const at::Tensor& item_mu, const at::Tensor& item_sig, int64_t k,
                                                 const std::optional<at::Tensor>& exclude, bool exclude_padding) {
   constexpr const char* op = "w2_topk_cuda";
-  check_input(op, mu, "mu", mu, "mu");
-  check_input(op, sig, "sig", mu, "mu");
-  check_input(op, item_mu, "item_mu", mu, "mu");
-  check_input(op, item_sig, "item_sig", mu, "mu");
+  TORCH_CHECK(mu.is_cuda() || mu.is_cpu(), op, ": mu must be a CUDA tensor (or a CPU one for the host emulation), "
+              "got device ", mu.device());
+  const bool on_host = mu.is_cpu();
+  for (auto [t, name] : {std::pair{&mu, "mu"}, {&sig, "sig"}, {&item_mu, "item_mu"}, {&item_sig, "item_sig"}}) {
+    TORCH_CHECK(t->device() == mu.device(), op, ": ", name, " must be on the device of mu (", mu.device(), "), got ",
+                t->device());
+    TORCH_CHECK(t->dim() == 2, op, ": ", name, " must be 2-d, got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == mu.scalar_type(), op, ": ", name, " must have the dtype of mu (",
+                mu.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
+  }
   const W2Dtype dtype = w2_dtype(mu, op);
   TORCH_CHECK(sig.sizes() == mu.sizes(), op, ": sig must have the shape of mu ", mu.sizes(), ", got ", sig.sizes());
   TORCH_CHECK(item_sig.sizes() == item_mu.sizes(), op, ": item_sig must have the shape of item_mu ", item_mu.sizes(),
@@ -127,11 +136,11 @@ std::tuple<at::Tensor, at::Tensor> w2_topk_cuda(const at::Tensor& mu, const at::
   const int64_t limit = V < kTopkMaxK ? V : kTopkMaxK;
   TORCH_CHECK(1 <= k && k <= limit, op, ": k must be in [1, ", limit, "] (min(|V|, ", kTopkMaxK, ")), got ", k);
 
-  const c10::cuda::CUDAGuard guard(mu.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  TopkExclude mode = TopkExclude::kNone;
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (!on_host) guard.emplace(mu.device());
+  const cudaStream_t stream = on_host ? nullptr : c10::cuda::getCurrentCUDAStream().stream();
+  TopkArgs args;
   at::Tensor ex;
-  int64_t ex_stride = 0;
   if (exclude.has_value() && exclude->numel() > 0) {
     const at::Tensor& e = *exclude;
     TORCH_CHECK(e.device() == mu.device(), op, ": exclude must be on the device of mu (", mu.device(), "), got ",
@@ -139,25 +148,30 @@ std::tuple<at::Tensor, at::Tensor> w2_topk_cuda(const at::Tensor& mu, const at::
     if (e.scalar_type() == at::kBool) {
       TORCH_CHECK(e.dim() == 2 && e.size(0) == B && e.size(1) == V, op, ": exclude as a bool mask must be (B, V) = (",
                   B, ", ", V, "), got shape ", e.sizes());
-      mode = TopkExclude::kBytes;
+      args.mode = TopkExclude::kBytes;
       ex = e.contiguous();
-      ex_stride = V;
+      args.ex_stride = V;
     } else {
       TORCH_CHECK(e.scalar_type() == at::kLong || e.scalar_type() == at::kInt, op,
                   ": exclude must be a bool (B, V) mask or int32/int64 (B, L) item ids, got ", e.scalar_type());
       TORCH_CHECK(e.dim() == 2 && e.size(0) == B, op, ": exclude as item ids must be (B, L) with B = ", B,
                   ", got shape ", e.sizes());
       const at::Tensor ids = e.to(at::kLong).contiguous();
-      ex_stride = (V + 31) / 32;
-      ex = at::zeros({B, ex_stride}, mu.options().dtype(at::kInt));
-      const cudaError_t err = w2_exclusion_bits_launch(ids.data_ptr<int64_t>(), static_cast<uint32_t*>(ex.data_ptr()),
-                                                       B, ids.size(1), V, ex_stride, stream);
-      TORCH_CHECK(err == cudaSuccess, op, ": exclusion kernel launch failed: ", cudaGetErrorString(err));
-      mode = TopkExclude::kBits;
+      args.ex_stride = (V + 31) / 32;
+      ex = at::zeros({B, args.ex_stride}, mu.options().dtype(at::kInt));
+      auto* bits = static_cast<uint32_t*>(ex.data_ptr());
+      if (on_host) {
+        w2_exclusion_bits_host(ids.data_ptr<int64_t>(), bits, B, ids.size(1), V, args.ex_stride);
+      } else {
+        const cudaError_t err =
+            w2_exclusion_bits_launch(ids.data_ptr<int64_t>(), bits, B, ids.size(1), V, args.ex_stride, stream);
+        TORCH_CHECK(err == cudaSuccess, op, ": exclusion kernel launch failed: ", cudaGetErrorString(err));
+      }
+      args.mode = TopkExclude::kBits;
     }
+    args.ex = ex.data_ptr();
   }
 
-  const int k_pad = k <= 32 ? 32 : (k <= 64 ? 64 : 128);
   // Enough blocks for a small batch: split the items so the grid reaches about two blocks per SM of an
   // H100/H200 (a constant, not a device query, as the Triton launcher), no split empty.
   constexpr int64_t kTargetBlocks = 256;
@@ -168,18 +182,31 @@ std::tuple<at::Tensor, at::Tensor> w2_topk_cuda(const at::Tensor& mu, const at::
     const int64_t splits_wanted = want < chunks ? want : chunks;
     per = (chunks + splits_wanted - 1) / splits_wanted;
   }
-  const int64_t splits = (chunks + per - 1) / per;
-  at::Tensor keys = at::empty({splits, B, k_pad}, mu.options().dtype(at::kLong));
-  const cudaError_t err =
-      w2_topk_launch(dtype, mu.data_ptr(), sig.data_ptr(), item_mu.data_ptr(), item_sig.data_ptr(), mode,
-                     ex.defined() ? ex.data_ptr() : nullptr, ex_stride, exclude_padding, keys.data_ptr<int64_t>(),
-                     k_pad, B, V, d, splits, per * 64, stream);
-  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  args.splits = (chunks + per - 1) / per;
+  args.span = per * 64;
+  args.k_pad = k <= 32 ? 32 : (k <= 64 ? 64 : 128);
+  at::Tensor keys = at::empty({args.splits, B, args.k_pad}, mu.options().dtype(at::kLong));
+  args.mu = mu.data_ptr();
+  args.sig = sig.data_ptr();
+  args.item_mu = item_mu.data_ptr();
+  args.item_sig = item_sig.data_ptr();
+  args.skip_padding = exclude_padding;
+  args.keys = keys.data_ptr<int64_t>();
+  args.B = B;
+  args.V = V;
+  args.d = d;
+  if (on_host) {
+    w2_topk_host(dtype, args);
+  } else {
+    const cudaError_t err = w2_topk_launch(dtype, args, stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  }
 
   // Keys are unique per row (they hold the index), so topk's order is fully determined.
-  const at::Tensor best = splits == 1 ? keys.select(0, 0).narrow(1, 0, k)
-                                      : std::get<0>(at::topk(keys.transpose(0, 1).reshape({B, splits * k_pad}), k,
-                                                             1, /*largest=*/false, /*sorted=*/true));
+  const at::Tensor best = args.splits == 1
+                              ? keys.select(0, 0).narrow(1, 0, k)
+                              : std::get<0>(at::topk(keys.transpose(0, 1).reshape({B, args.splits * args.k_pad}), k, 1,
+                                                     /*largest=*/false, /*sorted=*/true));
   const at::Tensor high = best.__rshift__(32);
   const at::Tensor bits = high.__xor__(high.__rshift__(31).__and__(0x7FFFFFFF)).to(at::kInt);
   const at::Tensor empty = best.eq(kTopkEmpty);

@@ -29,18 +29,33 @@ enum class TopkExclude : int { kNone = 0, kBits = 1, kBytes = 2 };
 int64_t w2_topk_smem_bytes(int k_pad);
 int64_t w2_topk_cuda_smem_bytes(int64_t k);
 
-// keys (splits, B, k_pad) int64: per row, the k_pad smallest keys of the items [s * span, (s + 1) * span)
-// of split s, ascending (span a multiple of 64). exclude: kBits -> (B, ex_stride) uint32 words of packed
-// bits (bit v % 32 of word v / 32 set = item v excluded); kBytes -> (B, ex_stride) bytes, nonzero =
-// excluded; skip_padding also excludes item 0.
-cudaError_t w2_topk_launch(W2Dtype dtype, const void* mu, const void* sig, const void* item_mu,
-                           const void* item_sig, TopkExclude exclude, const void* ex, int64_t ex_stride,
-                           bool skip_padding, int64_t* keys, int k_pad, int64_t B, int64_t V, int64_t d,
-                           int64_t splits, int64_t span, cudaStream_t stream);
+// One top-k call: the scoring inputs (row-major, one dtype), the exclusion, and keys (splits, B, k_pad)
+// int64, which receives per row the k_pad smallest keys of the items [s * span, (s + 1) * span) of split s,
+// ascending (span a multiple of 64). exclude: kBits -> ex is (B, ex_stride) uint32 words of packed bits
+// (bit v % 32 of word v / 32 set = item v excluded); kBytes -> (B, ex_stride) bytes, nonzero = excluded;
+// skip_padding also excludes item 0.
+struct TopkArgs {
+  const void* mu = nullptr;
+  const void* sig = nullptr;
+  const void* item_mu = nullptr;
+  const void* item_sig = nullptr;
+  TopkExclude mode = TopkExclude::kNone;
+  const void* ex = nullptr;
+  int64_t ex_stride = 0;
+  bool skip_padding = false;
+  int64_t* keys = nullptr;
+  int k_pad = 32;
+  int64_t B = 0, V = 0, d = 0, splits = 1, span = 64;
+};
+
+cudaError_t w2_topk_launch(W2Dtype dtype, const TopkArgs& args, cudaStream_t stream);
+// The host emulation of the same (CPU pointers; AWR_FAST_CUDA_EMULATE=1).
+void w2_topk_host(W2Dtype dtype, const TopkArgs& args);
 
 // bits (B, words) uint32 |= 1 << (id % 32) at word id / 32 for every id of ids (B, L) in [0, V);
 // bits must be zeroed by the caller. Other ids (the -1 padding) are skipped.
 cudaError_t w2_exclusion_bits_launch(const int64_t* ids, uint32_t* bits, int64_t B, int64_t L, int64_t V,
                                      int64_t words, cudaStream_t stream);
+void w2_exclusion_bits_host(const int64_t* ids, uint32_t* bits, int64_t B, int64_t L, int64_t V, int64_t words);
 
 }  // namespace awr_fast
