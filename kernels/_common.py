@@ -195,8 +195,8 @@ class _Launch:
         self.precision = _precision(q.dtype)
         self.n_pad = _pad(self.n)
         self.has_mask = key_padding_mask is not None
-        # a free reinterpretation of the bool mask (no conversion launch); unused without a mask
-        self.kpm = key_padding_mask.contiguous().view(torch.uint8) if self.has_mask else q
+        # the bool mask as it is (Triton reads torch.bool as int1, a byte per entry); unused without a mask
+        self.kpm = key_padding_mask.contiguous() if self.has_mask else q
         self.dropout = dropout_p > 0.0
         self.refined = mechanism != "none"
 

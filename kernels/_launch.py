@@ -57,12 +57,21 @@ def _hooked(fn) -> bool:
     return False
 
 
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, float):
-        return float  # always an fp32 scalar: no value specialization
-    return (type(a), a)  # ints (Triton specializes on 1, divisibility by 16, i32/i64), bools, None
+_TENSOR = torch.Tensor
+
+
+def _args_key(args) -> tuple:
+    """What of each argument decides Triton's specialization: a tensor's dtype and 16-byte alignment, a
+    float nothing (always an fp32 scalar), anything else (ints, bools, None) its value. One comprehension
+    with the checks inlined: this runs on every launch."""
+    return tuple(
+        [
+            (a.dtype, not a.data_ptr() & 15)
+            if isinstance(a, _TENSOR)
+            else (float if a.__class__ is float else (a.__class__, a))
+            for a in args
+        ]
+    )
 
 
 class _Memo:
@@ -103,7 +112,7 @@ def launch(fn, grid, *args, **meta) -> None:
     if memo is None:
         memo = _MEMOS[fn] = _Memo(fn)
     device = triton.runtime.driver.active.get_current_device()
-    key = (device, tuple(meta.items()), *map(_arg_key, args))
+    key = (device, tuple(meta.items()), _args_key(args))
     hit = memo.kernels.get(key)
     if hit is None:
         kernel = fn[grid](*args, **meta)  # compiles on first use, launches, returns the CompiledKernel
