@@ -135,6 +135,23 @@ def _load_rows(X, base, idx, n, D, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_cols(X, base, idx, n, D, D_PAD: tl.constexpr):
+    """The (D_PAD, TILE) float32 transpose of rows idx of an (n, D) block, read transposed from memory: a
+    dot operand without a register transpose; zero outside it."""
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[None, :] < n) & (dcols[:, None] < D)
+    return tl.load(X + base + idx[None, :] * D + dcols[:, None], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_cols(X, base, val_t, idx, n, D, D_PAD: tl.constexpr):
+    """Store the (D_PAD, TILE) transpose val_t as rows idx of an (n, D) block."""
+    dcols = tl.arange(0, D_PAD)
+    io = (idx[None, :] < n) & (dcols[:, None] < D)
+    tl.store(X + base + idx[None, :] * D + dcols[:, None], val_t.to(X.dtype.element_ty), mask=io)
+
+
+@triton.jit
 def _store_rows(X, base, val, idx, n, D, D_PAD: tl.constexpr):
     dcols = tl.arange(0, D_PAD)
     io = (idx[:, None] < n) & (dcols[None, :] < D)

@@ -40,12 +40,14 @@ from ._common import (
     _fused_meta,
     _head_stride,
     _Launch,
+    _load_cols,
     _load_rows,
     _masked_softmax_rows,
     _pad,
     _precision,  # noqa: F401  the dot precision of this family's launches (tests and bench read it here)
     _program_sequence,
     _refine_coefficients,
+    _store_cols,
     _store_rows,
     _store_zero_rows,
     _visible,
@@ -242,9 +244,13 @@ def _window_recompute(
     base = bh * n * D
     idx = off + tl.arange(0, TILE)
     q = _load_rows(Q, base, idx, n, D, D_PAD)
-    k = _load_rows(K, base, idx, n, D, D_PAD)
-    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if MECH == 0:  # K^T read transposed from memory (see _window_bwd)
+        vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+        s = tl.dot(q, _load_cols(K, base, idx, n, D, D_PAD), input_precision=PRECISION) * scale
+    else:
+        k = _load_rows(K, base, idx, n, D, D_PAD)
+        vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     a = _masked_softmax_rows(s, vis)
     if MECH > 0:
         if REFINE_SCORES:
@@ -387,9 +393,18 @@ def _window_bwd(
     )
     # out = dropout(P) V
     do = _load_rows(DO, base, idx, n, D, D_PAD)
-    dp = tl.dot(do, tl.trans(_load_rows(V, base, idx, n, D, D_PAD)), input_precision=PRECISION)
-    p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
-    _store_rows(DV, base, tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION), idx, n, D, D_PAD)
+    if MECH == 0:
+        # Without a refinement every transposed operand is read transposed from memory and dV, dK are
+        # stored transposed: no register transposes, and the fp32 backward spills nothing on sm_90
+        # (48 B before; sm_80 2.6 -> 1.6 KB). With one, the same change spills more, so it stays as is.
+        dp = tl.dot(do, _load_cols(V, base, idx, n, D, D_PAD), input_precision=PRECISION)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
+        dv_t = tl.dot(_load_cols(DO, base, idx, n, D, D_PAD), p_dropped, input_precision=PRECISION)
+        _store_cols(DV, base, dv_t, idx, n, D, D_PAD)
+    else:
+        dp = tl.dot(do, tl.trans(_load_rows(V, base, idx, n, D, D_PAD)), input_precision=PRECISION)
+        p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
+        _store_rows(DV, base, tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION), idx, n, D, D_PAD)
     dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; zero where P is masked
     if MECH > 0:
         da = _refine_window_bwd(
@@ -422,15 +437,19 @@ def _window_bwd(
     else:
         ds = dlogits
     ds = ds * scale
-    _store_rows(
-        DK,
-        base,
-        tl.dot(tl.trans(ds), _load_rows(Q, base, idx, n, D, D_PAD), input_precision=PRECISION),
-        idx,
-        n,
-        D,
-        D_PAD,
-    )
+    if MECH == 0:
+        dk_t = tl.dot(_load_cols(Q, base, idx, n, D, D_PAD), ds, input_precision=PRECISION)
+        _store_cols(DK, base, dk_t, idx, n, D, D_PAD)
+    else:
+        _store_rows(
+            DK,
+            base,
+            tl.dot(tl.trans(ds), _load_rows(Q, base, idx, n, D, D_PAD), input_precision=PRECISION),
+            idx,
+            n,
+            D,
+            D_PAD,
+        )
     _store_rows(
         DQ, base, tl.dot(ds, _load_rows(K, base, idx, n, D, D_PAD), input_precision=PRECISION), idx, n, D, D_PAD
     )
