@@ -152,6 +152,32 @@ def _store_cols(X, base, val_t, idx, n, D, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_rows_slice(X, base, idx, n, D, c0, WIDTH: tl.constexpr):
+    """Columns c0 .. c0 + WIDTH of _load_rows' tile: a K-slice of a dot operand. On sm_80 an fp32 (tf32x3)
+    operand is held in registers whole (hi and lo parts), so a product over d = 64 in slices of 16 keeps a
+    quarter of it live."""
+    dcols = c0 + tl.arange(0, WIDTH)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    return tl.load(X + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_cols_slice(X, base, idx, n, D, c0, WIDTH: tl.constexpr):
+    """Rows c0 .. c0 + WIDTH of _load_cols' transposed tile."""
+    dcols = c0 + tl.arange(0, WIDTH)
+    io = (idx[None, :] < n) & (dcols[:, None] < D)
+    return tl.load(X + base + idx[None, :] * D + dcols[:, None], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows_slice(X, base, val, idx, n, D, c0, WIDTH: tl.constexpr):
+    """Store val as columns c0 .. c0 + WIDTH of rows idx of an (n, D) block."""
+    dcols = c0 + tl.arange(0, WIDTH)
+    io = (idx[:, None] < n) & (dcols[None, :] < D)
+    tl.store(X + base + idx[:, None] * D + dcols[None, :], val.to(X.dtype.element_ty), mask=io)
+
+
+@triton.jit
 def _store_rows(X, base, val, idx, n, D, D_PAD: tl.constexpr):
     dcols = tl.arange(0, D_PAD)
     io = (idx[:, None] < n) & (dcols[None, :] < D)

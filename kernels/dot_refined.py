@@ -41,7 +41,9 @@ from ._common import (
     _head_stride,
     _Launch,
     _load_cols,
+    _load_cols_slice,
     _load_rows,
+    _load_rows_slice,
     _masked_softmax_rows,
     _pad,
     _precision,  # noqa: F401  the dot precision of this family's launches (tests and bench read it here)
@@ -49,6 +51,7 @@ from ._common import (
     _refine_coefficients,
     _store_cols,
     _store_rows,
+    _store_rows_slice,
     _store_zero_rows,
     _visible,
     dropout_seed,
@@ -237,17 +240,27 @@ def _window_recompute(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """The forward pass on one window up to the final (pre-dropout) weights: (A, T, U, R, P, vis); the
     entries a mechanism does not use are A. Q, K, M1 and W_RV are loaded here and not returned, so the
-    backward, which loads them again where it needs them, does not keep them live."""
+    backward, which loads them again where it needs them, does not keep them live. D_SLICE > 0: S summed
+    over d in slices of that width (the forward without a refinement: sm_80 fp32 spilled 544 B without)."""
     base = bh * n * D
     idx = off + tl.arange(0, TILE)
-    q = _load_rows(Q, base, idx, n, D, D_PAD)
-    if MECH == 0:  # K^T read transposed from memory (see _window_bwd)
+    if D_SLICE > 0:
+        vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+        s = tl.zeros((TILE, TILE), tl.float32)
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            q_c = _load_rows_slice(Q, base, idx, n, D, c, D_SLICE)
+            s += tl.dot(q_c, _load_cols_slice(K, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
+        s = s * scale
+    elif MECH == 0:  # K^T read transposed from memory (see _window_bwd)
+        q = _load_rows(Q, base, idx, n, D, D_PAD)
         vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
         s = tl.dot(q, _load_cols(K, base, idx, n, D, D_PAD), input_precision=PRECISION) * scale
     else:
+        q = _load_rows(Q, base, idx, n, D, D_PAD)
         k = _load_rows(K, base, idx, n, D, D_PAD)
         vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -290,6 +303,7 @@ def _window_fwd(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
@@ -317,11 +331,17 @@ def _window_fwd(
         PRECISION,
         TILE,
         D_PAD,
+        D_SLICE if MECH == 0 else 0,
     )
     if DROPOUT:
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-    out = tl.dot(p, _load_rows(V, bh * n * D, idx, n, D, D_PAD), input_precision=PRECISION)
-    _store_rows(O, bh * n * D, out, idx, n, D, D_PAD)
+    if MECH == 0:  # out = P V in column slices of V and out, as S in the recompute
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            out = tl.dot(p, _load_rows_slice(V, bh * n * D, idx, n, D, c, D_SLICE), input_precision=PRECISION)
+            _store_rows_slice(O, bh * n * D, out, idx, n, D, c, D_SLICE)
+    else:  # with a refinement the slices spill more on sm_80 (the n x n operands dominate there)
+        out = tl.dot(p, _load_rows(V, bh * n * D, idx, n, D, D_PAD), input_precision=PRECISION)
+        _store_rows(O, bh * n * D, out, idx, n, D, D_PAD)
     _store_zero_rows(O, bh * n * D, off, n, D, TILE, D_PAD)
 
 
@@ -359,6 +379,7 @@ def _window_bwd(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     # Ordered for few live (TILE, TILE) tiles: each gradient is stored as soon as it is complete, and
     # Q, K, M1 and W_RV are loaded again where the backward needs them rather than kept from the
@@ -390,18 +411,23 @@ def _window_bwd(
         PRECISION,
         TILE,
         D_PAD,
+        0,
     )
     # out = dropout(P) V
-    do = _load_rows(DO, base, idx, n, D, D_PAD)
     if MECH == 0:
         # Without a refinement every transposed operand is read transposed from memory and dV, dK are
         # stored transposed: no register transposes, and the fp32 backward spills nothing on sm_90
         # (48 B before; sm_80 2.6 -> 1.6 KB). With one, the same change spills more, so it stays as is.
-        dp = tl.dot(do, _load_cols(V, base, idx, n, D, D_PAD), input_precision=PRECISION)
+        # dP = dO V^T summed over d in slices (sm_80 1.6 -> 1.2 KB; slicing dV and dK too spills more).
+        dp = tl.zeros((TILE, TILE), tl.float32)
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            do_c = _load_rows_slice(DO, base, idx, n, D, c, D_SLICE)
+            dp += tl.dot(do_c, _load_cols_slice(V, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
         dv_t = tl.dot(_load_cols(DO, base, idx, n, D, D_PAD), p_dropped, input_precision=PRECISION)
         _store_cols(DV, base, dv_t, idx, n, D, D_PAD)
     else:
+        do = _load_rows(DO, base, idx, n, D, D_PAD)
         dp = tl.dot(do, tl.trans(_load_rows(V, base, idx, n, D, D_PAD)), input_precision=PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
         _store_rows(DV, base, tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION), idx, n, D, D_PAD)
@@ -486,6 +512,7 @@ def _fused_fwd(
     D_PAD: tl.constexpr,
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """One program per (batch, head): out for MECH 0 none, 1 simp (B = alpha T A^T), 2 add (+ beta A),
     3 value, on the smallest window of trailing positions that holds the sequence."""
@@ -520,6 +547,7 @@ def _fused_fwd(
             PRECISION,
             TILE_S,
             D_PAD,
+            D_SLICE,
         )
     elif length <= TILE_M:
         _window_fwd(
@@ -550,6 +578,7 @@ def _fused_fwd(
             PRECISION,
             TILE_M,
             D_PAD,
+            D_SLICE,
         )
     else:
         _window_fwd(
@@ -580,6 +609,7 @@ def _fused_fwd(
             PRECISION,
             N_PAD,
             D_PAD,
+            D_SLICE,
         )
 
 
@@ -616,6 +646,7 @@ def _fused_bwd(
     D_PAD: tl.constexpr,
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """dQ, dK, dV and per-program partial sums of dM1 (and dW_RV), all recomputed from the inputs."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -654,6 +685,7 @@ def _fused_bwd(
             PRECISION,
             TILE_S,
             D_PAD,
+            D_SLICE,
         )
     elif length <= TILE_M:
         _window_bwd(
@@ -689,6 +721,7 @@ def _fused_bwd(
             PRECISION,
             TILE_M,
             D_PAD,
+            D_SLICE,
         )
     else:
         _window_bwd(
@@ -724,6 +757,7 @@ def _fused_bwd(
             PRECISION,
             N_PAD,
             D_PAD,
+            D_SLICE,
         )
 
 
@@ -758,6 +792,7 @@ def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, ref
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
+        D_SLICE=min(16, _pad(L.d)),
         **_fused_meta(L, mechanism, refine_scores),
     )
     return out
@@ -795,6 +830,7 @@ def _launch_fused_bwd(
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
+        D_SLICE=min(32, _pad(L.d)),  # 16 spills 8 B on sm_90 (928 B on sm_80, against 1216)
         **_fused_meta(L, mechanism, refine_scores),
     )
     return dq, dk, dv, dm1_part, dwrv_part

@@ -16,6 +16,7 @@ from awr_fast.models import losses as L
 from awr_fast.train import read_metrics, train
 from awr_fast.training import config_from_args, load_checkpoint
 from awr_fast.training.loop import backward
+from helpers import check_subprocess
 
 MAX_LEN = 12
 
@@ -306,7 +307,7 @@ def test_ddp_two_process_gloo(tmp_path):
     cmd += ["--quiet", "--kcore", "none", "--d-model", "16", "--n-layers", "1", "--max-len", "20", "--lr", "5e-3"]
     cmd += ["--batch-size", "64", "--num-threads", "1", "--eval-batch-size", "64"]
     res = subprocess.run(cmd, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    check_subprocess(res, "torchrun")
     final = json.loads((out / "final.json").read_text())
     assert final["timing"]["world_size"] == 2 and [r["epoch"] for r in read_metrics(out)] == [1, 2]
     assert np.isfinite(read_metrics(out)[-1]["loss"])

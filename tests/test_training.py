@@ -30,6 +30,7 @@ from awr_fast.training import (
 )
 from awr_fast.training import checkpoint as ckpt_mod
 from awr_fast.training.loop import batch_width, trailing_widths
+from helpers import check_subprocess
 
 MAX_LEN = 20
 TIMING_KEYS = ("epoch_s", "eval_s")
@@ -517,7 +518,7 @@ def test_ddp_two_process_gloo(tmp_path, crafted_file):
         *CLI_FLAGS,
     ]
     res = subprocess.run(cmd, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    check_subprocess(res, "torchrun")
     final = json.loads((out / "final.json").read_text())
     assert final["timing"]["world_size"] == 2
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
