@@ -39,13 +39,16 @@ from ._common import (
     _fused_meta,
     _head_stride,
     _Launch,
+    _load_cols_slice,
     _load_rows,
+    _load_rows_slice,
     _masked_softmax_rows,
     _pad,
     _program_sequence,
     _reduce_over_batch,
     _refine_coefficients,
     _store_rows,
+    _store_rows_slice,
     _store_zero_rows,
     _visible,
     dropout_seed,
@@ -79,17 +82,35 @@ def _sqrt_cov(sig, dmask):
 
 
 @triton.jit
-def _w2_logits(MQ, SQ, MK, SK, base, idx, n, D, scale, PRECISION: tl.constexpr, D_PAD: tl.constexpr):
-    """-W2sq(Q_i, K_j) * scale on one window (SPEC §4's fused form)."""
-    dmask = (tl.arange(0, D_PAD) < D)[None, :]
-    mq = _load_rows(MQ, base, idx, n, D, D_PAD)
-    mk = _load_rows(MK, base, idx, n, D, D_PAD)
-    w2 = tl.sum(mq * mq, 1)[:, None] + tl.sum(mk * mk, 1)[None, :]
-    w2 -= 2.0 * tl.dot(mq, tl.trans(mk), input_precision=PRECISION)
-    sq = _load_rows(SQ, base, idx, n, D, D_PAD)
-    sk = _load_rows(SK, base, idx, n, D, D_PAD)
-    w2 += tl.sum(sq, 1)[:, None] + tl.sum(sk, 1)[None, :]
-    w2 -= 2.0 * tl.dot(_sqrt_cov(sq, dmask), tl.trans(_sqrt_cov(sk, dmask)), input_precision=PRECISION)
+def _w2_logits(
+    MQ, SQ, MK, SK, base, idx, n, D, scale, PRECISION: tl.constexpr, D_PAD: tl.constexpr, D_SLICE: tl.constexpr
+):
+    """-W2sq(Q_i, K_j) * scale on one window (SPEC §4's fused form). D_SLICE > 0: summed over d in slices of
+    that width, K's slices read transposed from memory (less live at once: sm_80 fp32 spilled 1-2.6 KB in
+    the forward without)."""
+    if D_SLICE > 0:
+        w2 = tl.zeros((idx.shape[0], idx.shape[0]), tl.float32)
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            real_cols = (c + tl.arange(0, D_SLICE)) < D
+            mq = _load_rows_slice(MQ, base, idx, n, D, c, D_SLICE)
+            mk_t = _load_cols_slice(MK, base, idx, n, D, c, D_SLICE)
+            w2 += tl.sum(mq * mq, 1)[:, None] + tl.sum(mk_t * mk_t, 0)[None, :]
+            w2 -= 2.0 * tl.dot(mq, mk_t, input_precision=PRECISION)
+            sq = _load_rows_slice(SQ, base, idx, n, D, c, D_SLICE)
+            sk_t = _load_cols_slice(SK, base, idx, n, D, c, D_SLICE)
+            w2 += tl.sum(sq, 1)[:, None] + tl.sum(sk_t, 0)[None, :]
+            root_q = _sqrt_cov(sq, real_cols[None, :])
+            w2 -= 2.0 * tl.dot(root_q, _sqrt_cov(sk_t, real_cols[:, None]), input_precision=PRECISION)
+    else:
+        dmask = (tl.arange(0, D_PAD) < D)[None, :]
+        mq = _load_rows(MQ, base, idx, n, D, D_PAD)
+        mk = _load_rows(MK, base, idx, n, D, D_PAD)
+        w2 = tl.sum(mq * mq, 1)[:, None] + tl.sum(mk * mk, 1)[None, :]
+        w2 -= 2.0 * tl.dot(mq, tl.trans(mk), input_precision=PRECISION)
+        sq = _load_rows(SQ, base, idx, n, D, D_PAD)
+        sk = _load_rows(SK, base, idx, n, D, D_PAD)
+        w2 += tl.sum(sq, 1)[:, None] + tl.sum(sk, 1)[None, :]
+        w2 -= 2.0 * tl.dot(_sqrt_cov(sq, dmask), tl.trans(_sqrt_cov(sk, dmask)), input_precision=PRECISION)
     return -w2 * scale
 
 
@@ -120,10 +141,11 @@ def _w2_window_recompute(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """(A, T, U, R, P, vis) of one window, as _window_recompute of the dot family."""
     idx = off + tl.arange(0, TILE)
-    s = _w2_logits(MQ, SQ, MK, SK, bh * n * D, idx, n, D, scale, PRECISION, D_PAD)
+    s = _w2_logits(MQ, SQ, MK, SK, bh * n * D, idx, n, D, scale, PRECISION, D_PAD, D_SLICE)
     vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
     a = _masked_softmax_rows(s, vis)
     if MECH > 0:
@@ -168,6 +190,7 @@ def _w2_window_fwd(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
@@ -198,13 +221,23 @@ def _w2_window_fwd(
         PRECISION,
         TILE,
         D_PAD,
+        D_SLICE,
     )
     if DROPOUT:  # STOSA drops P before both products: sig_out uses the dropped P squared
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-    omu = tl.dot(p, _load_rows(MV, base, idx, n, D, D_PAD), input_precision=PRECISION)
-    _store_rows(OMU, base, omu, idx, n, D, D_PAD)
-    osig = tl.dot(p * p, _load_rows(SV, base, idx, n, D, D_PAD), input_precision=PRECISION)
-    _store_rows(OSIG, base, osig, idx, n, D, D_PAD)
+    if D_SLICE > 0:  # in column slices of the values, as the logits
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            omu = tl.dot(p, _load_rows_slice(MV, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
+            _store_rows_slice(OMU, base, omu, idx, n, D, c, D_SLICE)
+        p_squared = p * p
+        for c in tl.static_range(0, D_PAD, D_SLICE):
+            osig = tl.dot(p_squared, _load_rows_slice(SV, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
+            _store_rows_slice(OSIG, base, osig, idx, n, D, c, D_SLICE)
+    else:
+        omu = tl.dot(p, _load_rows(MV, base, idx, n, D, D_PAD), input_precision=PRECISION)
+        _store_rows(OMU, base, omu, idx, n, D, D_PAD)
+        osig = tl.dot(p * p, _load_rows(SV, base, idx, n, D, D_PAD), input_precision=PRECISION)
+        _store_rows(OSIG, base, osig, idx, n, D, D_PAD)
     _store_zero_rows(OMU, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(OSIG, base, off, n, D, TILE, D_PAD)
 
@@ -250,6 +283,7 @@ def _w2_window_bwd(
     PRECISION: tl.constexpr,
     TILE: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     off = tl.maximum(n - TILE, 0)
     idx = off + tl.arange(0, TILE)
@@ -280,6 +314,7 @@ def _w2_window_bwd(
         PRECISION,
         TILE,
         D_PAD,
+        D_SLICE,
     )
     # mu_out = P' muV, sig_out = (P' o P') sigV with P' = dropout(P): dL/dP' = dOmu muV^T + 2 P' o dOsig sigV^T
     p_dropped = p
@@ -389,6 +424,7 @@ def _w2_fused_fwd(
     D_PAD: tl.constexpr,
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """One program per (batch, head): mu_out and sig_out on the smallest window that holds the sequence."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -426,6 +462,7 @@ def _w2_fused_fwd(
             PRECISION,
             TILE_S,
             D_PAD,
+            D_SLICE,
         )
     elif length <= TILE_M:
         _w2_window_fwd(
@@ -460,6 +497,7 @@ def _w2_fused_fwd(
             PRECISION,
             TILE_M,
             D_PAD,
+            D_SLICE,
         )
     else:
         _w2_window_fwd(
@@ -494,6 +532,7 @@ def _w2_fused_fwd(
             PRECISION,
             N_PAD,
             D_PAD,
+            D_SLICE,
         )
 
 
@@ -537,6 +576,7 @@ def _w2_fused_bwd(
     D_PAD: tl.constexpr,
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """The gradients of the six inputs and per-program partial sums of dM1 (and dW_RV), recomputed."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -582,6 +622,7 @@ def _w2_fused_bwd(
             PRECISION,
             TILE_S,
             D_PAD,
+            D_SLICE,
         )
     elif length <= TILE_M:
         _w2_window_bwd(
@@ -624,6 +665,7 @@ def _w2_fused_bwd(
             PRECISION,
             TILE_M,
             D_PAD,
+            D_SLICE,
         )
     else:
         _w2_window_bwd(
@@ -666,6 +708,7 @@ def _w2_fused_bwd(
             PRECISION,
             N_PAD,
             D_PAD,
+            D_SLICE,
         )
 
 
@@ -1139,6 +1182,7 @@ def _launch_fused_fwd(L: _Launch, mq, sq, mk, sk, mv, sv, m1, w_rv, seed, option
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
+        D_SLICE=min(16, _pad(L.d)) if mechanism != "value" else 0,  # "value" sliced spills 120 B on sm_90
         **_fused_meta(L, mechanism, refine_scores),
     )
     return omu, osig
@@ -1172,6 +1216,9 @@ def _launch_fused_bwd(L: _Launch, grad_mu, grad_sig, inputs, m1, w_rv, seed, opt
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
+        # the recompute's logits in slices for fp32 (less spilled on sm_80 and sm_90); bf16 and fp16, and
+        # "value", spill more that way
+        D_SLICE=min(16, _pad(L.d)) if L.precision == "tf32x3" and mechanism != "value" else 0,
         **_fused_meta(L, mechanism, refine_scores),
         **_register_bound(L.device),
     )
