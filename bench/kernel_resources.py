@@ -77,7 +77,7 @@ COLUMNS = [
 #: kernel may have no stack frame (register spills live there) and any other kernel at most
 #: TILED_STACK_BUDGET bytes per thread, except the kernels in KNOWN_SPILLS, each held to its ceiling.
 FUSED_KERNELS = ("_fused_fwd", "_fused_bwd", "_w2_fused_fwd", "_w2_fused_bwd", "_calibrated_fwd")
-TILED_STACK_BUDGET = 512
+TILED_STACK_BUDGET = 256  # 512 until the tiled kernels' fixes of 2026-12-05 (the calibrated row kernels: 176 B)
 #: (arch, dtype, mechanism, kernel) -> stack bytes allowed: what the kernels spill today (2026-12-02, triton
 #: 3.8, after the tf32x3 / reordered-backward fixes) with a quarter's margin. A ratchet, not a target: the
 #: target is 0 for fused kernels, and a ceiling only ever comes down.
@@ -87,7 +87,6 @@ KNOWN_SPILLS = {
     (90, "fp32", "value", "_fused_bwd"): 1664,
     (90, "bf16", "value", "_fused_bwd"): 96,
     (90, "fp16", "value", "_fused_bwd"): 64,
-    (90, "fp32", "value", "_flash_bwd_dkdv"): 2752,
     # the W2 family's fused backward (2026-12-05, measured 400/640/744/1472 B fp32 after the sliced logits of
     # the fp32 recompute, 200 B bf16, 208 B fp16): the dot family's fp32 (tf32x3) register pressure plus
     # the covariance path's second n x n product

@@ -129,18 +129,14 @@ def _store_square_partial(X, base, val, idx, off, n, TILE: tl.constexpr):
 @triton.jit
 def _load_rows(X, base, idx, n, D, D_PAD: tl.constexpr):
     """The (TILE, D_PAD) float32 tile of rows idx of an (n, D) block; zero outside it."""
-    dcols = tl.arange(0, D_PAD)
-    io = (idx[:, None] < n) & (dcols[None, :] < D)
-    return tl.load(X + base + idx[:, None] * D + dcols[None, :], mask=io, other=0.0).to(tl.float32)
+    return _load_rows_slice(X, base, idx, n, D, 0, D_PAD)
 
 
 @triton.jit
 def _load_cols(X, base, idx, n, D, D_PAD: tl.constexpr):
     """The (D_PAD, TILE) float32 transpose of rows idx of an (n, D) block, read transposed from memory: a
     dot operand without a register transpose; zero outside it."""
-    dcols = tl.arange(0, D_PAD)
-    io = (idx[None, :] < n) & (dcols[:, None] < D)
-    return tl.load(X + base + idx[None, :] * D + dcols[:, None], mask=io, other=0.0).to(tl.float32)
+    return _load_cols_slice(X, base, idx, n, D, 0, D_PAD)
 
 
 @triton.jit
@@ -167,6 +163,17 @@ def _load_cols_slice(X, base, idx, n, D, c0, WIDTH: tl.constexpr):
     dcols = c0 + tl.arange(0, WIDTH)
     io = (idx[None, :] < n) & (dcols[:, None] < D)
     return tl.load(X + base + idx[None, :] * D + dcols[:, None], mask=io, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sliced_dot(X, Y, base, rows, cols, n, D, D_PAD: tl.constexpr, SLICE: tl.constexpr, PRECISION: tl.constexpr):
+    """X[rows] Y[cols]^T of two (n, D) blocks at the same base, summed over D in SLICE-column slices read
+    from memory (Y's transposed): neither operand is ever live whole in registers."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    for c in tl.static_range(0, D_PAD, SLICE):
+        x_c = _load_rows_slice(X, base, rows, n, D, c, SLICE)
+        acc += tl.dot(x_c, _load_cols_slice(Y, base, cols, n, D, c, SLICE), input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -201,6 +208,11 @@ def _program_sequence(KPM, n, H, HAS_MASK: tl.constexpr, N_PAD: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ host helpers
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: triton.cdiv is a constexpr function, several microseconds a host call."""
+    return -(-a // b)
 
 
 def _pad(x: int) -> int:
@@ -252,7 +264,7 @@ class _Launch:
         return torch.empty(self.batch, self.heads, self.n, self.n, dtype=torch.float32, device=self.device)
 
     def grid_rows(self, block):
-        return (triton.cdiv(self.n, block), self.bh)
+        return (_cdiv(self.n, block), self.bh)
 
 
 def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:

@@ -34,17 +34,20 @@ import triton.language as tl
 from ._common import (
     MAX_REGISTERS,
     _blocks,
+    _cdiv,
     _dropout_keep,
     _dropped_pair,
     _first_real_position,
     _head_stride,
     _Launch,
+    _load_rows,
     _load_square,
     _masked_softmax_rows,
     _pad,
     _probs_from_lse,
     _reduce_over_batch,
     _refine_coefficients,
+    _sliced_dot,
     _store_square_partial,
     _visible,
 )
@@ -341,7 +344,12 @@ def _flash_bwd_dkdv(
     BLOCK_N: tl.constexpr,
     DI_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
+    DI_SLICE: tl.constexpr,
+    DV_SLICE: tl.constexpr,
 ):
+    """DI_SLICE > 0: S = Xq Xk^T summed over slices of DI_SLICE columns read from memory, so the key block
+    Xk is never live whole (the refined pass's DI is the padded length: a (BLOCK_N, 256) fp32 tile);
+    DV_SLICE > 0: dP = dO Y^T the same way, Y never live whole."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -351,12 +359,10 @@ def _flash_bwd_dkdv(
     di = tl.arange(0, DI_PAD)
     dv = tl.arange(0, DV_PAD)
     col_ok = cols < n
-    xk = tl.load(
-        XK + bh * n * DI + cols[:, None] * DI + di[None, :], mask=col_ok[:, None] & (di[None, :] < DI), other=0.0
-    ).to(tl.float32)
-    y = tl.load(
-        Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0
-    ).to(tl.float32)
+    if DI_SLICE == 0:
+        xk = _load_rows(XK, bh * n * DI, cols, n, DI, DI_PAD)
+    if DV_SLICE == 0:
+        y = _load_rows(Y, bh * n * DV, cols, n, DV, DV_PAD)
     dxk = tl.zeros([BLOCK_N, DI_PAD], tl.float32)
     dy = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     for i0 in range((tl.maximum(n0, start) // BLOCK_M) * BLOCK_M, n, BLOCK_M):
@@ -373,13 +379,19 @@ def _flash_bwd_dkdv(
             OUT + bh * n * DV + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0
         ).to(tl.float32)
         delta = tl.sum(do * out, 1)  # rowsum(dO o O), recomputed here instead of a separate pass
-        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        if DI_SLICE == 0:
+            s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        else:
+            s = _sliced_dot(XQ, XK, bh * n * DI, rows, cols, n, DI, DI_PAD, DI_SLICE, PRECISION) * alpha
         if HAS_BIAS:
             s += beta * tl.load(
                 BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
             )
         p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
-        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        if DV_SLICE == 0:
+            dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        else:
+            dp = _sliced_dot(DO, Y, bh * n * DV, rows, cols, n, DV, DV_PAD, DV_SLICE, PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, rows, cols, n, dropout_p, DROPOUT)
         dy += tl.dot(tl.trans(p_dropped), do, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -425,7 +437,11 @@ def _flash_bwd_dq(
     BLOCK_N: tl.constexpr,
     DI_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
+    DI_SLICE: tl.constexpr,
+    DV_SLICE: tl.constexpr,
 ):
+    """DI_SLICE, DV_SLICE > 0: S and dP summed over column slices read from memory, as in _flash_bwd_dkdv, so
+    neither Xq nor dO is live whole across the loop."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -449,19 +465,20 @@ def _flash_bwd_dq(
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         inside = row_ok[:, None] & (cols[None, :] < n)
-        xk = tl.load(
-            XK + bh * n * DI + cols[:, None] * DI + di[None, :],
-            mask=(cols[:, None] < n) & (di[None, :] < DI),
-            other=0.0,
-        ).to(tl.float32)
-        y = tl.load(
-            Y + bh * n * DV + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < n) & (dv[None, :] < DV), other=0.0
-        ).to(tl.float32)
-        s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        xk = _load_rows(XK, bh * n * DI, cols, n, DI, DI_PAD)
+        if DV_SLICE == 0:
+            y = _load_rows(Y, bh * n * DV, cols, n, DV, DV_PAD)
+        if DI_SLICE == 0:
+            s = tl.dot(xq, tl.trans(xk), input_precision=PRECISION) * alpha
+        else:
+            s = _sliced_dot(XQ, XK, bh * n * DI, rows, cols, n, DI, DI_PAD, DI_SLICE, PRECISION) * alpha
         if HAS_BIAS:
             s += beta * tl.load(BIAS + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
         p = _probs_from_lse(s, lse, _visible(rows, cols, n, start, b, KPM, HAS_MASK))
-        dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        if DV_SLICE == 0:
+            dp = tl.dot(do, tl.trans(y), input_precision=PRECISION)
+        else:
+            dp = _sliced_dot(DO, Y, bh * n * DV, rows, cols, n, DV, DV_PAD, DV_SLICE, PRECISION)
         if DROPOUT:
             dp = tl.where(_dropout_keep(SEED, bh, rows, cols, n, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
@@ -780,8 +797,10 @@ def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangula
     stride_r, stride_c = w.stride(-2), w.stride(-1)
     if transpose_w:
         stride_r, stride_c = stride_c, stride_r
+    # 64x64 tiles over 32-wide K steps on 8 warps: 64-wide K steps on 4 warps spilled 320 B (fp32) and
+    # 64 B (half inputs) on sm_90, 872 B on sm_80; these spill nothing (bench/results/kernel_resources.md)
     block = 64 if L.n > 32 else 32
-    grid = (triton.cdiv(L.n, block), triton.cdiv(L.n, block), L.bh)
+    grid = (_cdiv(L.n, block), _cdiv(L.n, block), L.bh)
     launch(
         _tril_matmul,
         grid,
@@ -801,8 +820,8 @@ def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangula
         PRECISION=L.precision,
         BLOCK_M=block,
         BLOCK_N=block,
-        BLOCK_K=block if L.n > 32 else 16,
-        num_warps=4,
+        BLOCK_K=32 if L.n > 32 else 16,
+        num_warps=8 if L.n > 32 else 4,
     )
     return out
 
@@ -811,7 +830,9 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
     di, dv = xq.shape[-1], y.shape[-1]
     out = torch.empty(L.batch, L.heads, L.n, dv, dtype=out_dtype, device=L.device)
     lse = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
-    bm, bn, warps = _blocks(L.n, di)
+    # at most 32-row blocks on 8 warps, two stages: whole 64-row blocks (n <= 64) on 4 warps, or three
+    # stages, spilled up to 368 B per thread in fp32 (sm_80; 232 B at n = 100 on sm_90), these nothing
+    bm, bn, _ = _blocks(max(L.n, 65), di)
     launch(
         _flash_fwd,
         L.grid_rows(bm),
@@ -839,7 +860,8 @@ def _launch_flash_fwd(L: _Launch, xq, xk, y, bias, alpha, beta, dropout_p, seed,
         BLOCK_N=bn,
         DI_PAD=_pad(di),
         DV_PAD=_pad(dv),
-        num_warps=warps,
+        num_warps=8,
+        num_stages=2,
     )
     return out, lse
 
@@ -851,7 +873,14 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
     dxk = torch.empty(L.batch, L.heads, L.n, di, dtype=grad_dtypes[1], device=L.device)
     dy = torch.empty(L.batch, L.heads, L.n, dv, dtype=grad_dtypes[2], device=L.device)
     dbias = L.scratch() if bias is not None else None
-    bm, bn, warps = _blocks(max(L.n, 65), di)  # 32-row blocks: whole 64-row ones overflow shared memory
+    bm, bn, _ = _blocks(max(L.n, 65), di)  # 32-row blocks: whole 64-row ones overflow shared memory
+    # 8 warps, and for fp32 (tf32x3 operands are held whole in registers, hi and lo parts) S and dP summed
+    # over 32-column slices read from memory, unpipelined: 4 warps with whole operands spilled up to 2.2 KB
+    # per thread at n = 200 (value) on sm_90 and sm_80, these nothing (bench/results/kernel_resources.md)
+    fp32 = L.precision == "tf32x3"
+    dkdv_meta = dict(DI_SLICE=32, DV_SLICE=32, num_stages=1) if fp32 else dict(DI_SLICE=0, DV_SLICE=0)
+    sliced_dq = fp32 and (di > 64 or dropout_p > 0)  # d_h = 64 without dropout: 0 B whole, 8 B sliced
+    dq_meta = dict(DI_SLICE=32, DV_SLICE=32, num_stages=1) if sliced_dq else dict(DI_SLICE=0, DV_SLICE=0)
     common = dict(
         HAS_MASK=L.has_mask,
         N_PAD=L.n_pad,
@@ -862,13 +891,12 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         BLOCK_N=bn,
         DI_PAD=_pad(di),
         DV_PAD=_pad(dv),
-        num_warps=warps,
         maxnreg=MAX_REGISTERS,
     )
     bias_arg = bias if bias is not None else xq
     launch(
         _flash_bwd_dkdv,
-        (triton.cdiv(L.n, bn), L.bh),
+        (_cdiv(L.n, bn), L.bh),
         xq,
         xk,
         y,
@@ -887,6 +915,8 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         di,
         dv,
         L.heads,
+        num_warps=8,
+        **dkdv_meta,
         **common,
     )
     launch(
@@ -910,6 +940,8 @@ def _launch_flash_bwd(L: _Launch, grad, xq, xk, y, bias, out, lse, alpha, beta, 
         di,
         dv,
         L.heads,
+        num_warps=8,
+        **dq_meta,
         **common,
     )
     return dxq, dxk, dy, dbias
@@ -919,7 +951,7 @@ def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
     """out = dropout(softmax(mask(Bv))) V of "value" and its log-sum-exp."""
     out = torch.empty_like(v)
     lse3 = torch.empty(L.batch, L.heads, L.n, dtype=torch.float32, device=L.device)
-    bm, bn, warps = _blocks(L.n, L.d)
+    bm, bn, _ = _blocks(max(L.n, 65), L.d)  # 32-row blocks: whole 64-row ones spilled 456 B in fp32 on sm_80
     launch(
         _value_out_fwd,
         L.grid_rows(bm),
@@ -940,7 +972,8 @@ def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
         BLOCK_M=bm,
         BLOCK_N=bn,
         D_PAD=_pad(L.d),
-        num_warps=warps,
+        num_warps=4,
+        num_stages=2,  # three stages spilled 8 B in fp32 at n = 256 on sm_90 (8 warps: 8 B too)
     )
     return out, lse3
 
@@ -948,7 +981,7 @@ def _launch_value_out_fwd(L: _Launch, bv, v, seed, dropout_p):
 def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
     """(dBv, the dropped P3) of "value"'s last softmax."""
     dbv, p3 = L.scratch(), L.scratch()
-    bm, bn, warps = _blocks(max(L.n, 65), L.d)  # 32-row blocks, as the flash backward
+    bm, bn, _ = _blocks(max(L.n, 65), L.d)  # 32-row blocks, as the flash backward
     launch(
         _value_out_bwd,
         L.grid_rows(bm),
@@ -972,7 +1005,7 @@ def _launch_value_out_bwd(L: _Launch, grad, bv, v, out, lse3, seed, dropout_p):
         BLOCK_M=bm,
         BLOCK_N=bn,
         D_PAD=_pad(L.d),
-        num_warps=warps,
+        num_warps=8,  # 4 warps spilled 8 B in fp32 on sm_90
     )
     return dbv, p3
 
@@ -1003,7 +1036,8 @@ def _launch_softmax_probs(L: _Launch, xq, xk, bias, alpha, beta):
         BLOCK_M=bm,
         BLOCK_N=bn,
         DI_BLOCK=min(_pad(di), 32),
-        num_warps=warps,
+        # fp32 32-row blocks on 4 warps spilled 16 B on sm_80 (half inputs: 8 warps spill 8 B on sm_90)
+        num_warps=8 if bm < 64 and L.precision == "tf32x3" else warps,
     )
     return p
 
@@ -1043,7 +1077,7 @@ def refinement_weight_grads(L: _Launch, mechanism: str, dm_part, drv_part, w_rq,
     block_r = min(64, _pad(width))
     launch(
         _weight_grads,
-        (triton.cdiv(L.n, 16), triton.cdiv(width, block_r), 3 * L.heads),
+        (_cdiv(L.n, 16), _cdiv(width, block_r), 3 * L.heads),
         dm_part,
         dm_part if drv_part is None else drv_part,
         first,

@@ -40,6 +40,7 @@ import triton.language as tl
 from awr_fast.ops.calibrated import ADVERSARIAL
 
 from ._common import (
+    _cdiv,
     _first_real_position,
     _fused_meta,
     _head_stride,
@@ -1006,7 +1007,7 @@ def _forward_rows(
     p_fin = L.scratch() if m1 is not None else None
     launch(
         _calibrated_rows_fwd,
-        (triton.cdiv(L.n, ROWS_BLOCK_M), L.bh),
+        (_cdiv(L.n, ROWS_BLOCK_M), L.bh),
         q,
         k,
         v,
@@ -1109,7 +1110,7 @@ def _backward(
     d_outs = (d_cal, d_att, d_perturb.contiguous() if has_dpert else q, q if d_pfin is None else d_pfin)
     options = (scale, dropout_p, perturb_dropout_p, L.n, L.d, L.heads)
     rows_out = (dq, dqa if adversarial else dq, dgate if adversarial else dq, stats, rowsums)
-    grid = (triton.cdiv(L.n, ROWS_BLOCK_M), L.bh)
+    grid = (_cdiv(L.n, ROWS_BLOCK_M), L.bh)
     launch(
         _calibrated_rows_bwd,
         grid,
@@ -1124,7 +1125,7 @@ def _backward(
         **meta,
     )
     cols_out = (stats, dk, dv, dka if adversarial else dk, colsums)
-    grid = (triton.cdiv(L.n, COLUMNS_BLOCK_N), L.bh)
+    grid = (_cdiv(L.n, COLUMNS_BLOCK_N), L.bh)
     cols_meta = {**meta, "BLOCK_N": COLUMNS_BLOCK_N}
     launch(
         _calibrated_cols_bwd, grid, *inputs, *d_outs, *cols_out, *options, HAS_DPERT=has_dpert, REFINED=refined,
@@ -1174,7 +1175,7 @@ def drawn_noise(seed: torch.Tensor, batch: int, heads: int, n: int) -> torch.Ten
     perturbation noise is not given: what a test compares against an explicit-noise call."""
     out = torch.empty(batch, heads, n, n, device=seed.device, dtype=torch.float32)
     block = 256
-    _drawn_noise[(triton.cdiv(n * n, block), batch * heads)](seed, out, n, BLOCK=block)
+    _drawn_noise[(_cdiv(n * n, block), batch * heads)](seed, out, n, BLOCK=block)
     return out
 
 

@@ -41,7 +41,6 @@ from ._common import (
     _head_stride,
     _Launch,
     _load_cols,
-    _load_cols_slice,
     _load_rows,
     _load_rows_slice,
     _masked_softmax_rows,
@@ -49,6 +48,7 @@ from ._common import (
     _precision,  # noqa: F401  the dot precision of this family's launches (tests and bench read it here)
     _program_sequence,
     _refine_coefficients,
+    _sliced_dot,
     _store_cols,
     _store_rows,
     _store_rows_slice,
@@ -250,11 +250,7 @@ def _window_recompute(
     idx = off + tl.arange(0, TILE)
     if D_SLICE > 0:
         vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
-        s = tl.zeros((TILE, TILE), tl.float32)
-        for c in tl.static_range(0, D_PAD, D_SLICE):
-            q_c = _load_rows_slice(Q, base, idx, n, D, c, D_SLICE)
-            s += tl.dot(q_c, _load_cols_slice(K, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
-        s = s * scale
+        s = _sliced_dot(Q, K, base, idx, idx, n, D, D_PAD, D_SLICE, PRECISION) * scale
     elif MECH == 0:  # K^T read transposed from memory (see _window_bwd)
         q = _load_rows(Q, base, idx, n, D, D_PAD)
         vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
@@ -419,10 +415,7 @@ def _window_bwd(
         # stored transposed: no register transposes, and the fp32 backward spills nothing on sm_90
         # (48 B before; sm_80 2.6 -> 1.6 KB). With one, the same change spills more, so it stays as is.
         # dP = dO V^T summed over d in slices (sm_80 1.6 -> 1.2 KB; slicing dV and dK too spills more).
-        dp = tl.zeros((TILE, TILE), tl.float32)
-        for c in tl.static_range(0, D_PAD, D_SLICE):
-            do_c = _load_rows_slice(DO, base, idx, n, D, c, D_SLICE)
-            dp += tl.dot(do_c, _load_cols_slice(V, base, idx, n, D, c, D_SLICE), input_precision=PRECISION)
+        dp = _sliced_dot(DO, V, base, idx, idx, n, D, D_PAD, D_SLICE, PRECISION)
         p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
         dv_t = tl.dot(_load_cols(DO, base, idx, n, D, D_PAD), p_dropped, input_precision=PRECISION)
         _store_cols(DV, base, dv_t, idx, n, D, D_PAD)

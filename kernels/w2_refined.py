@@ -34,6 +34,7 @@ from awr_fast.ops.w2_refined import SQRT_CLAMP, TRITON_MAX_N, default_scale
 from ._common import (
     MAX_REGISTERS,
     _blocks,
+    _cdiv,
     _dropout_keep,
     _first_real_position,
     _fused_meta,
@@ -47,6 +48,7 @@ from ._common import (
     _program_sequence,
     _reduce_over_batch,
     _refine_coefficients,
+    _sliced_dot,
     _store_rows,
     _store_rows_slice,
     _store_zero_rows,
@@ -69,7 +71,10 @@ from ._refine import (
 
 W2_FUSED_MAX_N = fused_max_n_from_env()  # longer sequences (up to TRITON_MAX_N) take the tiled kernels
 _CLAMP = tl.constexpr(SQRT_CLAMP)  # a jit function may read a module global only as a constexpr
-W2_PROBS_D_BLOCK = 64  # _w2_probs_fwd reads wider Gaussians (M_stoc's r > 64) in chunks of this many columns
+# _w2_probs_fwd reads Gaussians wider than this in chunks of this many columns from memory per key block;
+# 64 kept d_h = 64's query side in registers and spilled 56-72 B in fp32 (32: 56 B without a mask), 16
+# spills nothing
+W2_PROBS_D_BLOCK = 16
 
 
 # ------------------------------------------------------------------------------------------- jit kernels
@@ -905,23 +910,31 @@ def _w2_out_bwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
 ):
     """dL/dP = keep / (1 - p) o (dOmu muV^T + 2 P' o dOsig sigV^T) on the visible key blocks (scratch
-    zero elsewhere; P is 0 on the invisible entries of those blocks, which the softmax backward uses)."""
+    zero elsewhere; P is 0 on the invisible entries of those blocks, which the softmax backward uses).
+    D_SLICE > 0: both products summed over D_SLICE-column slices read from memory, dOmu and dOsig never
+    live whole (fp32 with dropout spilled 96-112 B per thread otherwise)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     start = _first_real_position(KPM, b, n, HAS_MASK, N_PAD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     base = bh * n * D
-    domu = _load_rows(DOMU, base, rows, n, D, D_PAD)
-    dosig = _load_rows(DOSIG, base, rows, n, D, D_PAD)
+    if D_SLICE == 0:
+        domu = _load_rows(DOMU, base, rows, n, D, D_PAD)
+        dosig = _load_rows(DOSIG, base, rows, n, D, D_PAD)
     for j0 in range((start // BLOCK_N) * BLOCK_N, tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         inside = (rows[:, None] < n) & (cols[None, :] < n)
         p = tl.load(P + bh * n * n + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-        dp = tl.dot(domu, tl.trans(_load_rows(MV, base, cols, n, D, D_PAD)), input_precision=PRECISION)
-        dsq = tl.dot(dosig, tl.trans(_load_rows(SV, base, cols, n, D, D_PAD)), input_precision=PRECISION)
+        if D_SLICE == 0:
+            dp = tl.dot(domu, tl.trans(_load_rows(MV, base, cols, n, D, D_PAD)), input_precision=PRECISION)
+            dsq = tl.dot(dosig, tl.trans(_load_rows(SV, base, cols, n, D, D_PAD)), input_precision=PRECISION)
+        else:
+            dp = _sliced_dot(DOMU, MV, base, rows, cols, n, D, D_PAD, D_SLICE, PRECISION)
+            dsq = _sliced_dot(DOSIG, SV, base, rows, cols, n, D, D_PAD, D_SLICE, PRECISION)
         if DROPOUT:
             keep = _dropout_keep(SEED, bh, rows, cols, n, dropout_p)
             dp = tl.where(keep, (dp + 2.0 * p / (1.0 - dropout_p) * dsq) / (1.0 - dropout_p), 0.0)
@@ -1141,7 +1154,7 @@ def _tiled_meta(L: _Launch, d: int) -> dict:
     """Meta-parameters of the tiled kernels for Gaussians of width d (d_h; r for M_stoc's row Gaussians):
     tiles of at most 32 rows even for short sequences (M_stoc runs tiled at every n), where whole 64-row
     tiles with their (64, d) Gaussians spilled up to 2.2 KB per thread in fp32."""
-    bm, bn, warps = _blocks(max(L.n, 65), d)  # 32 x 32 (16 x 16 for d > 128)
+    bm, bn, _ = _blocks(max(L.n, 65), d)  # 32 x 32 (16 x 16 for d > 128)
     bm, bn = min(bm, L.n_pad), min(bn, L.n_pad)
     return dict(
         HAS_MASK=L.has_mask,
@@ -1150,7 +1163,7 @@ def _tiled_meta(L: _Launch, d: int) -> dict:
         BLOCK_M=bm,
         BLOCK_N=bn,
         D_PAD=_pad(d),
-        num_warps=warps,
+        num_warps=8,  # 4 warps spilled 8-168 B per thread in fp32 (sm_80 and sm_90); 8 spill nothing
     )
 
 
@@ -1294,11 +1307,12 @@ def _launch_w2_out_bwd(L: _Launch, grad_mu, grad_sig, p, mv, sv, seed, dropout_p
         L.d,
         L.heads,
         DROPOUT=dropout_p > 0,
+        D_SLICE=32 if L.precision == "tf32x3" else 0,
         **meta,
     )
     launch(
         _w2_out_bwd_values,
-        (triton.cdiv(L.n, meta["BLOCK_N"]), L.bh),
+        (_cdiv(L.n, meta["BLOCK_N"]), L.bh),
         p,
         grad_mu,
         grad_sig,
@@ -1342,7 +1356,7 @@ def _launch_w2_probs_bwd(L: _Launch, a, da, mq, sq, mk, sk, scale, refine_scores
     )
     launch(
         _w2_probs_bwd_keys,
-        (triton.cdiv(L.n, meta["BLOCK_N"]), L.bh),
+        (_cdiv(L.n, meta["BLOCK_N"]), L.bh),
         da,
         mq,
         sq,
