@@ -523,7 +523,9 @@ def main(argv=None) -> int:
         rows = scan_cache(args.scan_cache, base)
         print(f"{len(rows)} compiled kernel(s) in {args.scan_cache}")
         return _report(args, rows)
-    resources: dict = {}  # id(CompiledKernel) -> its cuobjdump numbers
+    # cubin bytes -> its cuobjdump numbers (keyed by content: an id() would be reused once a cleared cache's
+    # kernels are freed, and a second target's rows would read the first target's numbers)
+    resources: dict = {}
     device = "cuda" if args.device == "cuda" else "cpu"
     for arch in args.arch:
         if args.device == "stand-in":
@@ -589,8 +591,9 @@ def main(argv=None) -> int:
             if status != "ok" and not used:
                 rows.append({**base, "kernel": "?", "status": status, "reason": reason, "compile_s": seconds})
             for name, kernel, is_new in used:
-                if id(kernel) not in resources:
-                    resources[id(kernel)] = cubin_resources(kernel.asm["cubin"])
+                cubin = kernel.asm["cubin"]
+                if cubin not in resources:
+                    resources[cubin] = cubin_resources(cubin)
                 md = kernel.metadata
                 too_big = md.shared > ARCHS[arch]["max_shared_mem"]
                 rows.append(
@@ -600,7 +603,7 @@ def main(argv=None) -> int:
                         "num_warps": md.num_warps,
                         "num_stages": md.num_stages,
                         "shared_bytes": md.shared,
-                        **resources[id(kernel)],
+                        **resources[cubin],
                         "status": "out_of_shared_memory" if too_big else ("ok" if explained else status),
                         "reason": reason if too_big or not explained else "",
                         "compile_s": seconds / fresh if is_new else 0.0,

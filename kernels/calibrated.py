@@ -66,7 +66,10 @@ from ._op import TritonOp
 from ._refine import _refine_window, refine_backward, refine_forward
 
 FUSED_MAX_N = 64  # longer sequences (up to TRITON_MAX_N) take the row-block kernel
-ROWS_BLOCK_M, ROWS_BLOCK_N = 16, 32  # the row-block kernel's query rows per program and key block
+# the row-block kernels' query rows per program and key block: 16-column key blocks in the forward (32
+# spilled 40-176 B in fp32 on sm_90, 72-96 B on sm_80; 16: 0-144 B) and in the backward for half inputs
+# (104-152 B -> 16-64 B, the adversarial training configuration), 32 in the fp32 backward (16 spills more)
+ROWS_BLOCK_M, ROWS_BLOCK_N, ROWS_FP32_BACKWARD_BLOCK_N = 16, 16, 32
 ROWS_WARPS = 4
 # the backward keeps about twice the tiles of the forward live: twice the threads, and 16-column blocks in
 # the column kernel (its three (block, d_h) accumulators); measured on sm_90 fp32 (tf32x3), 2026-12-05
@@ -977,7 +980,9 @@ def _forward(
     return out_cal, out_att, perturb
 
 
-def _rows_meta(L: _Launch, adversarial, noise, dropout_p, perturb_dropout_p, num_warps=ROWS_WARPS) -> dict:
+def _rows_meta(
+    L: _Launch, adversarial, noise, dropout_p, perturb_dropout_p, num_warps=ROWS_WARPS, block_n=ROWS_BLOCK_N
+) -> dict:
     return dict(
         ADV=adversarial,
         DROPOUT=dropout_p > 0.0,
@@ -988,7 +993,7 @@ def _rows_meta(L: _Launch, adversarial, noise, dropout_p, perturb_dropout_p, num
         N_PAD=L.n_pad,
         D_PAD=_pad(L.d),
         BLOCK_M=ROWS_BLOCK_M,
-        BLOCK_N=ROWS_BLOCK_N,
+        BLOCK_N=block_n,
         num_warps=num_warps,
     )
 
@@ -1103,7 +1108,8 @@ def _backward(
             L, d_cal, q, k, v, vectors, scalars, q_adv if adversarial else None, k_adv, gate_logits, noise, m1,
             w_rv32, seed, scale, refine, refine_scale, dropout_p, perturb_dropout_p,
         )  # fmt: skip
-    meta = _rows_meta(L, adversarial, noise, dropout_p, perturb_dropout_p, num_warps=BACKWARD_WARPS)
+    block_n = ROWS_FP32_BACKWARD_BLOCK_N if L.precision == "tf32x3" else ROWS_BLOCK_N
+    meta = _rows_meta(L, adversarial, noise, dropout_p, perturb_dropout_p, BACKWARD_WARPS, block_n)
     qa, ka = (q_adv, k_adv) if adversarial else (q, q)
     gate, nz = (gate_logits, noise if noise is not None else q) if adversarial else (q, q)
     inputs = (q, k, v, qa, ka, gate, nz, vectors, scalars, L.kpm, seed)  # both kernels' leading arguments
