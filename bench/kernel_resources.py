@@ -543,8 +543,8 @@ def main(argv=None) -> int:
         for family in args.families:
             module_name, runner, mechanisms, longest = FAMILIES[family]
             module = importlib.import_module(f"awr_fast.kernels.{module_name}")
-            if hasattr(module, "_REGISTER_BOUND"):
-                module._REGISTER_BOUND.clear()  # launch options cached per target: this arch afresh
+            # launch options cached per target: this arch afresh
+            importlib.import_module("awr_fast.kernels._common")._TARGET_ARCH.clear()
             todo += [(family, module, runner, c) for c in configs(args) if c[0] <= longest and c[2] in mechanisms]
         for fn in {id(f): f for _, m, _, _ in todo for f in jit_functions(m).values()}.values():
             if hasattr(fn, "device_caches"):  # one cache per target: start this arch afresh

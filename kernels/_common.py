@@ -177,6 +177,56 @@ def _sliced_dot(X, Y, base, rows, cols, n, D, D_PAD: tl.constexpr, SLICE: tl.con
 
 
 @triton.jit
+def _slot_store(WS, slot, val, TILE: tl.constexpr):
+    """Write a (TILE, TILE) float32 tile to a program's scratch slot (row-major, no padding rows)."""
+    r = tl.arange(0, TILE)
+    tl.store(WS + slot + r[:, None] * TILE + r[None, :], val)
+
+
+@triton.jit
+def _slot_load(WS, slot, TILE: tl.constexpr):
+    r = tl.arange(0, TILE)
+    return tl.load(WS + slot + r[:, None] * TILE + r[None, :])
+
+
+@triton.jit
+def _staged_dot(
+    X,
+    x_base,
+    x_rs,
+    x_cs,
+    x_rows,
+    x_cols,
+    Y,
+    y_base,
+    y_rs,
+    y_cs,
+    y_rows,
+    y_cols,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    K_SLICE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """X Y for operands in memory, summed over K in K_SLICE slices: each operand is (pointer, base, row
+    stride, column stride, valid rows, valid columns) of its (M, K) or (K, N) view (a transposed operand
+    swaps its strides), zero outside the valid part. No operand is ever whole in registers: this is what
+    keeps an fp32 (tf32x3: hi and lo parts) product with K = 64 from spilling."""
+    rm = tl.arange(0, M)
+    rn = tl.arange(0, N)
+    acc = tl.zeros([M, N], tl.float32)
+    for k0 in range(0, K, K_SLICE):
+        rk = k0 + tl.arange(0, K_SLICE)
+        x_ok = (rm[:, None] < x_rows) & (rk[None, :] < x_cols)
+        x = tl.load(X + x_base + rm[:, None] * x_rs + rk[None, :] * x_cs, mask=x_ok, other=0.0).to(tl.float32)
+        y_ok = (rk[:, None] < y_rows) & (rn[None, :] < y_cols)
+        y = tl.load(Y + y_base + rk[:, None] * y_rs + rn[None, :] * y_cs, mask=y_ok, other=0.0).to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _store_rows_slice(X, base, val, idx, n, D, c0, WIDTH: tl.constexpr):
     """Store val as columns c0 .. c0 + WIDTH of rows idx of an (n, D) block."""
     dcols = c0 + tl.arange(0, WIDTH)
@@ -265,6 +315,38 @@ class _Launch:
 
     def grid_rows(self, block):
         return (_cdiv(self.n, block), self.bh)
+
+
+#: None: each family's launcher decides whether its fused backward stages its (n, n) tiles through scratch
+#: (stages_fused_backward); True or False forces it (the tests run both paths in every dtype)
+STAGED_BACKWARD: bool | None = None
+_TARGET_ARCH: dict = {}  # device -> Triton's target arch, None without a driver (host cost: one lookup a call)
+
+
+def _target_arch(device: torch.device) -> int | None:
+    """The compute capability Triton compiles for on `device` (the GPU, or bench/kernel_resources.py's
+    stand-in, which clears this cache per target); None under the interpreter."""
+    key = (device.type, device.index)
+    if key not in _TARGET_ARCH:
+        try:
+            arch = triton.runtime.driver.active.get_current_target().arch
+        except Exception:  # the interpreter, or no driver
+            arch = None
+        _TARGET_ARCH[key] = arch if isinstance(arch, int) else None
+    return _TARGET_ARCH[key]
+
+
+def _stages_backward(L: _Launch, mechanism: str) -> bool:
+    """Whether a fused backward stages its (n, n) tiles through scratch slots (_staged_refine_fwd / _bwd)
+    instead of holding them in registers, where that spills (bench/results/kernel_resources.md, triton
+    3.8, n = 50): fp32 (tf32x3 holds hi and lo parts of every operand: 0.4-1.5 KB per thread on sm_90),
+    "value" (two more (n, n) tiles: 48-200 B in half precision on sm_90) and every input on pre-Hopper
+    targets (sm_80's mma.sync takes both operands from registers: 64 B - 5.5 KB). Elsewhere (half inputs
+    on sm_90 without "value") the registers hold them without a spill, and no scratch is written."""
+    if STAGED_BACKWARD is not None:
+        return STAGED_BACKWARD
+    arch = _target_arch(L.device)
+    return L.precision == "tf32x3" or mechanism == "value" or (arch is not None and arch < 90)
 
 
 def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:

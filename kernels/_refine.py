@@ -48,6 +48,9 @@ from ._common import (
     _reduce_over_batch,
     _refine_coefficients,
     _sliced_dot,
+    _slot_load,
+    _slot_store,
+    _staged_dot,
     _store_square_partial,
     _visible,
 )
@@ -709,6 +712,209 @@ def _refine_window_bwd(
 
 
 @triton.jit
+def _staged_refine_fwd(
+    WS,
+    ws,
+    a,
+    vis,
+    M1,
+    WRV,
+    h,
+    off,
+    n,
+    alpha,
+    beta,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_refine_window's P for a window whose (TILE, TILE) tiles live in the program's scratch slots at WS +
+    ws (TILE * TILE floats each) and whose products are summed over K_SLICE slices read back from there
+    (_staged_dot): the fp32 fused backward, where a product with K = 64 holding both tf32x3 operands in
+    registers spills. Writes slot 0 A, 1 T, and for "value" 2 U and 3 R; the caller may use slot 2 (4
+    for "value") for dropout(P) afterwards. MECH 0: P = A, no slot is written."""
+    TT: tl.constexpr = TILE * TILE
+    valid = n - off
+    p = a
+    if MECH > 0:
+        _slot_store(WS, ws, a, TILE)
+        tl.debug_barrier()
+        m_base = h * m_head_stride + off * n + off
+        t = _staged_dot(
+            WS, ws, TILE, 1, TILE, TILE, M1, m_base, n, 1, valid, valid, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+        _slot_store(WS, ws + TT, t, TILE)
+        if MECH == 3:
+            w_base = h * wrv_head_stride + off * n + off
+            u = _staged_dot(
+                WS, ws, TILE, 1, TILE, TILE, WRV, w_base, n, 1, valid, valid, TILE, TILE, TILE, K_SLICE, PRECISION
+            )
+            _slot_store(WS, ws + 2 * TT, u, TILE)
+        tl.debug_barrier()
+        scores2 = alpha * _staged_dot(
+            WS, ws + TT, TILE, 1, TILE, TILE, WS, ws, 1, TILE, TILE, TILE, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+        if MECH == 2:  # add
+            scores2 += beta * a
+        p = _masked_softmax_rows(scores2, vis)
+        if MECH == 3:  # value: R = that softmax (slot 3), P = softmax(R U)
+            _slot_store(WS, ws + 3 * TT, p, TILE)
+            tl.debug_barrier()
+            r_u = _staged_dot(
+                WS,
+                ws + 3 * TT,
+                TILE,
+                1,
+                TILE,
+                TILE,
+                WS,
+                ws + 2 * TT,
+                TILE,
+                1,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                K_SLICE,
+                PRECISION,
+            )
+            p = _masked_softmax_rows(r_u, vis)
+    return p
+
+
+@triton.jit
+def _staged_refine_bwd(
+    WS,
+    ws,
+    dlogits,
+    M1,
+    WRV,
+    DM1,
+    DWRV,
+    bh,
+    h,
+    idx,
+    off,
+    n,
+    alpha,
+    beta,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_refine_window_bwd on the slots of _staged_refine_fwd: dL/dA from dL/d(logits of P), and this
+    program's partials of dM1 (and dW_RV). Starts with a barrier, after which it reuses the caller's
+    dropout(P) slot: "value" writes dlogits to slot 4 and dU to 5; then dS2 goes to slot 2 and dT to 3.
+    On return slots 0 (A) and 1 are no longer read here. MECH 0: dA = dlogits."""
+    TT: tl.constexpr = TILE * TILE
+    valid = n - off
+    da = dlogits
+    if MECH > 0:
+        dscores2 = dlogits
+        tl.debug_barrier()  # every reader of the caller's dropout(P) slot is done
+        if MECH == 3:  # P = softmax(R U): dU = R^T dlogits, dR = dlogits U^T, then the inner softmax
+            _slot_store(WS, ws + 4 * TT, dlogits, TILE)
+            tl.debug_barrier()
+            du = _staged_dot(
+                WS,
+                ws + 3 * TT,
+                1,
+                TILE,
+                TILE,
+                TILE,
+                WS,
+                ws + 4 * TT,
+                TILE,
+                1,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                K_SLICE,
+                PRECISION,
+            )
+            _slot_store(WS, ws + 5 * TT, du, TILE)
+            dr = _staged_dot(
+                WS,
+                ws + 4 * TT,
+                TILE,
+                1,
+                TILE,
+                TILE,
+                WS,
+                ws + 2 * TT,
+                1,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                TILE,
+                K_SLICE,
+                PRECISION,
+            )
+            r = _slot_load(WS, ws + 3 * TT, TILE)
+            dscores2 = r * (dr - tl.sum(r * dr, 1)[:, None])
+            tl.debug_barrier()  # dU is in slot 5; U (slot 2) and R (slot 3) are read
+            d_wrv = _staged_dot(
+                WS, ws, 1, TILE, TILE, TILE, WS, ws + 5 * TT, TILE, 1, TILE, TILE, TILE, TILE, TILE, K_SLICE, PRECISION
+            )
+            _store_square_partial(DWRV, bh * n * n, d_wrv, idx, off, n, TILE)
+            w_base = h * wrv_head_stride + off * n + off
+            da = _staged_dot(
+                WS,
+                ws + 5 * TT,
+                TILE,
+                1,
+                TILE,
+                TILE,
+                WRV,
+                w_base,
+                1,
+                n,
+                valid,
+                valid,
+                TILE,
+                TILE,
+                TILE,
+                K_SLICE,
+                PRECISION,
+            )
+        else:
+            da = tl.zeros([TILE, TILE], tl.float32)
+        if MECH == 2:  # add
+            da += beta * dscores2
+        # dA += alpha dS2^T T; dT = alpha dS2 A (slot 3); dM1 partial = A^T dT; dA += dT M1^T
+        _slot_store(WS, ws + 2 * TT, dscores2, TILE)
+        tl.debug_barrier()
+        da += alpha * _staged_dot(
+            WS, ws + 2 * TT, 1, TILE, TILE, TILE, WS, ws + TT, TILE, 1, TILE, TILE, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+        dt = alpha * _staged_dot(
+            WS, ws + 2 * TT, TILE, 1, TILE, TILE, WS, ws, TILE, 1, TILE, TILE, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+        _slot_store(WS, ws + 3 * TT, dt, TILE)
+        tl.debug_barrier()
+        d_m1 = _staged_dot(
+            WS, ws, 1, TILE, TILE, TILE, WS, ws + 3 * TT, TILE, 1, TILE, TILE, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+        _store_square_partial(DM1, bh * n * n, d_m1, idx, off, n, TILE)
+        m_base = h * m_head_stride + off * n + off
+        da += _staged_dot(
+            WS, ws + 3 * TT, TILE, 1, TILE, TILE, M1, m_base, 1, n, valid, valid, TILE, TILE, TILE, K_SLICE, PRECISION
+        )
+    return da
+
+
+@triton.jit
 def _weight_grads(
     DM,
     DRV,
@@ -786,6 +992,11 @@ def _weight_grads(
 
 
 # ---------------------------------------------------------------------------------------------- launcher
+
+
+def staged_slots(mechanism: str) -> int:
+    """Scratch slots per program of _staged_refine_fwd / _bwd plus the caller's dropout(P) slot."""
+    return 6 if mechanism == "value" else 4
 
 
 def _launch_tril_matmul(L: _Launch, x, w, out=None, transpose_w=False, triangular=True):

@@ -49,6 +49,10 @@ from ._common import (
     _program_sequence,
     _refine_coefficients,
     _sliced_dot,
+    _slot_load,
+    _slot_store,
+    _staged_dot,
+    _stages_backward,
     _store_cols,
     _store_rows,
     _store_rows_slice,
@@ -66,9 +70,12 @@ from ._refine import (
     _launch_flash_fwd,
     _refine_window,
     _refine_window_bwd,
+    _staged_refine_bwd,
+    _staged_refine_fwd,
     refine_backward,
     refine_forward,
     refinement_weight_grads,
+    staged_slots,
 )
 
 _fused_max_n_from_env = fused_max_n_from_env
@@ -342,7 +349,7 @@ def _window_fwd(
 
 
 @triton.jit
-def _window_bwd(
+def _window_bwd_registers(
     Q,
     K,
     V,
@@ -475,6 +482,244 @@ def _window_bwd(
     _store_zero_rows(DQ, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DK, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DV, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_bwd_staged(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DO,
+    DQ,
+    DK,
+    DV,
+    DM1,
+    DWRV,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_window_bwd_registers with every (TILE, TILE) operand staged through this
+    program's scratch slots in WS and every product summed over K_SLICE slices read back from there
+    (_staged_dot; the slots of _staged_refine_fwd / _bwd, then dS in slot 1): the fp32 path, where a
+    product with K = 64 that holds both tf32x3 operands in registers spills."""
+    TT: tl.constexpr = TILE * TILE
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    base = bh * n * D
+    ws = bh * SLOTS * TT
+    valid = n - off  # rows of the window inside the sequence
+    row_base = base + off * D  # the window's first row of an (n, D) block
+    s = scale * _staged_dot(
+        Q, row_base, D, 1, valid, D, K, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION
+    )
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    if MECH > 0 and REFINE_SCORES:
+        a = tl.where(vis, s, 0.0)
+    else:
+        a = _masked_softmax_rows(s, vis)
+    p = _staged_refine_fwd(
+        WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
+    )
+    # out = dropout(P) V: dP = dO V^T, dV = dropout(P)^T dO (dropout(P) in the caller's slot)
+    if MECH == 3:
+        p_slot = ws + 4 * TT
+    else:
+        p_slot = ws + 2 * TT
+    dp = _staged_dot(DO, row_base, D, 1, valid, D, V, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION)
+    p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
+    _slot_store(WS, p_slot, p_dropped, TILE)
+    tl.debug_barrier()
+    dv = _staged_dot(
+        WS, p_slot, 1, TILE, TILE, TILE, DO, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DV, base, dv, idx, n, D, D_PAD)
+    dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])
+    da = _staged_refine_bwd(
+        WS,
+        ws,
+        dlogits,
+        M1,
+        WRV,
+        DM1,
+        DWRV,
+        bh,
+        h,
+        idx,
+        off,
+        n,
+        alpha,
+        beta,
+        m_head_stride,
+        wrv_head_stride,
+        MECH,
+        PRECISION,
+        TILE,
+        K_SLICE,
+    )
+    if MECH == 0:
+        ds = da
+    elif REFINE_SCORES:  # the mask again rather than kept live through the backward
+        ds = tl.where(_visible(idx, idx, n, start, b, KPM, HAS_MASK), da, 0.0)
+    else:
+        a = _slot_load(WS, ws, TILE)
+        ds = a * (da - tl.sum(a * da, 1)[:, None])
+    _slot_store(WS, ws + TT, ds * scale, TILE)  # slot 1 (T) was last read before the dT barrier
+    tl.debug_barrier()
+    dk = _staged_dot(
+        WS, ws + TT, 1, TILE, TILE, TILE, Q, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DK, base, dk, idx, n, D, D_PAD)
+    dq = _staged_dot(
+        WS, ws + TT, TILE, 1, TILE, TILE, K, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DQ, base, dq, idx, n, D, D_PAD)
+    _store_zero_rows(DQ, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DK, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DV, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_bwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DO,
+    DQ,
+    DK,
+    DV,
+    DM1,
+    DWRV,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """The backward of one window: its tiles staged through scratch (fp32 with a refinement, see
+    stages_fused_backward) or held in registers."""
+    if STAGED:
+        _window_bwd_staged(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DO,
+            DQ,
+            DK,
+            DV,
+            DM1,
+            DWRV,
+            WS,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+            SLOTS,
+            K_SLICE,
+        )
+    else:
+        _window_bwd_registers(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DO,
+            DQ,
+            DK,
+            DV,
+            DM1,
+            DWRV,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+        )
 
 
 @triton.jit
@@ -621,6 +866,7 @@ def _fused_bwd(
     DV,
     DM1,
     DWRV,
+    WS,
     scale,
     alpha,
     beta,
@@ -640,6 +886,9 @@ def _fused_bwd(
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
     D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr = False,
+    SLOTS: tl.constexpr = 0,
+    K_SLICE: tl.constexpr = 16,
 ):
     """dQ, dK, dV and per-program partial sums of dM1 (and dW_RV), all recomputed from the inputs."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -659,6 +908,7 @@ def _fused_bwd(
             DV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -679,6 +929,9 @@ def _fused_bwd(
             TILE_S,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     elif length <= TILE_M:
         _window_bwd(
@@ -695,6 +948,7 @@ def _fused_bwd(
             DV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -715,6 +969,9 @@ def _fused_bwd(
             TILE_M,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     else:
         _window_bwd(
@@ -731,6 +988,7 @@ def _fused_bwd(
             DV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -751,6 +1009,9 @@ def _fused_bwd(
             N_PAD,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
 
 
@@ -798,6 +1059,9 @@ def _launch_fused_bwd(
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
     dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    staged = _stages_backward(L, mechanism)
+    slots = staged_slots(mechanism) if staged else 0
+    ws = torch.empty(L.bh * slots * L.n_pad * L.n_pad, dtype=torch.float32, device=L.device) if staged else dq
     launch(
         _fused_bwd,
         (L.bh,),
@@ -814,6 +1078,7 @@ def _launch_fused_bwd(
         dv,
         dq if dm1_part is None else dm1_part,
         dq if dwrv_part is None else dwrv_part,
+        ws,
         scale,
         alpha,
         beta,
@@ -824,6 +1089,9 @@ def _launch_fused_bwd(
         _head_stride(m1),
         _head_stride(w_rv),
         D_SLICE=min(32, _pad(L.d)),  # 16 spills 8 B on sm_90 (928 B on sm_80, against 1216)
+        STAGED=staged,
+        SLOTS=slots,
+        K_SLICE=16,
         **_fused_meta(L, mechanism, refine_scores),
     )
     return dq, dk, dv, dm1_part, dwrv_part

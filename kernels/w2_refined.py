@@ -49,9 +49,14 @@ from ._common import (
     _reduce_over_batch,
     _refine_coefficients,
     _sliced_dot,
+    _slot_load,
+    _slot_store,
+    _staged_dot,
+    _stages_backward,
     _store_rows,
     _store_rows_slice,
     _store_zero_rows,
+    _target_arch,
     _visible,
     dropout_seed,
     fused_max_n_from_env,
@@ -63,10 +68,13 @@ from ._op import TritonOp
 from ._refine import (
     _refine_window,
     _refine_window_bwd,
+    _staged_refine_bwd,
+    _staged_refine_fwd,
     _zero_outside,
     refine_probs_backward,
     refine_probs_forward,
     refinement_weight_grads,
+    staged_slots,
 )
 
 W2_FUSED_MAX_N = fused_max_n_from_env()  # longer sequences (up to TRITON_MAX_N) take the tiled kernels
@@ -248,7 +256,7 @@ def _w2_window_fwd(
 
 
 @triton.jit
-def _w2_window_bwd(
+def _w2_window_bwd_registers(
     MQ,
     SQ,
     MK,
@@ -395,6 +403,343 @@ def _w2_window_bwd(
     _store_zero_rows(DSK, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DMV, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(DSV, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _staged_dot_sqrt(
+    X,
+    x_base,
+    x_rs,
+    x_cs,
+    x_rows,
+    x_cols,
+    SIG,
+    y_base,
+    y_rows,
+    D,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    K_SLICE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_staged_dot with Y = sqrt(max(sigma, clamp)) of the (K, D) rows of SIG at y_base (0 outside them)."""
+    rm = tl.arange(0, M)
+    rn = tl.arange(0, N)
+    acc = tl.zeros([M, N], tl.float32)
+    for k0 in range(0, K, K_SLICE):
+        rk = k0 + tl.arange(0, K_SLICE)
+        x_ok = (rm[:, None] < x_rows) & (rk[None, :] < x_cols)
+        x = tl.load(X + x_base + rm[:, None] * x_rs + rk[None, :] * x_cs, mask=x_ok, other=0.0).to(tl.float32)
+        y_ok = (rk[:, None] < y_rows) & (rn[None, :] < D)
+        y = tl.load(SIG + y_base + rk[:, None] * D + rn[None, :], mask=y_ok, other=0.0).to(tl.float32)
+        acc = tl.dot(x, _sqrt_cov(y, y_ok), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _w2_window_bwd_staged(
+    MQ,
+    SQ,
+    MK,
+    SK,
+    MV,
+    SV,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DOMU,
+    DOSIG,
+    DMQ,
+    DSQ,
+    DMK,
+    DSK,
+    DMV,
+    DSV,
+    DM1,
+    DWRV,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_w2_window_bwd_registers with its (TILE, TILE) operands staged through scratch slots, as the dot
+    family's _window_bwd_staged (the fp32 path): the refinement's slots (_staged_refine_fwd / _bwd), the
+    last slot for P' o P', and dW2 in slot 1 at the end."""
+    TT: tl.constexpr = TILE * TILE
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    base = bh * n * D
+    ws = bh * SLOTS * TT
+    valid = n - off
+    row_base = base + off * D
+    s = _w2_logits(MQ, SQ, MK, SK, base, idx, n, D, scale, PRECISION, D_PAD, D_SLICE)
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    if MECH > 0 and REFINE_SCORES:
+        a = tl.where(vis, s, 0.0)
+    else:
+        a = _masked_softmax_rows(s, vis)
+    p = _staged_refine_fwd(
+        WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
+    )
+    if MECH == 3:
+        p_slot = ws + 4 * TT
+    else:
+        p_slot = ws + 2 * TT
+    squared_slot = ws + (SLOTS - 1) * TT
+    # mu_out = P' muV, sig_out = (P' o P') sigV with P' = dropout(P): dL/dP' = dOmu muV^T + 2 P' o dOsig sigV^T
+    p_dropped = p
+    if DROPOUT:
+        p_dropped = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+    _slot_store(WS, p_slot, p_dropped, TILE)
+    _slot_store(WS, squared_slot, p_dropped * p_dropped, TILE)
+    tl.debug_barrier()
+    dmv = _staged_dot(
+        WS, p_slot, 1, TILE, TILE, TILE, DOMU, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DMV, base, dmv, idx, n, D, D_PAD)
+    dsv = _staged_dot(
+        WS, squared_slot, 1, TILE, TILE, TILE, DOSIG, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DSV, base, dsv, idx, n, D, D_PAD)
+    dp = _staged_dot(
+        DOSIG, row_base, D, 1, valid, D, SV, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION
+    )
+    dp = 2.0 * p_dropped * dp
+    dp += _staged_dot(
+        DOMU, row_base, D, 1, valid, D, MV, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION
+    )
+    if DROPOUT:
+        dp = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), dp / (1.0 - dropout_p), 0.0)
+    dlogits = p * (dp - tl.sum(p * dp, 1)[:, None])
+    da = _staged_refine_bwd(
+        WS,
+        ws,
+        dlogits,
+        M1,
+        WRV,
+        DM1,
+        DWRV,
+        bh,
+        h,
+        idx,
+        off,
+        n,
+        alpha,
+        beta,
+        m_head_stride,
+        wrv_head_stride,
+        MECH,
+        PRECISION,
+        TILE,
+        K_SLICE,
+    )
+    if MECH > 0:
+        if REFINE_SCORES:
+            ds = tl.where(_visible(idx, idx, n, start, b, KPM, HAS_MASK), da, 0.0)
+        else:
+            a = _slot_load(WS, ws, TILE)
+            ds = a * (da - tl.sum(a * da, 1)[:, None])
+    else:
+        ds = da
+    dw2 = -ds * scale  # dL/dW2sq
+    rows = tl.sum(dw2, 1)
+    cols = tl.sum(dw2, 0)
+    dw2_slot = ws + TT
+    _slot_store(WS, dw2_slot, dw2, TILE)
+    tl.debug_barrier()
+    # means: d|mq_i - mk_j|^2 = 2 (mq_i - mk_j) on the query side, 2 (mk_j - mq_i) on the key side
+    mq = _load_rows(MQ, base, idx, n, D, D_PAD)
+    dmq = _staged_dot(
+        WS, dw2_slot, TILE, 1, TILE, TILE, MK, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DMQ, base, 2.0 * (mq * rows[:, None] - dmq), idx, n, D, D_PAD)
+    mk = _load_rows(MK, base, idx, n, D, D_PAD)
+    dmk = _staged_dot(
+        WS, dw2_slot, 1, TILE, TILE, TILE, MQ, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DMK, base, 2.0 * (mk * cols[:, None] - dmk), idx, n, D, D_PAD)
+    # covariances: the sums give dW2 itself; -2 sqrtQ.sqrtK goes through sqrt(max(sigma, clamp))
+    dmask = (tl.arange(0, D_PAD) < D)[None, :]
+    sq = _load_rows(SQ, base, idx, n, D, D_PAD)
+    rq = _sqrt_cov(sq, dmask)
+    through_q = tl.where(dmask & (sq >= _CLAMP), 1.0 / tl.where(rq > 0, rq, 1.0), 0.0)
+    dsq = _staged_dot_sqrt(
+        WS, dw2_slot, TILE, 1, TILE, TILE, SK, row_base, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DSQ, base, rows[:, None] - dsq * through_q, idx, n, D, D_PAD)
+    sk = _load_rows(SK, base, idx, n, D, D_PAD)
+    rk = _sqrt_cov(sk, dmask)
+    through_k = tl.where(dmask & (sk >= _CLAMP), 1.0 / tl.where(rk > 0, rk, 1.0), 0.0)
+    dsk = _staged_dot_sqrt(
+        WS, dw2_slot, 1, TILE, TILE, TILE, SQ, row_base, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(DSK, base, cols[:, None] - dsk * through_k, idx, n, D, D_PAD)
+    _store_zero_rows(DMQ, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DSQ, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DMK, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DSK, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DMV, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(DSV, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _w2_window_bwd(
+    MQ,
+    SQ,
+    MK,
+    SK,
+    MV,
+    SV,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    DOMU,
+    DOSIG,
+    DMQ,
+    DSQ,
+    DMK,
+    DSK,
+    DMV,
+    DSV,
+    DM1,
+    DWRV,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """The backward of one window: staged through scratch (fp32, see _launch_fused_bwd) or in registers."""
+    if STAGED:
+        _w2_window_bwd_staged(
+            MQ,
+            SQ,
+            MK,
+            SK,
+            MV,
+            SV,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DOMU,
+            DOSIG,
+            DMQ,
+            DSQ,
+            DMK,
+            DSK,
+            DMV,
+            DSV,
+            DM1,
+            DWRV,
+            WS,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+            SLOTS,
+            K_SLICE,
+        )
+    else:
+        _w2_window_bwd_registers(
+            MQ,
+            SQ,
+            MK,
+            SK,
+            MV,
+            SV,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            DOMU,
+            DOSIG,
+            DMQ,
+            DSQ,
+            DMK,
+            DSK,
+            DMV,
+            DSV,
+            DM1,
+            DWRV,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+        )
 
 
 @triton.jit
@@ -563,6 +908,7 @@ def _w2_fused_bwd(
     DSV,
     DM1,
     DWRV,
+    WS,
     scale,
     alpha,
     beta,
@@ -582,6 +928,9 @@ def _w2_fused_bwd(
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
     D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr = False,
+    SLOTS: tl.constexpr = 0,
+    K_SLICE: tl.constexpr = 16,
 ):
     """The gradients of the six inputs and per-program partial sums of dM1 (and dW_RV), recomputed."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -608,6 +957,7 @@ def _w2_fused_bwd(
             DSV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -628,6 +978,9 @@ def _w2_fused_bwd(
             TILE_S,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     elif length <= TILE_M:
         _w2_window_bwd(
@@ -651,6 +1004,7 @@ def _w2_fused_bwd(
             DSV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -671,6 +1025,9 @@ def _w2_fused_bwd(
             TILE_M,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     else:
         _w2_window_bwd(
@@ -694,6 +1051,7 @@ def _w2_fused_bwd(
             DSV,
             DM1,
             DWRV,
+            WS,
             bh,
             b,
             h,
@@ -714,6 +1072,9 @@ def _w2_fused_bwd(
             N_PAD,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
 
 
@@ -1114,22 +1475,18 @@ def _w2_probs_bwd_keys(
 # ---------------------------------------------------------------------------------------------- launcher
 
 
-_REGISTER_BOUND: dict = {}  # device -> launch options of the backward (host cost: one lookup a call)
-
-
-def _register_bound(device: torch.device) -> dict:
-    """maxnreg for the fused backward on pre-Hopper targets, where ptxas otherwise drops the fp32 refined
-    backward to 32 registers and 12-17 KB of stack per thread (the bound leaves 4.5-5.2 KB); on sm_90 the
-    bound spills more than ptxas's own choice, so it is left out there (bench/results/kernel_resources.md).
-    The target is Triton's active one (the GPU, or bench/kernel_resources.py's stand-in)."""
-    key = (device.type, device.index)
-    if key not in _REGISTER_BOUND:
-        try:
-            arch = triton.runtime.driver.active.get_current_target().arch
-        except Exception:  # the interpreter, or no driver: nothing to bound
-            arch = None
-        _REGISTER_BOUND[key] = {"maxnreg": MAX_REGISTERS} if isinstance(arch, int) and arch < 90 else {}
-    return _REGISTER_BOUND[key]
+def _backward_meta(L: _Launch, mechanism: str) -> dict:
+    """Launch options of the fused backward that depend on the dtype and the target: staged through scratch
+    where registers spill (_stages_backward; the covariance path's second product makes this family spill
+    without a refinement too), with the logits and dP summed over 32-column slices of d (16 on pre-Hopper
+    targets, where 32 spills 370-450 B). In registers, maxnreg bounds the kernel on pre-Hopper targets,
+    where ptxas otherwise drops it to 32 registers and KBs of stack (on sm_90 the bound spills more than
+    ptxas's own choice); bench/results/kernel_resources.md."""
+    arch = _target_arch(L.device)
+    pre_hopper = arch is not None and arch < 90
+    if _stages_backward(L, mechanism):
+        return dict(STAGED=True, D_SLICE=min(16 if pre_hopper else 32, _pad(L.d)), K_SLICE=16)
+    return dict(STAGED=False, D_SLICE=0, **({"maxnreg": MAX_REGISTERS} if pre_hopper else {}))
 
 
 def triton_reasons(inputs) -> list[str]:
@@ -1207,6 +1564,9 @@ def _launch_fused_bwd(L: _Launch, grad_mu, grad_sig, inputs, m1, w_rv, seed, opt
     dm1_part = L.scratch_uninitialised() if m1 is not None else None
     dwrv_part = L.scratch_uninitialised() if w_rv is not None else None
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    meta = _backward_meta(L, mechanism)
+    slots = staged_slots(mechanism) + 1 if meta["STAGED"] else 0  # the refinement's, and one for P' o P'
+    ws = torch.empty(L.bh * slots * L.n_pad**2, dtype=torch.float32, device=L.device) if slots else grads[0]
     launch(
         _w2_fused_bwd,
         (L.bh,),
@@ -1220,6 +1580,7 @@ def _launch_fused_bwd(L: _Launch, grad_mu, grad_sig, inputs, m1, w_rv, seed, opt
         *grads,
         grads[0] if dm1_part is None else dm1_part,
         grads[0] if dwrv_part is None else dwrv_part,
+        ws,
         scale,
         alpha,
         beta,
@@ -1229,11 +1590,9 @@ def _launch_fused_bwd(L: _Launch, grad_mu, grad_sig, inputs, m1, w_rv, seed, opt
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
-        # the recompute's logits in slices for fp32 (less spilled on sm_80 and sm_90); bf16 and fp16, and
-        # "value", spill more that way
-        D_SLICE=min(16, _pad(L.d)) if L.precision == "tf32x3" and mechanism != "value" else 0,
+        SLOTS=slots,
+        **meta,
         **_fused_meta(L, mechanism, refine_scores),
-        **_register_bound(L.device),
     )
     return grads, dm1_part, dwrv_part
 

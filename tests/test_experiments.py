@@ -20,7 +20,7 @@ from awr_fast.experiments.cli import main
 from awr_fast.experiments.report import load_paper_numbers
 from awr_fast.experiments.runner import dry_run, run_states
 from awr_fast.experiments.stats import betainc, mean_std, paired_t_test, t_two_sided_p
-from awr_fast.experiments.store import RowsWarning, append_row
+from awr_fast.experiments.store import RowsWarning, append_row, write_csv
 from awr_fast.train import read_metrics
 from awr_fast.training import load_checkpoint
 
@@ -307,6 +307,21 @@ def test_truncated_last_row_is_skipped_with_a_warning(tmp_path):
     append_row(path, {"run_id": "d", "config_hash": "4"})  # starts on a line of its own
     with pytest.warns(RowsWarning, match="line 3"):
         assert [r["run_id"] for r in read_rows(path)] == ["a", "b", "d"]
+
+
+def test_csv_leaves_another_backbones_fields_blank(tmp_path):
+    """A field only SASRec reads (its loss) is blank on an AC-SASRec row, whose config still holds the
+    trainer's default; SASRec's own row keeps it."""
+    rows = [
+        {"run_id": "a", "config_hash": "1", "config": {"model": "acsasrec", "loss": "bce", "lr": 1e-4}},
+        {"run_id": "s", "config_hash": "2", "config": {"model": "sasrec", "loss": "ce", "lr": 1e-4}},
+    ]
+    write_csv(tmp_path / "runs.csv", rows)
+    lines = (tmp_path / "runs.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    loss = [line.split(",")[header.index("loss")] for line in lines[1:]]
+    lr = [line.split(",")[header.index("lr")] for line in lines[1:]]
+    assert loss == ["", "ce"] and lr == ["0.0001", "0.0001"]
 
 
 def test_dry_run_lists_done_and_todo_with_an_estimate(tiny_study, tmp_path, capsys):

@@ -38,7 +38,7 @@ from typing import Any, TextIO
 from .grid import EXECUTION_FIELDS, GridError, Study, dataset_label
 from .runner import RunState, run_states, study_environment
 from .stats import mean_std, paired_t_test
-from .store import read_rows
+from .store import MODEL_ONLY_FIELDS, read_rows
 
 __all__ = ["build_report", "load_paper_numbers", "metric_key", "metric_name"]
 
@@ -81,8 +81,6 @@ _LABELS = {
 }
 #: Paper-protocol keys that are not TrainConfig fields but are shown as given.
 _PAPER_TEXT_KEYS = ("dataset_version", "early_stopping", "note")
-#: Fields that only one backbone has (left out of the other's protocol line).
-_MODEL_ONLY = {"sasrec": ("loss", "num_negatives", "layout"), "stosa": ("pvn",)}
 #: The protocol fields a published number is checked against ours on (named when the source is silent).
 _PAPER_CHECKED = ("max_len", "d_model", "n_heads", "n_layers", "lr", "dropout", "l2", "protocol", "exclude_history")
 
@@ -253,7 +251,7 @@ def _protocol(table: Table) -> dict[str, Any]:
     """The table's protocol: every PROTOCOL_FIELDS value (``"varies"`` for the varying ones), the seeds,
     the data set's size and the early-stopping metric (as the trainer recorded it)."""
     first = _resolved(table.states[0].run.config)
-    other = [f for model, fields in _MODEL_ONLY.items() if model != table.model for f in fields]
+    other = [f for model, fields in MODEL_ONLY_FIELDS.items() if model != table.model for f in fields]
     proto: dict[str, Any] = {
         k: ("varies" if k in table.varying else first.get(k)) for k in PROTOCOL_FIELDS if k not in other
     }

@@ -48,6 +48,13 @@ CSV_CONFIG_FIELDS = (
     "protocol",
     "exclude_history",
 )
+#: Config fields that only one backbone has; another model's row leaves them blank (its config still holds
+#: the trainer's default, which that model never reads).
+MODEL_ONLY_FIELDS = {"sasrec": ("loss", "num_negatives", "layout"), "stosa": ("pvn",)}
+
+
+def _not_read_by(model: str | None) -> set[str]:
+    return {f for owner, fields in MODEL_ONLY_FIELDS.items() if owner != model for f in fields}
 
 
 class RowsWarning(UserWarning):
@@ -108,7 +115,8 @@ def write_csv(path, rows: Iterable[dict[str, Any]]) -> None:
         config = row.get("config", {})
         item = {"run_id": row.get("run_id"), "config_hash": row.get("config_hash"), "date": row.get("date")}
         item["dataset"] = dataset_label(config)
-        item.update({k: config.get(k) for k in CSV_CONFIG_FIELDS})
+        unread = _not_read_by(config.get("model"))
+        item.update({k: None if k in unread else config.get(k) for k in CSV_CONFIG_FIELDS})
         for key in ("best_epoch", "epochs", "stopped_early", "mean_epoch_s", "mean_eval_s", "total_s", "device"):
             item[key] = row.get(key)
         item.update(_flat("valid_", row.get("valid")))
