@@ -320,6 +320,7 @@ class _Launch:
 #: None: each family's launcher decides whether its fused backward stages its (n, n) tiles through scratch
 #: (stages_fused_backward); True or False forces it (the tests run both paths in every dtype)
 STAGED_BACKWARD: bool | None = None
+STAGED_FORWARD: bool | None = None  # the same for the fused forward (_stages_forward)
 _TARGET_ARCH: dict = {}  # device -> Triton's target arch, None without a driver (host cost: one lookup a call)
 
 
@@ -340,13 +341,24 @@ def _stages_backward(L: _Launch, mechanism: str) -> bool:
     """Whether a fused backward stages its (n, n) tiles through scratch slots (_staged_refine_fwd / _bwd)
     instead of holding them in registers, where that spills (bench/results/kernel_resources.md, triton
     3.8, n = 50): fp32 (tf32x3 holds hi and lo parts of every operand: 0.4-1.5 KB per thread on sm_90),
-    "value" (two more (n, n) tiles: 48-200 B in half precision on sm_90) and every input on pre-Hopper
-    targets (sm_80's mma.sync takes both operands from registers: 64 B - 5.5 KB). Elsewhere (half inputs
-    on sm_90 without "value") the registers hold them without a spill, and no scratch is written."""
+    "value" (two more (n, n) tiles: 48-200 B in half precision on sm_90) and every refinement on
+    pre-Hopper targets (sm_80's mma.sync takes both operands from registers: 168 B - 1 KB in half
+    precision). Elsewhere (half inputs on sm_90 without "value", and plain attention in half precision)
+    the registers hold them (W2's plain backward keeps 64 B on sm_80), and no scratch is written."""
     if STAGED_BACKWARD is not None:
         return STAGED_BACKWARD
     arch = _target_arch(L.device)
-    return L.precision == "tf32x3" or mechanism == "value" or (arch is not None and arch < 90)
+    return L.precision == "tf32x3" or mechanism == "value" or (L.refined and arch is not None and arch < 90)
+
+
+def _stages_forward(L: _Launch) -> bool:
+    """Whether a fused forward stages its (n, n) tiles through scratch slots (as _stages_backward): fp32
+    on pre-Hopper targets, where tf32x3's register operands spilled 0.5-2.6 KB per thread at n = 50; on
+    sm_90 every forward holds its tiles in registers without a spill, and half inputs do on sm_80."""
+    if STAGED_FORWARD is not None:
+        return STAGED_FORWARD
+    arch = _target_arch(L.device)
+    return L.precision == "tf32x3" and arch is not None and arch < 90
 
 
 def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:

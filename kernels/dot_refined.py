@@ -53,6 +53,7 @@ from ._common import (
     _slot_store,
     _staged_dot,
     _stages_backward,
+    _stages_forward,
     _store_cols,
     _store_rows,
     _store_rows_slice,
@@ -278,7 +279,7 @@ def _window_recompute(
 
 
 @triton.jit
-def _window_fwd(
+def _window_fwd_registers(
     Q,
     K,
     V,
@@ -346,6 +347,193 @@ def _window_fwd(
         out = tl.dot(p, _load_rows(V, bh * n * D, idx, n, D, D_PAD), input_precision=PRECISION)
         _store_rows(O, bh * n * D, out, idx, n, D, D_PAD)
     _store_zero_rows(O, bh * n * D, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_fwd_staged(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    O,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_window_fwd_registers with its (TILE, TILE) tiles staged through scratch slots, as the backward's
+    _window_bwd_staged (out = dropout(P) V from P's slot)."""
+    TT: tl.constexpr = TILE * TILE
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    base = bh * n * D
+    ws = bh * SLOTS * TT
+    valid = n - off
+    row_base = base + off * D
+    s = _staged_dot(Q, row_base, D, 1, valid, D, K, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION)
+    s = s * scale
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    if MECH > 0 and REFINE_SCORES:
+        a = tl.where(vis, s, 0.0)
+    else:
+        a = _masked_softmax_rows(s, vis)
+    p = _staged_refine_fwd(
+        WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
+    )
+    if DROPOUT:
+        p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+    if MECH == 3:
+        p_slot = ws + 4 * TT
+    else:
+        p_slot = ws + 2 * TT
+    _slot_store(WS, p_slot, p, TILE)
+    tl.debug_barrier()
+    out = _staged_dot(
+        WS,
+        p_slot,
+        TILE,
+        1,
+        TILE,
+        TILE,
+        V,
+        row_base,
+        D,
+        1,
+        valid,
+        D,
+        TILE,
+        D_PAD,
+        TILE,
+        K_SLICE,
+        PRECISION,
+    )
+    _store_rows(O, base, out, idx, n, D, D_PAD)
+    _store_zero_rows(O, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_fwd(
+    Q,
+    K,
+    V,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    O,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """The forward of one window: its tiles staged through scratch (see _stages_forward) or in registers."""
+    if STAGED:
+        _window_fwd_staged(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            O,
+            WS,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+            SLOTS,
+            K_SLICE,
+        )
+    else:
+        _window_fwd_registers(
+            Q,
+            K,
+            V,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            O,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+        )
 
 
 @triton.jit
@@ -732,6 +920,7 @@ def _fused_fwd(
     KPM,
     SEED,
     O,
+    WS,
     scale,
     alpha,
     beta,
@@ -751,6 +940,9 @@ def _fused_fwd(
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
     D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr = False,
+    SLOTS: tl.constexpr = 0,
+    K_SLICE: tl.constexpr = 16,
 ):
     """One program per (batch, head): out for MECH 0 none, 1 simp (B = alpha T A^T), 2 add (+ beta A),
     3 value, on the smallest window of trailing positions that holds the sequence."""
@@ -766,6 +958,7 @@ def _fused_fwd(
             KPM,
             SEED,
             O,
+            WS,
             bh,
             b,
             h,
@@ -786,6 +979,9 @@ def _fused_fwd(
             TILE_S,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     elif length <= TILE_M:
         _window_fwd(
@@ -797,6 +993,7 @@ def _fused_fwd(
             KPM,
             SEED,
             O,
+            WS,
             bh,
             b,
             h,
@@ -817,6 +1014,9 @@ def _fused_fwd(
             TILE_M,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     else:
         _window_fwd(
@@ -828,6 +1028,7 @@ def _fused_fwd(
             KPM,
             SEED,
             O,
+            WS,
             bh,
             b,
             h,
@@ -848,6 +1049,9 @@ def _fused_fwd(
             N_PAD,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
 
 
@@ -1026,6 +1230,9 @@ def uses_fused_kernels(n: int) -> bool:
 def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, refine_scale, refine_scores, dropout_p):
     out = torch.empty_like(q)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    staged = _stages_forward(L)
+    slots = staged_slots(mechanism) if staged else 0
+    ws = torch.empty(L.bh * slots * L.n_pad**2, dtype=torch.float32, device=L.device) if staged else out
     launch(
         _fused_fwd,
         (L.bh,),
@@ -1037,6 +1244,7 @@ def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, ref
         L.kpm,
         seed,
         out,
+        ws,
         scale,
         alpha,
         beta,
@@ -1047,6 +1255,8 @@ def _launch_fused_fwd(L: _Launch, q, k, v, m1, w_rv, seed, mechanism, scale, ref
         _head_stride(m1),
         _head_stride(w_rv),
         D_SLICE=min(16, _pad(L.d)),
+        STAGED=staged,
+        SLOTS=slots,
         **_fused_meta(L, mechanism, refine_scores),
     )
     return out

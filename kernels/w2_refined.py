@@ -53,6 +53,7 @@ from ._common import (
     _slot_store,
     _staged_dot,
     _stages_backward,
+    _stages_forward,
     _store_rows,
     _store_rows_slice,
     _store_zero_rows,
@@ -171,7 +172,7 @@ def _w2_window_recompute(
 
 
 @triton.jit
-def _w2_window_fwd(
+def _w2_window_fwd_registers(
     MQ,
     SQ,
     MK,
@@ -253,6 +254,231 @@ def _w2_window_fwd(
         _store_rows(OSIG, base, osig, idx, n, D, D_PAD)
     _store_zero_rows(OMU, base, off, n, D, TILE, D_PAD)
     _store_zero_rows(OSIG, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _w2_window_fwd_staged(
+    MQ,
+    SQ,
+    MK,
+    SK,
+    MV,
+    SV,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    OMU,
+    OSIG,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_w2_window_fwd_registers with its (TILE, TILE) tiles staged through scratch slots (as
+    _w2_window_bwd_staged): P' in the refinement's P slot, P' o P' in the last."""
+    TT: tl.constexpr = TILE * TILE
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    base = bh * n * D
+    ws = bh * SLOTS * TT
+    valid = n - off
+    row_base = base + off * D
+    s = _w2_logits(MQ, SQ, MK, SK, base, idx, n, D, scale, PRECISION, D_PAD, D_SLICE)
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    if MECH > 0 and REFINE_SCORES:
+        a = tl.where(vis, s, 0.0)
+    else:
+        a = _masked_softmax_rows(s, vis)
+    p = _staged_refine_fwd(
+        WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
+    )
+    if DROPOUT:  # STOSA drops P before both products: sig_out uses the dropped P squared
+        p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
+    if MECH == 3:
+        p_slot = ws + 4 * TT
+    else:
+        p_slot = ws + 2 * TT
+    squared_slot = ws + (SLOTS - 1) * TT
+    _slot_store(WS, p_slot, p, TILE)
+    _slot_store(WS, squared_slot, p * p, TILE)
+    tl.debug_barrier()
+    omu = _staged_dot(
+        WS,
+        p_slot,
+        TILE,
+        1,
+        TILE,
+        TILE,
+        MV,
+        row_base,
+        D,
+        1,
+        valid,
+        D,
+        TILE,
+        D_PAD,
+        TILE,
+        K_SLICE,
+        PRECISION,
+    )
+    _store_rows(OMU, base, omu, idx, n, D, D_PAD)
+    osig = _staged_dot(
+        WS,
+        squared_slot,
+        TILE,
+        1,
+        TILE,
+        TILE,
+        SV,
+        row_base,
+        D,
+        1,
+        valid,
+        D,
+        TILE,
+        D_PAD,
+        TILE,
+        K_SLICE,
+        PRECISION,
+    )
+    _store_rows(OSIG, base, osig, idx, n, D, D_PAD)
+    _store_zero_rows(OMU, base, off, n, D, TILE, D_PAD)
+    _store_zero_rows(OSIG, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _w2_window_fwd(
+    MQ,
+    SQ,
+    MK,
+    SK,
+    MV,
+    SV,
+    M1,
+    WRV,
+    KPM,
+    SEED,
+    OMU,
+    OSIG,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    dropout_p,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    REFINE_SCORES: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """The forward of one window: staged through scratch (see _stages_forward) or in registers."""
+    if STAGED:
+        _w2_window_fwd_staged(
+            MQ,
+            SQ,
+            MK,
+            SK,
+            MV,
+            SV,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            OMU,
+            OSIG,
+            WS,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+            SLOTS,
+            K_SLICE,
+        )
+    else:
+        _w2_window_fwd_registers(
+            MQ,
+            SQ,
+            MK,
+            SK,
+            MV,
+            SV,
+            M1,
+            WRV,
+            KPM,
+            SEED,
+            OMU,
+            OSIG,
+            bh,
+            b,
+            h,
+            start,
+            scale,
+            alpha,
+            beta,
+            dropout_p,
+            n,
+            D,
+            m_head_stride,
+            wrv_head_stride,
+            MECH,
+            HAS_MASK,
+            REFINE_SCORES,
+            DROPOUT,
+            PRECISION,
+            TILE,
+            D_PAD,
+            D_SLICE,
+        )
 
 
 @triton.jit
@@ -756,6 +982,7 @@ def _w2_fused_fwd(
     SEED,
     OMU,
     OSIG,
+    WS,
     scale,
     alpha,
     beta,
@@ -775,6 +1002,9 @@ def _w2_fused_fwd(
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
     D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr = False,
+    SLOTS: tl.constexpr = 0,
+    K_SLICE: tl.constexpr = 16,
 ):
     """One program per (batch, head): mu_out and sig_out on the smallest window that holds the sequence."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
@@ -793,6 +1023,7 @@ def _w2_fused_fwd(
             SEED,
             OMU,
             OSIG,
+            WS,
             bh,
             b,
             h,
@@ -813,6 +1044,9 @@ def _w2_fused_fwd(
             TILE_S,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     elif length <= TILE_M:
         _w2_window_fwd(
@@ -828,6 +1062,7 @@ def _w2_fused_fwd(
             SEED,
             OMU,
             OSIG,
+            WS,
             bh,
             b,
             h,
@@ -848,6 +1083,9 @@ def _w2_fused_fwd(
             TILE_M,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
     else:
         _w2_window_fwd(
@@ -863,6 +1101,7 @@ def _w2_fused_fwd(
             SEED,
             OMU,
             OSIG,
+            WS,
             bh,
             b,
             h,
@@ -883,6 +1122,9 @@ def _w2_fused_fwd(
             N_PAD,
             D_PAD,
             D_SLICE,
+            STAGED,
+            SLOTS,
+            K_SLICE,
         )
 
 
@@ -1528,6 +1770,9 @@ def _launch_fused_fwd(L: _Launch, mq, sq, mk, sk, mv, sv, m1, w_rv, seed, option
     mechanism, scale, refine_scale, refine_scores, dropout_p = options
     omu, osig = torch.empty_like(mq), torch.empty_like(mq)
     alpha, beta = _refine_coefficients(mechanism, refine_scale)
+    staged = _stages_forward(L)
+    slots = staged_slots(mechanism) + 1 if staged else 0  # the refinement's, and one for P' o P'
+    ws = torch.empty(L.bh * slots * L.n_pad**2, dtype=torch.float32, device=L.device) if staged else omu
     launch(
         _w2_fused_fwd,
         (L.bh,),
@@ -1543,6 +1788,7 @@ def _launch_fused_fwd(L: _Launch, mq, sq, mk, sk, mv, sv, m1, w_rv, seed, option
         seed,
         omu,
         osig,
+        ws,
         scale,
         alpha,
         beta,
@@ -1552,7 +1798,9 @@ def _launch_fused_fwd(L: _Launch, mq, sq, mk, sk, mv, sv, m1, w_rv, seed, option
         L.heads,
         _head_stride(m1),
         _head_stride(w_rv),
-        D_SLICE=min(16, _pad(L.d)) if mechanism != "value" else 0,  # "value" sliced spills 120 B on sm_90
+        D_SLICE=min(16, _pad(L.d)) if staged or mechanism != "value" else 0,  # "value" sliced spills 120 B on sm_90
+        STAGED=staged,
+        SLOTS=slots,
         **_fused_meta(L, mechanism, refine_scores),
     )
     return omu, osig

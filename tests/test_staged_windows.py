@@ -1,9 +1,10 @@
-"""The fused backward's two ways of holding its (n, n) tiles, for the dot and W2 families: staged through
+"""The fused kernels' two ways of holding their (n, n) tiles, for the dot and W2 families: staged through
 scratch slots with every product summed over K-slices read back (_staged_refine_fwd / _bwd, the
-_window_bwd_staged kernels) and in registers. The launcher picks one per dtype, mechanism and target
-(kernels/_common.py's _stages_backward); here both run in fp32 and bf16, every mechanism, against the
-float64 reference (outputs and every gradient), on the 64-position window (n = 50) and the smaller ones
-(left padding with short lengths), with padded and fully padded rows. Under the interpreter on the CPU."""
+_window_*_staged kernels) and in registers. The launchers pick one per direction, dtype, mechanism and
+target (kernels/_common.py's _stages_forward, _stages_backward); here both run in fp32 and bf16, every
+mechanism, against the float64 reference (outputs and every gradient), on the 64-position window (n = 50)
+and the smaller ones (left padding with short lengths), with padded and fully padded rows. Under the
+interpreter on the CPU."""
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ MECHANISMS = ("none", "simp", "add", "value")
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "registers"])
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("op", ["dot_refined", "w2_refined"])
-def test_both_backward_paths_match_the_reference(op, mechanism, staged, dtype, padding, monkeypatch):
+def test_both_paths_match_the_reference(op, mechanism, staged, dtype, padding, monkeypatch):
+    monkeypatch.setattr(_common, "STAGED_FORWARD", staged)
     monkeypatch.setattr(_common, "STAGED_BACKWARD", staged)
     seed = MECHANISMS.index(mechanism) + 7 * (padding == "left")
     case = testing.make_case(op, mechanism, n=50, d_h=16, batch=3, heads=1, padding=padding, dtype=dtype, seed=seed)
@@ -30,9 +32,10 @@ def test_both_backward_paths_match_the_reference(op, mechanism, staged, dtype, p
 
 
 @pytest.mark.parametrize("op", ["dot_refined", "w2_refined"])
-def test_staged_backward_with_dropout_draws_the_forward_mask(op, monkeypatch):
-    """With dropout the staged backward drops the same entries as the forward: the gradient of a linear
-    function of the output equals a finite difference taken with the same seed."""
+def test_staged_kernels_with_dropout_draw_one_mask(op, monkeypatch):
+    """With dropout the staged backward drops the same entries as the staged forward: the gradient of a
+    linear function of the output equals a finite difference taken with the same seed."""
+    monkeypatch.setattr(_common, "STAGED_FORWARD", True)
     monkeypatch.setattr(_common, "STAGED_BACKWARD", True)
     torch.manual_seed(3)
     n, d = 40, 8
@@ -67,15 +70,22 @@ def test_staged_backward_with_dropout_draws_the_forward_mask(op, monkeypatch):
 
 
 def test_the_launchers_choice(monkeypatch):
-    """fp32 and "value" stage; half precision without "value" keeps its tiles in registers (the CPU has no
-    target, so the pre-Hopper rule does not apply here); the override wins."""
+    """The backward stages fp32 and "value"; half precision without "value" keeps its tiles in registers.
+    The forward stages fp32 on pre-Hopper targets only. The overrides win."""
     q = torch.zeros(1, 1, 50, 8)
 
-    def staged(dtype, mechanism):
+    def staged(dtype, mechanism, forward=False):
         launch = _common._Launch(q.to(dtype), None, mechanism, 0.0)
-        return _common._stages_backward(launch, mechanism)
+        return _common._stages_forward(launch) if forward else _common._stages_backward(launch, mechanism)
 
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 90)
     assert staged(torch.float32, "simp") and staged(torch.float32, "none") and staged(torch.bfloat16, "value")
     assert not staged(torch.bfloat16, "simp") and not staged(torch.float16, "none")
+    assert not staged(torch.float32, "simp", forward=True)
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 80)
+    assert staged(torch.bfloat16, "simp") and not staged(torch.bfloat16, "none")
+    assert staged(torch.float32, "value", forward=True)
+    assert not staged(torch.bfloat16, "value", forward=True)
     monkeypatch.setattr(_common, "STAGED_BACKWARD", False)
-    assert not staged(torch.float32, "value")
+    monkeypatch.setattr(_common, "STAGED_FORWARD", True)
+    assert not staged(torch.float32, "value") and staged(torch.bfloat16, "none", forward=True)
