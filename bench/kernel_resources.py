@@ -88,8 +88,8 @@ KNOWN_SPILLS = {
     # 2.5-5.2 KB, the sm_80 fp32 forwards 1.1-2.6 KB, the half-precision value backward 48-208 B on sm_90
     (90, "fp32", "add", "_w2_fused_bwd"): 16,  # 8
     (90, "fp32", "value", "_w2_fused_bwd"): 24,  # 16
-    (90, "bf16", "value", "_w2_fused_bwd"): 256,  # staged since; not yet re-measured (200 B in registers)
-    (90, "fp16", "value", "_w2_fused_bwd"): 288,  # as bf16 (208 B in registers)
+    (90, "bf16", "value", "_w2_fused_bwd"): 16,  # 8 (200 in registers)
+    (90, "fp16", "value", "_w2_fused_bwd"): 16,  # 8 (208)
     # the calibrated family's fused forward (2026-12-03): fp32 on tensor cores (tf32x3) keeps P_sp, M,
     # the noise and P_att/P_cal live at once; `mechanism` is the AWRSR refinement of P_fin
     (90, "fp32", "none", "_calibrated_fwd"): 224,  # 168 since the sliced products (was 192)
@@ -105,11 +105,11 @@ KNOWN_SPILLS = {
     (80, "fp32", "simp", "_w2_fused_bwd"): 40,  # 32 (3984)
     (80, "fp32", "add", "_w2_fused_bwd"): 40,  # 32 (4040)
     (80, "fp32", "value", "_w2_fused_bwd"): 160,  # 128 (5200)
-    (80, "bf16", "none", "_w2_fused_bwd"): 80,  # 64, in registers
-    # staged since; not yet re-measured (728 / 760 / 928 B in registers)
-    (80, "bf16", "simp", "_w2_fused_bwd"): 912,
-    (80, "bf16", "add", "_w2_fused_bwd"): 960,
-    (80, "bf16", "value", "_w2_fused_bwd"): 1168,
+    (80, "bf16", "none", "_w2_fused_bwd"): 80,  # 64 in registers (staged: 0, but the dot family's 8)
+    (80, "bf16", "value", "_w2_fused_bwd"): 112,  # 88 (928; simp and add 0, 728 / 760 before)
+    (80, "fp16", "none", "_w2_fused_bwd"): 200,  # 160 in registers
+    (80, "fp16", "add", "_w2_fused_bwd"): 24,  # 16
+    (80, "fp16", "value", "_w2_fused_bwd"): 112,  # 88
 }
 
 
