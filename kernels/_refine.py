@@ -787,6 +787,16 @@ def _staged_refine_fwd(
 
 
 @triton.jit
+def _staged_p_slot(ws, MECH: tl.constexpr, TILE: tl.constexpr):
+    """The slot a caller of _staged_refine_fwd may use for dropout(P): 2, or 4 for "value" (whose U and
+    R are in 2 and 3); _staged_refine_bwd reuses it after its first barrier."""
+    if MECH == 3:
+        return ws + 4 * TILE * TILE
+    else:
+        return ws + 2 * TILE * TILE
+
+
+@triton.jit
 def _staged_refine_bwd(
     WS,
     ws,

@@ -71,6 +71,7 @@ from ._refine import (
     _launch_flash_fwd,
     _refine_window,
     _refine_window_bwd,
+    _staged_p_slot,
     _staged_refine_bwd,
     _staged_refine_fwd,
     refine_backward,
@@ -404,10 +405,7 @@ def _window_fwd_staged(
     )
     if DROPOUT:
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-    if MECH == 3:
-        p_slot = ws + 4 * TT
-    else:
-        p_slot = ws + 2 * TT
+    p_slot = _staged_p_slot(ws, MECH, TILE)
     _slot_store(WS, p_slot, p, TILE)
     tl.debug_barrier()
     out = _staged_dot(
@@ -734,10 +732,7 @@ def _window_bwd_staged(
         WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
     )
     # out = dropout(P) V: dP = dO V^T, dV = dropout(P)^T dO (dropout(P) in the caller's slot)
-    if MECH == 3:
-        p_slot = ws + 4 * TT
-    else:
-        p_slot = ws + 2 * TT
+    p_slot = _staged_p_slot(ws, MECH, TILE)
     dp = _staged_dot(DO, row_base, D, 1, valid, D, V, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION)
     p_dropped, dp = _dropped_pair(p, dp, SEED, bh, idx, idx, n, dropout_p, DROPOUT)
     _slot_store(WS, p_slot, p_dropped, TILE)

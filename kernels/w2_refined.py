@@ -69,6 +69,7 @@ from ._op import TritonOp
 from ._refine import (
     _refine_window,
     _refine_window_bwd,
+    _staged_p_slot,
     _staged_refine_bwd,
     _staged_refine_fwd,
     _zero_outside,
@@ -314,10 +315,7 @@ def _w2_window_fwd_staged(
     )
     if DROPOUT:  # STOSA drops P before both products: sig_out uses the dropped P squared
         p = tl.where(_dropout_keep(SEED, bh, idx, idx, n, dropout_p), p / (1.0 - dropout_p), 0.0)
-    if MECH == 3:
-        p_slot = ws + 4 * TT
-    else:
-        p_slot = ws + 2 * TT
+    p_slot = _staged_p_slot(ws, MECH, TILE)
     squared_slot = ws + (SLOTS - 1) * TT
     _slot_store(WS, p_slot, p, TILE)
     _slot_store(WS, squared_slot, p * p, TILE)
@@ -728,10 +726,7 @@ def _w2_window_bwd_staged(
     p = _staged_refine_fwd(
         WS, ws, a, vis, M1, WRV, h, off, n, alpha, beta, m_head_stride, wrv_head_stride, MECH, PRECISION, TILE, K_SLICE
     )
-    if MECH == 3:
-        p_slot = ws + 4 * TT
-    else:
-        p_slot = ws + 2 * TT
+    p_slot = _staged_p_slot(ws, MECH, TILE)
     squared_slot = ws + (SLOTS - 1) * TT
     # mu_out = P' muV, sig_out = (P' o P') sigV with P' = dropout(P): dL/dP' = dOmu muV^T + 2 P' o dOsig sigV^T
     p_dropped = p
