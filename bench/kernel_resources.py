@@ -85,31 +85,20 @@ KNOWN_SPILLS = {
     # fused kernels at n = 50 since they stage their (n, n) tiles through scratch where registers spilled
     # (2026-12-05, kernels/_common.py's _stages_forward / _stages_backward; measured bytes in the comments).
     # Before: the fp32 refined backward 376 B-1.3 KB on sm_90 and 2.9-5.5 KB on sm_80, W2's 0.4-1.5 KB and
-    # 2.5-5.2 KB, the sm_80 fp32 forwards 1.1-2.6 KB, the half-precision value backward 48-208 B on sm_90
+    # 2.5-5.2 KB, the sm_80 fp32 forwards 1.1-2.6 KB, the half-precision value backward 48-208 B on sm_90.
+    # Half inputs: 0 everywhere since their staged products take 32-column K-slices (_staged_k_slice; 16
+    # left 8-176 B) and W2 stages its plain backward on sm_80 (64-160 B in registers)
     (90, "fp32", "add", "_w2_fused_bwd"): 16,  # 8
     (90, "fp32", "value", "_w2_fused_bwd"): 24,  # 16
-    (90, "bf16", "value", "_w2_fused_bwd"): 16,  # 8 (200 in registers)
-    (90, "fp16", "value", "_w2_fused_bwd"): 16,  # 8 (208)
-    # the calibrated family's fused forward (2026-12-03): fp32 on tensor cores (tf32x3) keeps P_sp, M,
-    # the noise and P_att/P_cal live at once; `mechanism` is the AWRSR refinement of P_fin
-    (90, "fp32", "none", "_calibrated_fwd"): 224,  # 168 since the sliced products (was 192)
-    (90, "fp32", "simp", "_calibrated_fwd"): 256,
-    (90, "fp32", "add", "_calibrated_fwd"): 272,
-    (90, "fp32", "value", "_calibrated_fwd"): 256,
     # sm_80 (2026-12-05), the dot and W2 families' fused kernels at n = 50: sm_80's mma.sync takes both
     # operands from registers; none of these is a target, each ceiling only comes down
     (80, "fp32", "value", "_fused_bwd"): 40,  # 32 (5512 in registers)
-    (80, "bf16", "value", "_fused_bwd"): 224,  # 176 (1000 in registers)
-    (80, "fp16", "value", "_fused_bwd"): 224,  # 176 (840 in registers)
+    (80, "fp32", "add", "_calibrated_fwd"): 16,  # 8 (2192 in registers, staged since 2026-12-05)
+    (80, "fp32", "value", "_calibrated_fwd"): 16,  # 8 (2056)
     (80, "fp32", "none", "_w2_fused_bwd"): 16,  # 8 (2480)
     (80, "fp32", "simp", "_w2_fused_bwd"): 40,  # 32 (3984)
     (80, "fp32", "add", "_w2_fused_bwd"): 40,  # 32 (4040)
     (80, "fp32", "value", "_w2_fused_bwd"): 160,  # 128 (5200)
-    (80, "bf16", "none", "_w2_fused_bwd"): 80,  # 64 in registers (staged: 0, but the dot family's 8)
-    (80, "bf16", "value", "_w2_fused_bwd"): 112,  # 88 (928; simp and add 0, 728 / 760 before)
-    (80, "fp16", "none", "_w2_fused_bwd"): 200,  # 160 in registers
-    (80, "fp16", "add", "_w2_fused_bwd"): 24,  # 16
-    (80, "fp16", "value", "_w2_fused_bwd"): 112,  # 88
 }
 
 

@@ -337,28 +337,47 @@ def _target_arch(device: torch.device) -> int | None:
     return _TARGET_ARCH[key]
 
 
-def _stages_backward(L: _Launch, mechanism: str) -> bool:
+def _stages_backward(L: _Launch, mechanism: str, extra_live_tiles: bool = False) -> bool:
     """Whether a fused backward stages its (n, n) tiles through scratch slots (_staged_refine_fwd / _bwd)
     instead of holding them in registers, where that spills (bench/results/kernel_resources.md, triton
     3.8, n = 50): fp32 (tf32x3 holds hi and lo parts of every operand: 0.4-1.5 KB per thread on sm_90),
     "value" (two more (n, n) tiles: 48-200 B in half precision on sm_90) and every refinement on
     pre-Hopper targets (sm_80's mma.sync takes both operands from registers: 168 B - 1 KB in half
-    precision). Elsewhere (half inputs on sm_90 without "value", and plain attention in half precision)
-    the registers hold them (W2's plain backward keeps 64 B on sm_80), and no scratch is written."""
+    precision). extra_live_tiles (W2, whose covariance path adds a product): plain attention too on
+    pre-Hopper targets (64-160 B in half precision in registers). Elsewhere (half inputs on sm_90 without
+    "value", and the dot family's plain attention in half precision) the registers hold them, and no
+    scratch is written."""
     if STAGED_BACKWARD is not None:
         return STAGED_BACKWARD
+    if L.precision == "tf32x3" or mechanism == "value":
+        return True
     arch = _target_arch(L.device)
-    return L.precision == "tf32x3" or mechanism == "value" or (L.refined and arch is not None and arch < 90)
+    return arch is not None and arch < 90 and (L.refined or extra_live_tiles)
 
 
-def _stages_forward(L: _Launch) -> bool:
+def _stages_forward(L: _Launch, extra_live_tiles: bool = False) -> bool:
     """Whether a fused forward stages its (n, n) tiles through scratch slots (as _stages_backward): fp32
     on pre-Hopper targets, where tf32x3's register operands spilled 0.5-2.6 KB per thread at n = 50; on
-    sm_90 every forward holds its tiles in registers without a spill, and half inputs do on sm_80."""
+    sm_90 the dot and W2 forwards hold their tiles in registers without a spill, and half inputs do on
+    sm_80. extra_live_tiles (the calibrated forward, which keeps P_sp, M and the noise live beside its
+    products): fp32 on every target (168-272 B on sm_90 in registers) and, as the backward, every
+    refinement on pre-Hopper targets (16-120 B in half precision on sm_80)."""
     if STAGED_FORWARD is not None:
         return STAGED_FORWARD
     arch = _target_arch(L.device)
-    return L.precision == "tf32x3" and arch is not None and arch < 90
+    if arch is None:
+        return False
+    if L.precision == "tf32x3":
+        return extra_live_tiles or arch < 90
+    return extra_live_tiles and L.refined and arch < 90
+
+
+def _staged_k_slice(L: _Launch) -> int:
+    """Width of the K-slices a staged fused backward sums its (n, n) products over (_staged_dot): 16 for
+    fp32 inputs, whose tf32x3 products keep hi and lo parts of both operands (32 spilled 152 B on sm_80
+    in "value"), 32 for half inputs (16 left 16-176 B of spills on sm_80 and 8 B on sm_90 in "value"; 32
+    none: bench/results/kernel_resources.md, triton 3.8, n = 50)."""
+    return 16 if L.precision == "tf32x3" else 32
 
 
 def _refine_coefficients(mechanism: str, refine_scale: float) -> tuple[float, float]:

@@ -52,6 +52,9 @@ from ._common import (
     _pad,
     _program_sequence,
     _refine_coefficients,
+    _slot_store,
+    _staged_dot,
+    _stages_forward,
     _store_rows,
     _store_rows_slice,
     _store_square_partial,
@@ -63,7 +66,7 @@ from ._common import (
 )
 from ._launch import launch
 from ._op import TritonOp
-from ._refine import _refine_window, refine_backward, refine_forward
+from ._refine import _refine_window, _staged_p_slot, _staged_refine_fwd, refine_backward, refine_forward, staged_slots
 
 FUSED_MAX_N = 64  # longer sequences (up to TRITON_MAX_N) take the row-block kernel
 # the row-block kernels' query rows per program and key block: 16-column key blocks in the forward (32
@@ -113,7 +116,7 @@ def _store_output(O, V, p, base, idx, n, D, PRECISION: tl.constexpr, D_PAD: tl.c
 
 
 @triton.jit
-def _window_fwd(
+def _window_fwd_registers(
     Q,
     K,
     V,
@@ -221,6 +224,194 @@ def _window_fwd(
 
 
 @triton.jit
+def _projections(Q, K, VEC, base, idx, n, D, D_PAD: tl.constexpr, D_SLICE: tl.constexpr):
+    """The spatial calibrator's per-row projections w_oq.q_i, w_dq.q_i, w_ok.k_j, w_dk.k_j on a window,
+    summed over D_SLICE-column slices of Q and K (neither whole in registers)."""
+    TILE: tl.constexpr = idx.shape[0]
+    proj_oq = tl.zeros((TILE,), tl.float32)
+    proj_dq = tl.zeros((TILE,), tl.float32)
+    proj_ok = tl.zeros((TILE,), tl.float32)
+    proj_dk = tl.zeros((TILE,), tl.float32)
+    for c in tl.static_range(0, D_PAD, D_SLICE):
+        cols = c + tl.arange(0, D_SLICE)
+        real = cols < D
+        q_c = _load_rows_slice(Q, base, idx, n, D, c, D_SLICE)
+        k_c = _load_rows_slice(K, base, idx, n, D, c, D_SLICE)
+        proj_oq += tl.sum(q_c * tl.load(VEC + 0 * D + cols, mask=real, other=0.0).to(tl.float32)[None, :], 1)
+        proj_dq += tl.sum(q_c * tl.load(VEC + 1 * D + cols, mask=real, other=0.0).to(tl.float32)[None, :], 1)
+        proj_ok += tl.sum(k_c * tl.load(VEC + 2 * D + cols, mask=real, other=0.0).to(tl.float32)[None, :], 1)
+        proj_dk += tl.sum(k_c * tl.load(VEC + 3 * D + cols, mask=real, other=0.0).to(tl.float32)[None, :], 1)
+    return proj_oq, proj_dq, proj_ok, proj_dk
+
+
+@triton.jit
+def _window_fwd_staged(
+    Q,
+    K,
+    V,
+    QA,
+    KA,
+    GATE,
+    NOISE,
+    VEC,
+    SCAL,
+    M1,
+    WRV,
+    KPM,
+    OC,
+    OA,
+    PERT,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    ADV: tl.constexpr,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """_window_fwd_registers with its products summed over slices read from memory: S and S_adv from the
+    inputs, P_att V and P_fin V from a scratch slot (the dot family's _window_fwd_staged), the refinement
+    through _staged_refine_fwd's slots. No (TILE, TILE) operand of a product is ever whole in registers."""
+    TT: tl.constexpr = TILE * TILE
+    off = tl.maximum(n - TILE, 0)
+    idx = off + tl.arange(0, TILE)
+    base = bh * n * D
+    sq_base = bh * n * n
+    ws = bh * SLOTS * TT
+    p_slot = ws if MECH == 0 else _staged_p_slot(ws, MECH, TILE)
+    valid = n - off
+    row_base = base + off * D
+    inside = (idx[:, None] < n) & (idx[None, :] < n)
+    vis = _visible(idx, idx, n, start, b, KPM, HAS_MASK)
+    qk = _staged_dot(Q, row_base, D, 1, valid, D, K, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION)
+    proj_oq, proj_dq, proj_ok, proj_dk = _projections(Q, K, VEC, base, idx, n, D, D_PAD, D_SLICE)
+    b_o = tl.load(SCAL + 0).to(tl.float32)
+    b_d = tl.load(SCAL + 1).to(tl.float32)
+    dist_scale = tl.load(SCAL + 2).to(tl.float32)
+    p_o = tl.sigmoid(proj_oq[:, None] + proj_ok[None, :] + b_o)
+    e_o = tl.where(vis, tl.log(1.0 - p_o + ORDER_EPS), 0.0)
+    miss = tl.log(tl.abs(idx[:, None] - idx[None, :]).to(tl.float32) + 1.0) - (
+        proj_dq[:, None] + proj_dk[None, :] + b_d
+    )
+    p_sp = _masked_softmax_rows((qk + e_o - miss * miss * (dist_scale * dist_scale) * 0.5) * scale, vis)
+    p_fin = p_sp
+    if ADV:  # P_att to its slot, then P_cal and P_fin in registers while P_att V reads the slot
+        s_adv = _staged_dot(
+            QA, row_base, D, 1, valid, D, KA, row_base, 1, D, D, valid, TILE, TILE, D_PAD, D_SLICE, PRECISION
+        )
+        m = _masked_softmax_rows(s_adv * scale, vis)
+        _store_square_partial(PERT, sq_base, m.to(PERT.dtype.element_ty), idx, off, n, TILE)
+        noise = tl.load(NOISE + sq_base + idx[:, None] * n + idx[None, :], mask=inside, other=0.0).to(tl.float32)
+        _slot_store(WS, p_slot, _masked_softmax_rows(p_sp * m + noise * (1.0 - m), vis), TILE)
+        p_cal = _masked_softmax_rows(p_sp * tl.exp(1.0 - m), vis)
+        gate = tl.load(GATE + b * n * n + idx[:, None] * n + idx[None, :], mask=inside, other=0.0).to(tl.float32)
+        g = tl.sigmoid(gate)
+        p_fin = _masked_softmax_rows(g * p_sp + (1.0 - g) * p_cal, vis)
+        tl.debug_barrier()
+        out_att = _staged_dot(
+            WS, p_slot, TILE, 1, TILE, TILE, V, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+        )
+        _store_rows(OA, base, out_att, idx, n, D, D_PAD)
+        _store_zero_rows(OA, base, off, n, D, TILE, D_PAD)
+        tl.debug_barrier()  # every thread's reads of P_att before the slots are written again
+    p_fin = _staged_refine_fwd(
+        WS,
+        ws,
+        p_fin,
+        vis,
+        M1,
+        WRV,
+        h,
+        off,
+        n,
+        alpha,
+        beta,
+        m_head_stride,
+        wrv_head_stride,
+        MECH,
+        PRECISION,
+        TILE,
+        K_SLICE,
+    )
+    _slot_store(WS, p_slot, p_fin, TILE)
+    tl.debug_barrier()
+    out = _staged_dot(
+        WS, p_slot, TILE, 1, TILE, TILE, V, row_base, D, 1, valid, D, TILE, D_PAD, TILE, K_SLICE, PRECISION
+    )
+    _store_rows(OC, base, out, idx, n, D, D_PAD)
+    _store_zero_rows(OC, base, off, n, D, TILE, D_PAD)
+
+
+@triton.jit
+def _window_fwd(
+    Q,
+    K,
+    V,
+    QA,
+    KA,
+    GATE,
+    NOISE,
+    VEC,
+    SCAL,
+    M1,
+    WRV,
+    KPM,
+    OC,
+    OA,
+    PERT,
+    WS,
+    bh,
+    b,
+    h,
+    start,
+    scale,
+    alpha,
+    beta,
+    n,
+    D,
+    m_head_stride,
+    wrv_head_stride,
+    ADV: tl.constexpr,
+    MECH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
+):
+    """One window's forward: its tiles staged through scratch (_stages_forward with extra_live_tiles) or in
+    registers."""
+    if STAGED:
+        _window_fwd_staged(
+            Q, K, V, QA, KA, GATE, NOISE, VEC, SCAL, M1, WRV, KPM, OC, OA, PERT, WS, bh, b, h, start, scale, alpha,
+            beta, n, D, m_head_stride, wrv_head_stride, ADV, MECH, HAS_MASK, PRECISION, TILE, D_PAD, D_SLICE, SLOTS,
+            K_SLICE,
+        )  # fmt: skip
+    else:
+        _window_fwd_registers(
+            Q, K, V, QA, KA, GATE, NOISE, VEC, SCAL, M1, WRV, KPM, OC, OA, PERT, bh, b, h, start, scale, alpha, beta,
+            n, D, m_head_stride, wrv_head_stride, ADV, MECH, HAS_MASK, PRECISION, TILE, D_PAD,
+        )  # fmt: skip
+
+
+@triton.jit
 def _calibrated_fwd(
     Q,
     K,
@@ -237,6 +428,7 @@ def _calibrated_fwd(
     OC,
     OA,
     PERT,
+    WS,
     scale,
     alpha,
     beta,
@@ -253,115 +445,32 @@ def _calibrated_fwd(
     D_PAD: tl.constexpr,
     TILE_S: tl.constexpr,
     TILE_M: tl.constexpr,
+    D_SLICE: tl.constexpr,
+    STAGED: tl.constexpr,
+    SLOTS: tl.constexpr,
+    K_SLICE: tl.constexpr,
 ):
     """One program per (batch, head): out_cal (and out_att, M) on the smallest window that holds the sequence."""
     bh, b, h, start, length = _program_sequence(KPM, n, H, HAS_MASK, N_PAD)
     # TILE is a compile-time shape, so each window size is its own branch
     if length <= TILE_S:
         _window_fwd(
-            Q,
-            K,
-            V,
-            QA,
-            KA,
-            GATE,
-            NOISE,
-            VEC,
-            SCAL,
-            M1,
-            WRV,
-            KPM,
-            OC,
-            OA,
-            PERT,
-            bh,
-            b,
-            h,
-            start,
-            scale,
-            alpha,
-            beta,
-            n,
-            D,
-            m_head_stride,
-            wrv_head_stride,
-            ADV,
-            MECH,
-            HAS_MASK,
-            PRECISION,
-            TILE_S,
-            D_PAD,
-        )
+            Q, K, V, QA, KA, GATE, NOISE, VEC, SCAL, M1, WRV, KPM, OC, OA, PERT, WS, bh, b, h, start, scale, alpha,
+            beta, n, D, m_head_stride, wrv_head_stride, ADV, MECH, HAS_MASK, PRECISION, TILE_S, D_PAD, D_SLICE,
+            STAGED, SLOTS, K_SLICE,
+        )  # fmt: skip
     elif length <= TILE_M:
         _window_fwd(
-            Q,
-            K,
-            V,
-            QA,
-            KA,
-            GATE,
-            NOISE,
-            VEC,
-            SCAL,
-            M1,
-            WRV,
-            KPM,
-            OC,
-            OA,
-            PERT,
-            bh,
-            b,
-            h,
-            start,
-            scale,
-            alpha,
-            beta,
-            n,
-            D,
-            m_head_stride,
-            wrv_head_stride,
-            ADV,
-            MECH,
-            HAS_MASK,
-            PRECISION,
-            TILE_M,
-            D_PAD,
-        )
+            Q, K, V, QA, KA, GATE, NOISE, VEC, SCAL, M1, WRV, KPM, OC, OA, PERT, WS, bh, b, h, start, scale, alpha,
+            beta, n, D, m_head_stride, wrv_head_stride, ADV, MECH, HAS_MASK, PRECISION, TILE_M, D_PAD, D_SLICE,
+            STAGED, SLOTS, K_SLICE,
+        )  # fmt: skip
     else:
         _window_fwd(
-            Q,
-            K,
-            V,
-            QA,
-            KA,
-            GATE,
-            NOISE,
-            VEC,
-            SCAL,
-            M1,
-            WRV,
-            KPM,
-            OC,
-            OA,
-            PERT,
-            bh,
-            b,
-            h,
-            start,
-            scale,
-            alpha,
-            beta,
-            n,
-            D,
-            m_head_stride,
-            wrv_head_stride,
-            ADV,
-            MECH,
-            HAS_MASK,
-            PRECISION,
-            N_PAD,
-            D_PAD,
-        )
+            Q, K, V, QA, KA, GATE, NOISE, VEC, SCAL, M1, WRV, KPM, OC, OA, PERT, WS, bh, b, h, start, scale, alpha,
+            beta, n, D, m_head_stride, wrv_head_stride, ADV, MECH, HAS_MASK, PRECISION, N_PAD, D_PAD, D_SLICE,
+            STAGED, SLOTS, K_SLICE,
+        )  # fmt: skip
 
 
 # ---- row-block path (FUSED_MAX_N < n <= TILED_MAX_N, dropout, and every backward): one program per
@@ -948,6 +1057,9 @@ def _forward(
     alpha, beta = _refine_coefficients(refine, refine_scale)
     meta = _fused_meta(L, refine, False)  # the dot family's windows and warps; A here is always P_fin
     del meta["REFINE_SCORES"], meta["DROPOUT"]  # (probabilities, no dropout: the row path draws it)
+    staged = _stages_forward(L, extra_live_tiles=True)
+    slots = (1 if refine == "none" else staged_slots(refine)) if staged else 0
+    ws = torch.empty(L.bh * slots * L.n_pad**2, dtype=torch.float32, device=L.device) if staged else out_cal
     launch(
         _calibrated_fwd,
         (L.bh,),
@@ -966,6 +1078,7 @@ def _forward(
         out_cal,
         out_att if adversarial else out_cal,
         perturb if adversarial else out_cal,
+        ws,
         scale,
         alpha,
         beta,
@@ -975,6 +1088,10 @@ def _forward(
         _head_stride(m1),
         _head_stride(w_rv),
         ADV=adversarial,
+        D_SLICE=min(16, _pad(L.d)),
+        STAGED=staged,
+        SLOTS=slots,
+        K_SLICE=16,
         **meta,
     )
     return out_cal, out_att, perturb

@@ -52,6 +52,7 @@ from ._common import (
     _slot_load,
     _slot_store,
     _staged_dot,
+    _staged_k_slice,
     _stages_backward,
     _stages_forward,
     _store_cols,
@@ -1296,7 +1297,7 @@ def _launch_fused_bwd(
         D_SLICE=min(32, _pad(L.d)),  # 16 spills 8 B on sm_90 (928 B on sm_80, against 1216)
         STAGED=staged,
         SLOTS=slots,
-        K_SLICE=16,
+        K_SLICE=_staged_k_slice(L),
         **_fused_meta(L, mechanism, refine_scores),
     )
     return dq, dk, dv, dm1_part, dwrv_part

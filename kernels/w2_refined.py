@@ -52,6 +52,7 @@ from ._common import (
     _slot_load,
     _slot_store,
     _staged_dot,
+    _staged_k_slice,
     _stages_backward,
     _stages_forward,
     _store_rows,
@@ -1714,15 +1715,16 @@ def _w2_probs_bwd_keys(
 
 def _backward_meta(L: _Launch, mechanism: str) -> dict:
     """Launch options of the fused backward that depend on the dtype and the target: staged through scratch
-    where registers spill (_stages_backward; the covariance path's second product makes this family spill
-    without a refinement too), with the logits and dP summed over 32-column slices of d (16 on pre-Hopper
-    targets, where 32 spills 370-450 B). In registers, maxnreg bounds the kernel on pre-Hopper targets,
-    where ptxas otherwise drops it to 32 registers and KBs of stack (on sm_90 the bound spills more than
-    ptxas's own choice); bench/results/kernel_resources.md."""
+    where registers spill (_stages_backward with extra_live_tiles: the covariance path's second product
+    makes this family's plain backward spill 64-160 B in registers in half precision on sm_80), with the
+    logits and dP summed over 32-column slices of d (16 on pre-Hopper targets, where 32 spills 370-450 B)
+    and the (n, n) products over _staged_k_slice. In registers, maxnreg bounds the kernel on pre-Hopper
+    targets, where ptxas otherwise drops it to 32 registers and KBs of stack (on sm_90 the bound spills
+    more than ptxas's own choice); bench/results/kernel_resources.md."""
     arch = _target_arch(L.device)
     pre_hopper = arch is not None and arch < 90
-    if _stages_backward(L, mechanism):
-        return dict(STAGED=True, D_SLICE=min(16 if pre_hopper else 32, _pad(L.d)), K_SLICE=16)
+    if _stages_backward(L, mechanism, extra_live_tiles=True):
+        return dict(STAGED=True, D_SLICE=min(16 if pre_hopper else 32, _pad(L.d)), K_SLICE=_staged_k_slice(L))
     return dict(STAGED=False, D_SLICE=0, **({"maxnreg": MAX_REGISTERS} if pre_hopper else {}))
 
 

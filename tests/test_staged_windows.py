@@ -16,6 +16,7 @@ from awr_fast.kernels import w2_refined as triton_w2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MECHANISMS = ("none", "simp", "add", "value")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.mark.parametrize("padding", ["left", "left_short"])
@@ -70,8 +71,10 @@ def test_staged_kernels_with_dropout_draw_one_mask(op, monkeypatch):
 
 
 def test_the_launchers_choice(monkeypatch):
-    """The backward stages fp32 and "value"; half precision without "value" keeps its tiles in registers.
-    The forward stages fp32 on pre-Hopper targets only. The overrides win."""
+    """The backward stages fp32 and "value" (and every refinement before Hopper); half precision without
+    "value" keeps its tiles in registers on sm_90. The forward stages fp32 on pre-Hopper targets only.
+    The families with more live tiles (extra_live_tiles) stage more. The overrides win. A staged backward
+    sums its products over 16-wide K-slices for fp32 (tf32x3 operands) and 32-wide ones for half inputs."""
     q = torch.zeros(1, 1, 50, 8)
 
     def staged(dtype, mechanism, forward=False):
@@ -86,6 +89,26 @@ def test_the_launchers_choice(monkeypatch):
     assert staged(torch.bfloat16, "simp") and not staged(torch.bfloat16, "none")
     assert staged(torch.float32, "value", forward=True)
     assert not staged(torch.bfloat16, "value", forward=True)
+    # the calibrated forward (extra live tiles): fp32 on every target, refined half inputs before Hopper
+    calibrated = lambda dtype, mechanism: _common._stages_forward(  # noqa: E731
+        _common._Launch(q.to(dtype), None, mechanism, 0.0), extra_live_tiles=True
+    )
+    assert calibrated(torch.bfloat16, "simp") and not calibrated(torch.bfloat16, "none")
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 90)
+    assert calibrated(torch.float32, "none") and not calibrated(torch.float16, "value")
+    # W2's backward (extra live tiles: the covariance product): plain attention too before Hopper
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 80)
+    w2_backward = lambda dtype: _common._stages_backward(  # noqa: E731
+        _common._Launch(q.to(dtype), None, "none", 0.0), "none", extra_live_tiles=True
+    )
+    assert w2_backward(torch.float16) and not staged(torch.float16, "none")
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 90)
+    assert not w2_backward(torch.float16) and w2_backward(torch.float32)
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), None)  # the interpreter: never
+    assert not calibrated(torch.float32, "value") and not staged(torch.float32, "value", forward=True)
+    monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 80)
+    k_slice = [_common._staged_k_slice(_common._Launch(q.to(dt), None, "simp", 0.0)) for dt in DTYPES]
+    assert k_slice == [16, 32, 32]
     monkeypatch.setattr(_common, "STAGED_BACKWARD", False)
     monkeypatch.setattr(_common, "STAGED_FORWARD", True)
     assert not staged(torch.float32, "value") and staged(torch.bfloat16, "none", forward=True)

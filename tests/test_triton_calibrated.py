@@ -11,6 +11,7 @@ import torch
 
 import awr_fast
 from awr_fast import backends, testing
+from awr_fast.kernels import _common
 from awr_fast.kernels import calibrated as triton_cal
 from awr_fast.ops.calibrated import REFINE_WEIGHTS
 
@@ -80,6 +81,20 @@ def test_matches_reference(adversarial, n, lengths):
 def test_refinement_matches_reference(refine, per_head):
     _assert_matches(_case(50, [50, 20, 9], refine=refine, per_head=per_head, seed=1))
     _assert_matches(_case(13, [13, 5], adversarial=False, refine=refine, per_head=per_head, seed=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "registers"])
+@pytest.mark.parametrize("refine", ["none", "simp", "add", "value"])
+def test_both_window_paths_match_reference(refine, staged, dtype, monkeypatch):
+    """The fused forward's two ways of holding its (n, n) tiles (kernels/_common.py's _stages_forward with
+    extra_live_tiles: staged through scratch slots for fp32 and for refined half inputs before Hopper,
+    in registers elsewhere), each forced: every window (lengths 50, 33, 16 and a fully padded row), both
+    calibrators, every refinement of P_fin."""
+    monkeypatch.setattr(_common, "STAGED_FORWARD", staged)
+    seed = 5 + ["none", "simp", "add", "value"].index(refine)
+    _assert_matches(_case(50, [50, 33, 16, 0], refine=refine, seed=seed), dtype)
+    _assert_matches(_case(29, [29, 9], adversarial=False, refine=refine, per_head=True, seed=seed), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
