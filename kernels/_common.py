@@ -344,12 +344,13 @@ def _stages_backward(L: _Launch, mechanism: str, extra_live_tiles: bool = False)
     "value" (two more (n, n) tiles: 48-200 B in half precision on sm_90) and every refinement on
     pre-Hopper targets (sm_80's mma.sync takes both operands from registers: 168 B - 1 KB in half
     precision). extra_live_tiles (W2, whose covariance path adds a product): plain attention too on
-    pre-Hopper targets (64-160 B in half precision in registers). Elsewhere (half inputs on sm_90 without
+    pre-Hopper targets (64-160 B in half precision in registers), and every call with dropout (the keep
+    mask's Philox state: 144-152 B in half precision on sm_90). Elsewhere (half inputs on sm_90 without
     "value", and the dot family's plain attention in half precision) the registers hold them, and no
     scratch is written."""
     if STAGED_BACKWARD is not None:
         return STAGED_BACKWARD
-    if L.precision == "tf32x3" or mechanism == "value":
+    if L.precision == "tf32x3" or mechanism == "value" or (extra_live_tiles and L.dropout):
         return True
     arch = _target_arch(L.device)
     return arch is not None and arch < 90 and (L.refined or extra_live_tiles)
@@ -357,8 +358,9 @@ def _stages_backward(L: _Launch, mechanism: str, extra_live_tiles: bool = False)
 
 def _stages_forward(L: _Launch, extra_live_tiles: bool = False) -> bool:
     """Whether a fused forward stages its (n, n) tiles through scratch slots (as _stages_backward): fp32
-    on pre-Hopper targets, where tf32x3's register operands spilled 0.5-2.6 KB per thread at n = 50; on
-    sm_90 the dot and W2 forwards hold their tiles in registers without a spill, and half inputs do on
+    on pre-Hopper targets, where tf32x3's register operands spilled 0.5-2.6 KB per thread at n = 50, and
+    fp32 with dropout everywhere (the keep mask's Philox state: 32-40 B on sm_90 in registers); otherwise
+    the dot and W2 forwards hold their tiles in registers without a spill on sm_90, and half inputs do on
     sm_80. extra_live_tiles (the calibrated forward, which keeps P_sp, M and the noise live beside its
     products): fp32 on every target (168-272 B on sm_90 in registers) and, as the backward, every
     refinement on pre-Hopper targets (16-120 B in half precision on sm_80)."""
@@ -368,7 +370,7 @@ def _stages_forward(L: _Launch, extra_live_tiles: bool = False) -> bool:
     if arch is None:
         return False
     if L.precision == "tf32x3":
-        return extra_live_tiles or arch < 90
+        return extra_live_tiles or L.dropout or arch < 90
     return extra_live_tiles and L.refined and arch < 90
 
 

@@ -72,9 +72,9 @@ def test_staged_kernels_with_dropout_draw_one_mask(op, monkeypatch):
 
 def test_the_launchers_choice(monkeypatch):
     """The backward stages fp32 and "value" (and every refinement before Hopper); half precision without
-    "value" keeps its tiles in registers on sm_90. The forward stages fp32 on pre-Hopper targets only.
-    The families with more live tiles (extra_live_tiles) stage more. The overrides win. A staged backward
-    sums its products over 16-wide K-slices for fp32 (tf32x3 operands) and 32-wide ones for half inputs."""
+    "value" keeps its tiles in registers on sm_90. The forward stages fp32 on pre-Hopper targets and with
+    dropout. The families with more live tiles (extra_live_tiles) stage more. The overrides win. A staged
+    backward sums its products over 16-wide K-slices for fp32 (tf32x3 operands), 32-wide for half inputs."""
     q = torch.zeros(1, 1, 50, 8)
 
     def staged(dtype, mechanism, forward=False):
@@ -104,6 +104,12 @@ def test_the_launchers_choice(monkeypatch):
     assert w2_backward(torch.float16) and not staged(torch.float16, "none")
     monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 90)
     assert not w2_backward(torch.float16) and w2_backward(torch.float32)
+    # dropout (the keep mask's Philox state): fp32 forwards stage on sm_90 too, and W2's backward does
+    dropped = lambda dtype, mechanism: _common._Launch(q.to(dtype), None, mechanism, 0.1)  # noqa: E731
+    assert _common._stages_forward(dropped(torch.float32, "simp")) and not staged(torch.float32, "simp", True)
+    assert not _common._stages_forward(dropped(torch.bfloat16, "simp"))
+    assert _common._stages_backward(dropped(torch.bfloat16, "simp"), "simp", extra_live_tiles=True)
+    assert not _common._stages_backward(dropped(torch.bfloat16, "simp"), "simp")
     monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), None)  # the interpreter: never
     assert not calibrated(torch.float32, "value") and not staged(torch.float32, "value", forward=True)
     monkeypatch.setitem(_common._TARGET_ARCH, ("cpu", None), 80)
