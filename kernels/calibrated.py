@@ -103,6 +103,17 @@ def _calibrator(VEC, SCAL, D, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _spatial_bias(order_q, order_k, dist_q, dist_k, b_o, b_d, dist_scale, rows, cols, vis):
+    """(E_o, E_d) of the spatial calibrator on rows x cols from the separable projections (w_oq.q_i, w_ok.k_j,
+    w_dq.q_i, w_dk.k_j): log(1 - sigmoid(order logit)) where visible, and -(log(|i - j| + 1) - p_d)^2 s^2 / 2."""
+    order = order_q[:, None] + order_k[None, :] + b_o
+    e_o = tl.where(vis, tl.log(1.0 - tl.sigmoid(order) + ORDER_EPS), 0.0)
+    p_d = dist_q[:, None] + dist_k[None, :] + b_d
+    miss = tl.log(tl.abs(rows[:, None] - cols[None, :]).to(tl.float32) + 1.0) - p_d
+    return e_o, -miss * miss * (dist_scale * dist_scale) * 0.5
+
+
+@triton.jit
 def _store_output(O, V, p, base, idx, n, D, PRECISION: tl.constexpr, D_PAD: tl.constexpr, SLICED: tl.constexpr):
     """O = P V on one window's rows, in 16-column slices of V and O when SLICED."""
     if SLICED:
@@ -188,11 +199,7 @@ def _window_fwd_registers(
         proj_dk = tl.sum(k * w_dk[None, :], 1)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     # the spatial calibrator's separable projections
-    p_o = tl.sigmoid(proj_oq[:, None] + proj_ok[None, :] + b_o)
-    e_o = tl.where(vis, tl.log(1.0 - p_o + ORDER_EPS), 0.0)
-    p_d = proj_dq[:, None] + proj_dk[None, :] + b_d
-    miss = tl.log(tl.abs(idx[:, None] - idx[None, :]).to(tl.float32) + 1.0) - p_d  # log(|i - j| + 1) - p_d
-    e_d = -miss * miss * (dist_scale * dist_scale) * 0.5
+    e_o, e_d = _spatial_bias(proj_oq, proj_ok, proj_dq, proj_dk, b_o, b_d, dist_scale, idx, idx, vis)
     p_sp = _masked_softmax_rows((qk + e_o + e_d) * scale, vis)
     p_fin = p_sp
     if ADV:  # ordered for few live (TILE, TILE) tiles: each output stored as soon as it is complete
@@ -302,12 +309,8 @@ def _window_fwd_staged(
     b_o = tl.load(SCAL + 0).to(tl.float32)
     b_d = tl.load(SCAL + 1).to(tl.float32)
     dist_scale = tl.load(SCAL + 2).to(tl.float32)
-    p_o = tl.sigmoid(proj_oq[:, None] + proj_ok[None, :] + b_o)
-    e_o = tl.where(vis, tl.log(1.0 - p_o + ORDER_EPS), 0.0)
-    miss = tl.log(tl.abs(idx[:, None] - idx[None, :]).to(tl.float32) + 1.0) - (
-        proj_dq[:, None] + proj_dk[None, :] + b_d
-    )
-    p_sp = _masked_softmax_rows((qk + e_o - miss * miss * (dist_scale * dist_scale) * 0.5) * scale, vis)
+    e_o, e_d = _spatial_bias(proj_oq, proj_ok, proj_dq, proj_dk, b_o, b_d, dist_scale, idx, idx, vis)
+    p_sp = _masked_softmax_rows((qk + e_o + e_d) * scale, vis)
     p_fin = p_sp
     if ADV:  # P_att to its slot, then P_cal and P_fin in registers while P_att V reads the slot
         s_adv = _staged_dot(
@@ -509,11 +512,8 @@ def _rows_logits(
     """(spatial logits, adversarial logits, K block, K_adv block) of rows x a block of key columns, the
     logits -inf where not visible (the adversarial ones 0 and K_adv = K without the adversary)."""
     k = _load_rows(K, base, cols, n, D, D_PAD)
-    order = q_order[:, None] + tl.sum(k * w_ok[None, :], 1)[None, :] + b_o
-    e_o = tl.where(vis, tl.log(1.0 - tl.sigmoid(order) + ORDER_EPS), 0.0)
-    p_d = q_dist[:, None] + tl.sum(k * w_dk[None, :], 1)[None, :] + b_d
-    miss = tl.log(tl.abs(rows[:, None] - cols[None, :]).to(tl.float32) + 1.0) - p_d
-    e_d = -miss * miss * (dist_scale * dist_scale) * 0.5
+    order_k, dist_k = tl.sum(k * w_ok[None, :], 1), tl.sum(k * w_dk[None, :], 1)
+    e_o, e_d = _spatial_bias(q_order, order_k, q_dist, dist_k, b_o, b_d, dist_scale, rows, cols, vis)
     s = tl.where(vis, (tl.dot(q, tl.trans(k), input_precision=PRECISION) + e_o + e_d) * scale, float("-inf"))
     a = tl.zeros_like(s)
     ka = k
